@@ -1,0 +1,119 @@
+"""Finding, verifying and loading committed checkpoints.
+
+Invariants:
+- Only folders with a parseable manifest are checkpoints; the rest are reported as uncommitted.
+- ``load`` checks every file's size and sha256 against the manifest in the same pass that reads
+  it, and returns bytes only when all match; otherwise it raises :class:`CorruptCheckpoint`
+  naming the file.
+- ``load_newest`` walks checkpoints newest first and returns the first that verifies, with the
+  ids it skipped and why (a Drive upload that lags, a torn write, a flipped byte).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from storage.commit import TMP_PREFIX
+from storage.layout import CHECKPOINTS, checkpoint_dir
+from storage.manifest import MANIFEST, Manifest, ManifestError, parse_manifest
+from storage.store import Store
+
+
+class CorruptCheckpoint(ValueError):
+    """A checkpoint whose files do not match its manifest."""
+
+    def __init__(self, ckpt_id: str, problems: list[str]):
+        self.ckpt_id, self.problems = ckpt_id, problems
+        super().__init__(f"checkpoint {ckpt_id}: " + "; ".join(problems))
+
+
+@dataclass
+class Listing:
+    committed: list[Manifest] = field(default_factory=list)  # newest first
+    uncommitted: list[str] = field(default_factory=list)  # folder names without a valid manifest
+    unreadable: dict[str, str] = field(default_factory=dict)  # folder -> why its manifest is bad
+
+
+def list_checkpoints(job: Store) -> Listing:
+    listing = Listing()
+    for name, kind, _ in job.list_dir(CHECKPOINTS):
+        if kind != "directory":
+            continue
+        if name.startswith(TMP_PREFIX):
+            listing.uncommitted.append(name)
+            continue
+        try:
+            listing.committed.append(parse_manifest(job.read_bytes(f"{CHECKPOINTS}/{name}/{MANIFEST}")))
+        except FileNotFoundError:
+            listing.uncommitted.append(name)
+        except ManifestError as exc:
+            listing.unreadable[name] = str(exc)
+    listing.committed.sort(key=Manifest.order, reverse=True)
+    return listing
+
+
+def check_sizes(job: Store, manifest: Manifest) -> list[str]:
+    """Cheap check: every listed file exists with its listed size."""
+    folder = checkpoint_dir(manifest.id)
+    present = {name: size for name, kind, size in job.list_dir(folder) if kind == "file"}
+    problems = []
+    for name, entry in manifest.files.items():
+        if name not in present:
+            problems.append(f"{name}: missing")
+        elif present[name] != entry.size:
+            problems.append(f"{name}: {present[name]} bytes, manifest says {entry.size}")
+    return problems
+
+
+def verify(job: Store, manifest: Manifest, hashes: bool = True) -> list[str]:
+    """Problems found (empty when whole): sizes always, sha256 when ``hashes``."""
+    problems = check_sizes(job, manifest)
+    if problems or not hashes:
+        return problems
+    folder = checkpoint_dir(manifest.id)
+    for name, entry in manifest.files.items():
+        _, digest = job.hash_file(f"{folder}/{name}")
+        if digest != entry.sha256:
+            problems.append(f"{name}: sha256 {digest[:12]}… does not match the manifest's {entry.sha256[:12]}…")
+    return problems
+
+
+def load(job: Store, manifest: Manifest, names: list[str] | None = None) -> dict[str, bytes]:
+    """Read the checkpoint's files, verified against the manifest in the same pass."""
+    problems = check_sizes(job, manifest)
+    if problems:
+        raise CorruptCheckpoint(manifest.id, problems)
+    folder = checkpoint_dir(manifest.id)
+    out = {}
+    for name in names or list(manifest.files):
+        entry = manifest.files[name]
+        try:
+            data, digest = job.read_file(f"{folder}/{name}")
+        except FileNotFoundError:
+            raise CorruptCheckpoint(manifest.id, [f"{name}: missing"]) from None
+        if len(data) != entry.size:
+            raise CorruptCheckpoint(manifest.id, [f"{name}: read {len(data)} bytes, manifest says {entry.size}"])
+        if digest != entry.sha256:
+            raise CorruptCheckpoint(manifest.id, [f"{name}: sha256 does not match the manifest"])
+        out[name] = data
+    return out
+
+
+@dataclass
+class Loaded:
+    manifest: Manifest
+    files: dict[str, bytes]
+    skipped: list[str]  # "<id>: why" for each newer checkpoint that did not verify
+
+
+def load_newest(job: Store, kinds: tuple[str, ...] | None = None) -> Loaded | None:
+    """The newest checkpoint (of ``kinds``) that verifies, or None when none does."""
+    skipped = []
+    for manifest in list_checkpoints(job).committed:
+        if kinds and manifest.kind not in kinds:
+            continue
+        try:
+            return Loaded(manifest, load(job, manifest), skipped)
+        except CorruptCheckpoint as exc:
+            skipped.append(f"{manifest.id}: {'; '.join(exc.problems)}")
+    return None

@@ -1,0 +1,80 @@
+"""How a checkpoint becomes real: data files first, manifest last.
+
+Invariants (tests/test_commit.py is named after them):
+- A manifest exists only over complete files: it is written after every data file, and lists
+  each one's size and sha256 as hashed while it was written.
+- Nothing committed is rewritten: committing an id that already has a manifest raises
+  :class:`AlreadyCommitted` and touches nothing.
+- Local filesystems (disks, Colab's Drive mount): files go into a temporary sibling folder
+  ``checkpoints/.tmp-<id>-<nonce>``, are fsynced, and the folder is renamed into place; the final
+  folder therefore appears whole or not at all.
+- Object stores (no atomic folder rename): files go under the final prefix, and the manifest,
+  written create-only, is the commit point. Leftovers of an earlier uncommitted try are removed
+  first, so a committed folder holds exactly its manifest's files.
+- A crash at any point leaves earlier commits untouched; what it leaves behind has no manifest
+  and is never loaded (storage.checkpoints), and is cleaned up later (storage.retention).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from typing import Any
+
+from storage.layout import CHECKPOINTS, checkpoint_dir, checkpoint_id
+from storage.manifest import FORMAT_VERSION, MANIFEST, FileEntry, Kind, Manifest, parse_manifest
+from storage.store import Store
+
+TMP_PREFIX = ".tmp-"
+
+
+class AlreadyCommitted(FileExistsError):
+    """The checkpoint id is committed already; committed checkpoints are never rewritten."""
+
+
+def _test_pause() -> None:
+    """Test-only: slow each file write so a kill can land inside a checkpoint write."""
+    delay = float(os.environ.get("TIMELLM_JOB_TEST_WRITE_DELAY_S", "0") or 0)
+    if delay > 0:
+        time.sleep(delay)
+
+
+def commit_checkpoint(job: Store, step: int, kind: Kind, files: dict[str, bytes], spec_hash: str,
+                      progress: list[int] | None = None, metadata: dict[str, Any] | None = None,
+                      ckpt_id: str | None = None) -> Manifest:
+    """Write ``files`` as checkpoint ``<step>-<kind>`` and commit it; returns its manifest."""
+    ckpt_id = ckpt_id or checkpoint_id(step, kind)
+    final = checkpoint_dir(ckpt_id)
+    if job.exists(f"{final}/{MANIFEST}"):
+        raise AlreadyCommitted(job.url_of(final))
+    if any(name == MANIFEST or "/" in name or name.startswith(".") for name in files):
+        raise ValueError(f"invalid checkpoint file names: {sorted(files)}")
+    if job.is_local:
+        work = f"{CHECKPOINTS}/{TMP_PREFIX}{ckpt_id}-{uuid.uuid4().hex[:8]}"
+        job.makedirs(work)
+    else:
+        work = final
+        job.remove(final, recursive=True)  # leftovers of an uncommitted try
+    entries = {}
+    for name, data in files.items():
+        written = job.write_file(f"{work}/{name}", data)
+        entries[name] = FileEntry(size=written.size, sha256=written.sha256)
+        _test_pause()
+    manifest = Manifest(format_version=FORMAT_VERSION, id=ckpt_id, step=step, kind=kind,
+                        created_at=time.time(), spec_hash=spec_hash, progress=list(progress or [step]),
+                        files=entries, metadata=dict(metadata or {}))
+    if job.is_local:
+        job.write_file(f"{work}/{MANIFEST}", manifest.to_bytes())
+        job.remove(final, recursive=True)  # an uncommitted leftover (e.g. a half-done deletion)
+        job.rename_dir(work, final)  # the commit point
+    else:
+        try:
+            job.create(f"{final}/{MANIFEST}", manifest.to_bytes())  # the commit point
+        except FileExistsError:
+            raise AlreadyCommitted(job.url_of(final)) from None
+    return manifest
+
+
+def read_manifest(job: Store, ckpt_id: str) -> Manifest:
+    return parse_manifest(job.read_bytes(f"{checkpoint_dir(ckpt_id)}/{MANIFEST}"))

@@ -1,0 +1,40 @@
+"""Where a job's objects live under ``<root>/<name>/``.
+
+Invariants:
+- A job name cannot escape the root: it is one path component of safe characters.
+- These names are the whole layout; nothing else of ours writes elsewhere under the job.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from storage.retry import StorageError
+from storage.store import Store
+
+SPEC = "job.yaml"
+STATE = "state.json"
+LEASE = "lease.json"
+CHECKPOINTS = "checkpoints"
+LOGS = "logs"
+METRICS = "metrics"
+RESULTS = "results.json"
+BACKBONE = "backbone"
+
+_SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def job_store(root: str, name: str, options: dict[str, Any] | None = None) -> Store:
+    """The Store of one job: ``<root>/<name>``. Refuses names that would escape the root."""
+    if not _SAFE.match(name) or ".." in name:
+        raise StorageError(f"job name {name!r} is not a safe folder name")
+    return Store(root, options).child(name)
+
+
+def checkpoint_dir(ckpt_id: str) -> str:
+    return f"{CHECKPOINTS}/{ckpt_id}"
+
+
+def checkpoint_id(step: int, kind: str) -> str:
+    return f"{step:09d}-{kind}"

@@ -1,0 +1,66 @@
+"""Which checkpoints to keep, and the clean-up of everything else.
+
+Invariants:
+- Kept: the ``save_total_limit`` newest step checkpoints that pass the size check, the newest
+  best, the newest preempt, and any imported checkpoint that is the newest of all.
+- Deletion happens only after a newer checkpoint of the same role has committed: the newest
+  valid step checkpoint and the best are never deleted, so a crash during clean-up leaves them.
+- The manifest is deleted first, so a half-deleted folder is uncommitted, never a torn checkpoint.
+- A committed checkpoint that fails the size check but is newer than everything kept is left
+  alone (on Drive it may be an upload still arriving).
+- Uncommitted folders (no manifest, temporary siblings) are removed; the caller runs clean-up
+  only while no write of its own is in flight (the single background saver runs it after its
+  own commit), and the lease guarantees no other writer.
+"""
+
+from __future__ import annotations
+
+from storage.checkpoints import Listing, check_sizes, list_checkpoints
+from storage.layout import CHECKPOINTS, checkpoint_dir
+from storage.manifest import MANIFEST, Manifest
+from storage.store import Store
+
+
+def plan(job: Store, listing: Listing, save_total_limit: int) -> list[str]:
+    """Ids of committed checkpoints that retention removes (none of the protected ones)."""
+    by_kind: dict[str, list[Manifest]] = {}
+    for m in listing.committed:  # newest first
+        by_kind.setdefault(m.kind, []).append(m)
+    keep: set[str] = set()
+    whole_steps = [m for m in by_kind.get("step", []) if not check_sizes(job, m)]
+    keep.update(m.id for m in whole_steps[:save_total_limit])
+    for kind in ("best", "preempt", "imported"):
+        whole = [m for m in by_kind.get(kind, []) if not check_sizes(job, m)]
+        if whole:
+            keep.add(whole[0].id)
+    if not keep:
+        return []
+    newest_kept = max((m for m in listing.committed if m.id in keep), key=Manifest.order)
+    drop = []
+    for m in listing.committed:
+        if m.id in keep:
+            continue
+        # a torn checkpoint newer than everything kept may be a lagging upload: leave it
+        if m.order() > newest_kept.order():
+            continue
+        drop.append(m.id)
+    return drop
+
+
+def delete_checkpoint(job: Store, ckpt_id: str) -> None:
+    job.remove(f"{checkpoint_dir(ckpt_id)}/{MANIFEST}")  # uncommit first
+    job.remove(checkpoint_dir(ckpt_id), recursive=True)
+
+
+def clean_up(job: Store, save_total_limit: int, remove_uncommitted: bool = True) -> list[str]:
+    """Apply retention; returns the ids and folders removed."""
+    listing = list_checkpoints(job)
+    removed = []
+    for ckpt_id in plan(job, listing, save_total_limit):
+        delete_checkpoint(job, ckpt_id)
+        removed.append(ckpt_id)
+    if remove_uncommitted:
+        for name in listing.uncommitted + list(listing.unreadable):
+            job.remove(f"{CHECKPOINTS}/{name}", recursive=True)
+            removed.append(name)
+    return removed

@@ -1,0 +1,285 @@
+"""One fsspec filesystem rooted at a URL: the only place bytes are read or written.
+
+Invariants:
+- Every call goes through :func:`storage.retry.call`: transient errors are retried, permanent
+  ones raise StorageError naming the full URL.
+- ``write_file`` and ``read_file`` hash the bytes in the same pass that moves them.
+- On a local filesystem (a disk or Colab's Drive mount) written files are fsynced, and
+  ``replace`` is atomic (temporary sibling + fsync + rename + fsync of the folder). On an object
+  store a single PUT is atomic by itself.
+- ``create`` is create-only: it raises FileExistsError when the object exists (O_EXCL locally,
+  ifGenerationMatch=0 on GCS, If-None-Match on S3).
+- Paths given to a Store are relative to its root and may not escape it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import posixpath
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from storage.retry import StorageError, call
+
+CHUNK = 8 * 2**20
+
+
+@dataclass
+class Written:
+    """What a file write produced: its size and sha256."""
+
+    size: int
+    sha256: str
+
+
+class Store:
+    """A filesystem rooted at ``url``; all paths are relative ("a/b/c")."""
+
+    def __init__(self, url: str, options: dict[str, Any] | None = None):
+        self.url = url.rstrip("/") or url
+        self.options = dict(options or {})
+        try:
+            self.fs, root = fsspec.core.url_to_fs(self.url, **self.options)
+        except (ValueError, ImportError, TypeError) as exc:
+            raise StorageError(f"cannot open storage {url!r}: {exc}") from exc
+        self.root = root.rstrip("/") if root not in ("/", "") else root
+        self.is_local = isinstance(self.fs, LocalFileSystem)
+
+    # --- paths -------------------------------------------------------------------------------
+    def full(self, rel: str = "") -> str:
+        rel = rel.strip("/")
+        if rel:
+            parts = rel.split("/")
+            if any(p in ("..", ".", "") for p in parts):
+                raise StorageError(f"path {rel!r} escapes or is malformed under {self.url}")
+        return posixpath.join(self.root, rel) if rel else self.root
+
+    def url_of(self, rel: str = "") -> str:
+        rel = rel.strip("/")
+        return f"{self.url}/{rel}" if rel else self.url
+
+    def child(self, rel: str) -> Store:
+        """A Store rooted at a sub-path, sharing this one's filesystem."""
+        sub = Store.__new__(Store)
+        sub.url, sub.options, sub.fs, sub.is_local = self.url_of(rel), self.options, self.fs, self.is_local
+        sub.root = self.full(rel)
+        return sub
+
+    def _call(self, fn, rel: str, what: str):
+        """Reads answer FileNotFoundError; a write that finds no bucket/folder is a StorageError."""
+        answers = (FileNotFoundError, FileExistsError) if what in ("reading", "checking", "sizing", "hashing") \
+            else (FileExistsError,)
+        return call(fn, self.url_of(rel), what, answers=answers)
+
+    # --- queries -----------------------------------------------------------------------------
+    def exists(self, rel: str) -> bool:
+        return self._call(lambda: self.fs.exists(self.full(rel)), rel, "checking")
+
+    def size(self, rel: str) -> int:
+        return int(self._call(lambda: self.fs.size(self.full(rel)), rel, "sizing"))
+
+    def list_dir(self, rel: str = "") -> list[tuple[str, str, int]]:
+        """(name, type, size) of the entries directly under ``rel``; [] if it does not exist."""
+        path = self.full(rel)
+
+        def ls():
+            self.fs.invalidate_cache(path)
+            try:
+                return self.fs.ls(path, detail=True)
+            except FileNotFoundError:
+                return []
+
+        out = []
+        for entry in self._call(ls, rel, "listing"):
+            name = posixpath.basename(entry["name"].rstrip("/"))
+            if name and entry["name"].rstrip("/") != path.rstrip("/"):
+                out.append((name, entry.get("type", "file"), int(entry.get("size") or 0)))
+        return sorted(out)
+
+    # --- whole small objects -----------------------------------------------------------------
+    def read_bytes(self, rel: str) -> bytes:
+        return self._call(lambda: self.fs.cat_file(self.full(rel)), rel, "reading")
+
+    def create(self, rel: str, data: bytes) -> None:
+        """Write ``data`` only if nothing is at ``rel``; FileExistsError otherwise."""
+        path = self.full(rel)
+        if self.is_local:
+            self._makedirs(posixpath.dirname(path))
+
+            def excl():
+                # write a private temporary, then hard-link it into place: link() fails if the
+                # name exists, and readers never see a created-but-empty file
+                tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                try:
+                    os.link(tmp, path)
+                except FileExistsError:
+                    raise
+                except OSError:  # a filesystem without hard links (some FUSE mounts): O_EXCL
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                    with os.fdopen(fd, "wb") as f:
+                        f.write(data)
+                        f.flush()
+                        os.fsync(f.fileno())
+                finally:
+                    os.unlink(tmp)
+                _fsync_dir(posixpath.dirname(path))
+
+            return self._call(excl, rel, "creating")
+        return self._call(lambda: self.fs.pipe_file(path, data, mode="create"), rel, "creating")
+
+    def replace(self, rel: str, data: bytes) -> None:
+        """Atomically replace the object at ``rel`` with ``data`` (readers see old or new)."""
+        path = self.full(rel)
+        if self.is_local:
+            folder = posixpath.dirname(path)
+            self._makedirs(folder)
+            tmp = posixpath.join(folder, f".{posixpath.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
+
+            def swap():
+                try:
+                    with open(tmp, "wb") as f:
+                        f.write(data)
+                        f.flush()
+                        os.fsync(f.fileno())
+                    os.replace(tmp, path)
+                finally:
+                    if os.path.exists(tmp):
+                        os.unlink(tmp)
+                _fsync_dir(folder)
+
+            return self._call(swap, rel, "replacing")
+        return self._call(lambda: self.fs.pipe_file(path, data), rel, "writing")
+
+    def remove(self, rel: str, recursive: bool = False) -> None:
+        path = self.full(rel)
+
+        def rm():
+            try:
+                self.fs.rm(path, recursive=recursive)
+            except FileNotFoundError:
+                pass
+
+        self._call(rm, rel, "removing")
+
+    def rename_dir(self, src: str, dst: str) -> None:
+        """Local only: atomically rename a folder; the destination must not exist."""
+        assert self.is_local, "rename_dir is the local commit step"
+        s, d = self.full(src), self.full(dst)
+
+        def mv():
+            if os.path.exists(d):
+                raise FileExistsError(d)
+            os.rename(s, d)
+            _fsync_dir(posixpath.dirname(d))
+
+        self._call(mv, dst, "committing")
+
+    def _makedirs(self, path: str) -> None:
+        if self.is_local:
+            call(lambda: os.makedirs(path, exist_ok=True), path, "creating folder")
+
+    def makedirs(self, rel: str) -> None:
+        self._makedirs(self.full(rel))
+
+    # --- files with hashes -------------------------------------------------------------------
+    def write_file(self, rel: str, data: bytes | memoryview, fsync: bool = True) -> Written:
+        """Write a whole file, hashing it in the same pass; local files are fsynced."""
+        path = self.full(rel)
+        view = memoryview(data).cast("B")
+
+        def put() -> Written:
+            digest = hashlib.sha256()
+            if self.is_local:
+                os.makedirs(posixpath.dirname(path), exist_ok=True)
+                with open(path, "wb") as f:
+                    for i in range(0, len(view), CHUNK):
+                        chunk = view[i:i + CHUNK]
+                        digest.update(chunk)
+                        f.write(chunk)
+                    f.flush()
+                    if fsync:
+                        os.fsync(f.fileno())
+            else:
+                with self.fs.open(path, "wb", block_size=max(CHUNK, 5 * 2**20)) as f:
+                    for i in range(0, len(view), CHUNK):
+                        chunk = view[i:i + CHUNK]
+                        digest.update(chunk)
+                        f.write(chunk)
+            return Written(len(view), digest.hexdigest())
+
+        return self._call(put, rel, "writing")
+
+    def read_file(self, rel: str, expect_size: int | None = None) -> tuple[bytes, str]:
+        """Read a whole file and its sha256 in one pass over the bytes."""
+        path = self.full(rel)
+
+        def get() -> tuple[bytes, str]:
+            digest = hashlib.sha256()
+            if self.is_local:
+                size = os.path.getsize(path)
+                buf = bytearray(size)
+                view = memoryview(buf)
+                with open(path, "rb", buffering=0) as f:
+                    got = 0
+                    while got < size:
+                        n = f.readinto(view[got:got + CHUNK])
+                        if not n:
+                            break
+                        digest.update(view[got:got + n])
+                        got += n
+                return bytes(buf[:got]) if got != size else bytes(buf), digest.hexdigest()
+            parts = []
+            with self.fs.open(path, "rb", block_size=CHUNK, cache_type="none") as f:
+                while True:
+                    chunk = f.read(CHUNK)
+                    if not chunk:
+                        break
+                    digest.update(chunk)
+                    parts.append(chunk)
+            return b"".join(parts), digest.hexdigest()
+
+        return self._call(get, rel, "reading")
+
+    def hash_file(self, rel: str) -> tuple[int, str]:
+        """Size and sha256 of a file, streamed (nothing kept in memory)."""
+        path = self.full(rel)
+
+        def run() -> tuple[int, str]:
+            digest, size = hashlib.sha256(), 0
+            with self.fs.open(path, "rb", block_size=CHUNK) as f:
+                while True:
+                    chunk = f.read(CHUNK)
+                    if not chunk:
+                        break
+                    digest.update(chunk)
+                    size += len(chunk)
+            return size, digest.hexdigest()
+
+        return self._call(run, rel, "hashing")
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def open_store(url: str, options: dict[str, Any] | None = None) -> Store:
+    """Open the storage at ``url`` (local path, file://, memory://, gs://, s3://)."""
+    return Store(url, options)

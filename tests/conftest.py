@@ -1,0 +1,59 @@
+"""Shared fixtures: storage backends on real local servers (GCS emulator, moto S3), never a cloud."""
+
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+import servers  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+ETTH1 = SHARED / "data" / "ETT-small" / "ETTh1.csv"
+TINY_SPEC = SHARED / "spec" / "jobs" / "tiny-cpu.yaml"
+BIG_SPEC = SHARED / "spec" / "jobs" / "etth1-llama3-nf4.yaml"
+
+# Never reach a cloud metadata server or a real endpoint from tests.
+os.environ.setdefault("NO_GCE_CHECK", "true")
+os.environ.update(servers.s3_env())
+
+
+@pytest.fixture(scope="session")
+def gcs_server():
+    server = servers.start_gcs()
+    os.environ.update(servers.gcs_env(server))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    server = servers.start_s3()
+    import boto3
+
+    boto3.client("s3", endpoint_url=server.url, region_name="us-east-1").create_bucket(Bucket=servers.S3_BUCKET)
+    yield server
+    server.stop()
+
+
+BACKENDS = ["local", "memory", "gcs", "s3"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, tmp_path):
+    """(root URL, storage options) of a fresh, empty root on each backend."""
+    unique = uuid.uuid4().hex[:10]
+    if request.param == "local":
+        return str(tmp_path / "root"), {}
+    if request.param == "memory":
+        return f"memory://t-{unique}", {}
+    if request.param == "gcs":
+        server = request.getfixturevalue("gcs_server")
+        return f"gs://{servers.GCS_BUCKET}/{unique}", servers.gcs_options(server)
+    server = request.getfixturevalue("s3_server")
+    return f"s3://{servers.S3_BUCKET}/{unique}", servers.s3_options(server)

@@ -1,0 +1,74 @@
+"""A loopback HTTP proxy that answers 503 to (or drops) a share of requests, for storage faults."""
+
+from __future__ import annotations
+
+import http.client
+import http.server
+import socketserver
+import threading
+from urllib.parse import urlsplit
+
+
+class FaultyProxy:
+    """Forwards to ``upstream``; request n fails when ``n % every == 0`` (503 or a dropped socket)."""
+
+    def __init__(self, upstream: str, every: int = 3, mode: str = "503"):
+        self.upstream = urlsplit(upstream)
+        self.every, self.mode = every, mode
+        self.count = self.failed = 0
+        self.lock = threading.Lock()
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _handle(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                with proxy.lock:
+                    proxy.count += 1
+                    fail = proxy.every > 0 and proxy.count % proxy.every == 0
+                    if fail:
+                        proxy.failed += 1
+                if fail and proxy.mode == "drop":
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return
+                if fail:
+                    msg = b'{"error": {"code": 503, "message": "injected"}}'
+                    self.send_response(503)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(msg)))
+                    self.end_headers()
+                    self.wfile.write(msg)
+                    return
+                conn = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=30)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+                conn.request(self.command, self.path, body=body, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = do_PATCH = _handle
+
+        class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+            daemon_threads = True
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

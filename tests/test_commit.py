@@ -1,0 +1,98 @@
+"""The commit protocol's invariants, on every backend (local, memory, GCS emulator, S3/moto)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import pytest
+
+from storage import AlreadyCommitted, commit_checkpoint, job_store, list_checkpoints, load, load_newest
+from storage.checkpoints import CorruptCheckpoint, verify
+from storage.layout import CHECKPOINTS
+from storage.manifest import MANIFEST
+
+FILES = {"model.safetensors": os.urandom(3000), "state.json": b'{"epoch": 1}'}
+
+
+def _job(backend):
+    root, options = backend
+    return job_store(root, "job", options)
+
+
+def test_manifest_lists_every_file_with_size_and_sha256(backend):
+    job = _job(backend)
+    m = commit_checkpoint(job, 20, "step", FILES, spec_hash="h" * 64)
+    assert set(m.files) == set(FILES)
+    for name, data in FILES.items():
+        assert m.files[name].size == len(data)
+        assert m.files[name].sha256 == hashlib.sha256(data).hexdigest()
+    assert m.kind == "step" and m.step == 20 and m.format_version == 1 and m.spec_hash == "h" * 64
+    assert load(job, m) == FILES
+
+
+def test_nothing_committed_is_rewritten(backend):
+    job = _job(backend)
+    m = commit_checkpoint(job, 20, "step", FILES, spec_hash="x")
+    with pytest.raises(AlreadyCommitted):
+        commit_checkpoint(job, 20, "step", {"model.safetensors": b"other"}, spec_hash="x")
+    assert load(job, m) == FILES
+
+
+def test_manifest_exists_only_over_complete_files_after_a_torn_write(backend):
+    """A write that dies before its manifest leaves something that is never listed or loaded."""
+    job = _job(backend)
+    good = commit_checkpoint(job, 20, "step", FILES, spec_hash="x")
+    # the state a crash mid-write leaves: data files, no manifest
+    job.write_file(f"{CHECKPOINTS}/000000040-step/model.safetensors", b"partial")
+    job.write_file(f"{CHECKPOINTS}/.tmp-000000060-step-abcd/model.safetensors", b"partial")
+    listing = list_checkpoints(job)
+    assert [m.id for m in listing.committed] == [good.id]
+    assert sorted(listing.uncommitted) == [".tmp-000000060-step-abcd", "000000040-step"]
+    loaded = load_newest(job)
+    assert loaded.manifest.id == good.id and loaded.skipped == []
+    # the same id can then be committed over the leftovers, holding exactly its own files
+    m40 = commit_checkpoint(job, 40, "step", FILES, spec_hash="x")
+    assert load(job, m40) == FILES
+    assert load_newest(job).manifest.id == m40.id
+
+
+@pytest.mark.parametrize("fault", ["truncate", "flip", "delete", "extra-manifest-garbage"])
+def test_corruption_is_detected_and_the_next_newest_is_loaded(backend, fault):
+    job = _job(backend)
+    older = commit_checkpoint(job, 20, "step", FILES, spec_hash="x")
+    newer = commit_checkpoint(job, 40, "step", FILES, spec_hash="x")
+    path = f"{CHECKPOINTS}/{newer.id}/model.safetensors"
+    data = FILES["model.safetensors"]
+    if fault == "truncate":
+        job.replace(path, data[:-10])
+    elif fault == "flip":
+        job.replace(path, data[:100] + bytes([data[100] ^ 1]) + data[101:])
+    elif fault == "delete":
+        job.remove(path)
+    else:
+        job.replace(f"{CHECKPOINTS}/{newer.id}/{MANIFEST}", b"{not json")
+    if fault != "extra-manifest-garbage":
+        assert verify(job, newer)
+        with pytest.raises(CorruptCheckpoint, match="model.safetensors"):
+            load(job, newer)
+    loaded = load_newest(job)
+    assert loaded.manifest.id == older.id and loaded.files == FILES
+    if fault != "extra-manifest-garbage":
+        assert loaded.skipped and loaded.skipped[0].startswith(newer.id)
+    assert verify(job, older) == []
+
+
+def test_local_commit_leaves_no_temporary_folder(tmp_path):
+    job = job_store(str(tmp_path), "job")
+    commit_checkpoint(job, 1, "best", FILES, spec_hash="x")
+    assert sorted(os.listdir(tmp_path / "job" / CHECKPOINTS)) == ["000000001-best"]
+    assert sorted(os.listdir(tmp_path / "job" / CHECKPOINTS / "000000001-best")) == sorted([*FILES, MANIFEST])
+
+
+def test_newest_is_ordered_by_progress_not_name(backend):
+    job = _job(backend)
+    commit_checkpoint(job, 40, "step", FILES, spec_hash="x", progress=[40, 0])
+    commit_checkpoint(job, 40, "best", FILES, spec_hash="x", progress=[40, 1])
+    commit_checkpoint(job, 30, "preempt", FILES, spec_hash="x", progress=[30, 0])
+    assert [m.id for m in list_checkpoints(job).committed] == ["000000040-best", "000000040-step", "000000030-preempt"]

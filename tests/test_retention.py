@@ -1,0 +1,47 @@
+"""Retention keeps the newest step checkpoints, the best and the newest preempt; it deletes only older ones."""
+
+from __future__ import annotations
+
+from storage import commit_checkpoint, job_store, list_checkpoints
+from storage.layout import CHECKPOINTS
+from storage.retention import clean_up, delete_checkpoint
+
+FILES = {"model.safetensors": b"w" * 100}
+
+
+def _ids(job):
+    return [m.id for m in list_checkpoints(job).committed]
+
+
+def test_keeps_limit_newest_steps_plus_best_plus_newest_preempt(backend):
+    job = job_store(backend[0], "job", backend[1])
+    commit_checkpoint(job, 10, "best", FILES, "x")
+    commit_checkpoint(job, 15, "preempt", FILES, "x")
+    for step in (20, 40, 60, 80):
+        commit_checkpoint(job, step, "step", FILES, "x")
+    commit_checkpoint(job, 85, "preempt", FILES, "x")
+    removed = clean_up(job, save_total_limit=2)
+    assert sorted(removed) == ["000000015-preempt", "000000020-step", "000000040-step"]
+    assert _ids(job) == ["000000085-preempt", "000000080-step", "000000060-step", "000000010-best"]
+
+
+def test_a_torn_newest_step_does_not_cost_the_older_whole_ones(backend):
+    job = job_store(backend[0], "job", backend[1])
+    for step in (20, 40, 60):
+        commit_checkpoint(job, step, "step", FILES, "x")
+    job.replace(f"{CHECKPOINTS}/000000060-step/model.safetensors", b"short")  # a lagging upload
+    clean_up(job, save_total_limit=2)
+    # 60 is torn but newer than all kept: left alone; 40 and 20 are the two whole newest
+    assert _ids(job) == ["000000060-step", "000000040-step", "000000020-step"]
+
+
+def test_half_deleted_checkpoint_is_uncommitted_and_cleaned(backend):
+    job = job_store(backend[0], "job", backend[1])
+    commit_checkpoint(job, 20, "step", FILES, "x")
+    commit_checkpoint(job, 40, "step", FILES, "x")
+    job.remove(f"{CHECKPOINTS}/000000020-step/manifest.json")  # a crash between the two deletion steps
+    assert _ids(job) == ["000000040-step"]
+    assert "000000020-step" in clean_up(job, save_total_limit=2)
+    assert list_checkpoints(job).uncommitted == []
+    delete_checkpoint(job, "000000040-step")
+    assert _ids(job) == []

@@ -1,0 +1,112 @@
+"""Storage faults: transient errors retried, permanent ones fail at once naming the URL,
+ENOSPC mid-write loses nothing committed, names cannot escape the root."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import uuid
+
+import pytest
+import servers
+from faulty_proxy import FaultyProxy
+
+from storage import StorageError, commit_checkpoint, job_store, list_checkpoints, load, load_newest
+from storage.retry import call, is_transient
+
+FILES = {"model.safetensors": os.urandom(200_000), "state.json": b"{}"}
+
+
+@pytest.mark.parametrize("mode", ["503", "drop"])
+def test_transient_gcs_errors_are_retried_and_commits_stay_whole(gcs_server, mode):
+    proxy = FaultyProxy(gcs_server.url, every=3, mode=mode)
+    try:
+        job = job_store(f"gs://{servers.GCS_BUCKET}/faults-{uuid.uuid4().hex[:8]}", "job",
+                        {"token": "anon", "endpoint_url": proxy.url})
+        m1 = commit_checkpoint(job, 10, "step", FILES, "x")
+        m2 = commit_checkpoint(job, 20, "step", FILES, "x")
+        assert load(job, m1) == FILES
+        assert load_newest(job).manifest.id == m2.id
+        assert proxy.failed >= 3  # faults really were injected
+    finally:
+        proxy.stop()
+
+
+def test_transient_classification():
+    assert is_transient(ConnectionResetError())
+    assert is_transient(TimeoutError())
+    assert is_transient(OSError(errno.ECONNRESET, "reset"))
+    assert not is_transient(OSError(errno.ENOSPC, "full"))
+    assert not is_transient(FileNotFoundError("x"))
+    assert not is_transient(PermissionError("x"))
+
+    class Http(Exception):
+        def __init__(self, code):
+            self.code = code
+
+    assert is_transient(Http(503)) and is_transient(Http(429))
+    assert not is_transient(Http(403)) and not is_transient(Http(404))
+
+
+def test_transient_then_success_is_retried():
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionResetError("reset by peer")
+        return "ok"
+
+    assert call(flaky, "gs://b/x", "reading", total_s=10) == "ok" and len(calls) == 3
+
+
+def test_permanent_error_fails_at_once_naming_the_url():
+    calls = []
+
+    def denied():
+        calls.append(1)
+        raise PermissionError(errno.EACCES, "denied")
+
+    with pytest.raises(StorageError, match="gs://b/x.*permission denied"):
+        call(denied, "gs://b/x", "writing")
+    assert len(calls) == 1
+
+
+def test_missing_s3_bucket_is_a_clear_error(s3_server):
+    job = job_store("s3://no-such-bucket-here/root", "job", servers.s3_options(s3_server))
+    with pytest.raises(StorageError, match="s3://no-such-bucket-here/root/job"):
+        commit_checkpoint(job, 1, "step", FILES, "x")
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", "..", "", ".hidden"])
+def test_job_names_cannot_escape_the_root(tmp_path, name):
+    with pytest.raises(StorageError):
+        job_store(str(tmp_path), name)
+
+
+def test_paths_cannot_escape_a_store(tmp_path):
+    job = job_store(str(tmp_path), "job")
+    with pytest.raises(StorageError):
+        job.write_file("../evil", b"x")
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)])
+
+
+def test_enospc_mid_write_fails_clearly_and_loses_nothing(tiny_disk):
+    job = job_store(str(tiny_disk), "job")
+    small = {"model.safetensors": os.urandom(100_000)}
+    good = commit_checkpoint(job, 10, "step", small, "x")
+    with pytest.raises(StorageError, match="no space left"):
+        commit_checkpoint(job, 20, "step", {"model.safetensors": os.urandom(2_000_000)}, "x")
+    assert [m.id for m in list_checkpoints(job).committed] == [good.id]
+    assert load(job, good) == small
