@@ -1,0 +1,64 @@
+"""Small job specs for tests: the tiny example job on a short slice of ETTh1 (made in tmp)."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import yaml
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+ETTH1 = SHARED / "data" / "ETT-small" / "ETTh1.csv"
+TINY_SPEC = SHARED / "spec" / "jobs" / "tiny-cpu.yaml"
+
+
+def slice_csv(folder: Path, rows: int = 700) -> Path:
+    """The first ``rows`` rows of ETTh1, written under ``folder`` (never into the repo)."""
+    out = folder / f"etth1-{rows}.csv"
+    if not out.exists():
+        lines = ETTH1.read_text().splitlines()
+        out.write_text("\n".join(lines[: rows + 1]) + "\n")
+    return out
+
+
+def quick_spec(folder: Path, name: str = "quick", **sections) -> Path:
+    """A job that trains in a few seconds: the tiny example on a 700-row custom slice."""
+    raw = yaml.safe_load(TINY_SPEC.read_text())
+    raw["name"] = name
+    raw["storage"].update({"root": str(folder / "root"), "save_steps": 7, "save_total_limit": 2})
+    raw["data"].update({"path": str(slice_csv(folder)), "kind": "custom", "features": "S",
+                        "seq_len": 48, "label_len": 24, "pred_len": 12, "percent": 100})
+    raw["model"].update({"patch_len": 8, "stride": 4, "num_tokens": 32})
+    raw["train"].update({"epochs": 3, "batch_size": 16, "eval_batch_size": 64})
+    raw["run"].update({"max_restarts": 30, "heartbeat_timeout_s": 60})
+    for section, fields in sections.items():
+        if isinstance(fields, dict):
+            merged = copy.deepcopy(raw.get(section, {}))
+            merged.update(fields)
+            raw[section] = merged
+        else:
+            raw[section] = fields
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def job_dir(spec_path: Path) -> Path:
+    raw = yaml.safe_load(spec_path.read_text())
+    return Path(raw["storage"]["root"]) / raw["name"]
+
+
+def final_state(job: Path) -> dict:
+    """The trained result: final step checkpoint's and best's bytes, and the results document."""
+    ckpts = sorted((job / "checkpoints").iterdir())
+    manifests = [json.loads((c / "manifest.json").read_text()) for c in ckpts if (c / "manifest.json").exists()]
+    final = max((m for m in manifests if m["kind"] == "step"), key=lambda m: m["progress"])
+    best = max((m for m in manifests if m["kind"] == "best"), key=lambda m: m["progress"])
+    results = json.loads((job / "results.json").read_text())
+    results.pop("best_checkpoint", None)
+    results.pop("spec_hash", None)  # it covers data.path, which differs between tmp folders
+    return {"final_model": final["files"]["model.safetensors"]["sha256"],
+            "final_optimizer": final["files"]["optimizer.safetensors"]["sha256"],
+            "final_step": final["step"], "best_model": best["files"]["model.safetensors"]["sha256"],
+            "best_step": best["step"], "results": results}

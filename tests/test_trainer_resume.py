@@ -1,0 +1,119 @@
+"""Resume equivalence of the trainer alone: SIGKILL at random moments (checkpoint writes
+included), SIGTERM, a crash: every resumed run ends bit-identical to one uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from jobfiles import final_state, job_dir, quick_spec
+
+from storage import job_store, list_checkpoints, verify
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def trainer(spec: Path, attempt: int = 1, env: dict | None = None, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "trainer", "run", str(spec), "--attempt", str(attempt)],
+                            cwd=REPO, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("reference")
+    spec = quick_spec(folder)
+    proc = trainer(spec)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    return final_state(job_dir(spec))
+
+
+def test_uninterrupted_runs_are_deterministic(reference, tmp_path):
+    spec = quick_spec(tmp_path)
+    proc = trainer(spec, env={"TIMELLM_JOB_TEST_WRITE_DELAY_S": "0"})
+    assert proc.wait(300) == 0
+    assert final_state(job_dir(spec)) == reference
+
+
+def test_random_sigkills_resume_bit_identical(reference, tmp_path):
+    spec = quick_spec(tmp_path)
+    rng = random.Random(1234)
+    kills = attempt = 0
+    # slow writes so that some kills land inside a checkpoint write
+    env = {"TIMELLM_JOB_TEST_WRITE_DELAY_S": "0.05", "TIMELLM_JOB_TEST_STEP_DELAY_S": "0.1"}
+    while True:
+        attempt += 1
+        proc = trainer(spec, attempt, env)
+        if kills < 6:
+            try:
+                proc.wait(timeout=rng.uniform(3.0, 6.0))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                kills += 1
+                continue
+        else:
+            proc.wait(300)
+        assert proc.returncode == 0, proc.stderr.read()
+        break
+    assert kills >= 4
+    assert final_state(job_dir(spec)) == reference
+    job = job_store(str(tmp_path / "root"), "quick")
+    for m in list_checkpoints(job).committed:
+        assert verify(job, m) == []
+
+
+def test_sigterm_commits_a_preempt_checkpoint_and_exits_143(reference, tmp_path):
+    spec = quick_spec(tmp_path)
+    proc = trainer(spec)
+    deadline = time.time() + 120
+    job = job_store(str(tmp_path / "root"), "quick")
+    while time.time() < deadline and not any(m.kind == "step" for m in list_checkpoints(job).committed):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    preempts = [m for m in list_checkpoints(job).committed if m.kind == "preempt"]
+    assert len(preempts) == 1 and verify(job, preempts[0]) == []
+    assert f"committed a preempt checkpoint at step {preempts[0].step}" in err
+    proc = trainer(spec, 2)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert f"resumed from checkpoint {preempts[0].id}" in err
+    assert final_state(job_dir(spec)) == reference
+
+
+def test_corrupt_newest_checkpoint_falls_back_and_still_ends_identical(reference, tmp_path):
+    spec = quick_spec(tmp_path)
+    proc = trainer(spec, env={"TIMELLM_JOB_TEST_FAIL_AT_STEP": "40"})
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1 and "failure injected at step 40" in err
+    job = job_store(str(tmp_path / "root"), "quick")
+    newest = list_checkpoints(job).committed[0]
+    target = job_dir(spec) / "checkpoints" / newest.id / "model.safetensors"
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    target.write_bytes(bytes(data))
+    proc = trainer(spec, 2)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert f"skipping checkpoint {newest.id}" in err
+    assert final_state(job_dir(spec)) == reference
+
+
+def test_completed_job_is_not_trained_again(reference, tmp_path):
+    spec = quick_spec(tmp_path)
+    assert trainer(spec).wait(300) == 0
+    before = json.loads((job_dir(spec) / "results.json").read_text())
+    proc = trainer(spec, 2)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "complete already" in err
+    assert json.loads((job_dir(spec) / "results.json").read_text()) == before

@@ -1,0 +1,54 @@
+"""``python -m trainer run|check JOB.yaml [--root URL] [--set k=v ...]``
+
+run: train the job (resuming from its newest verified checkpoint); exit 0 done, 2 bad input,
+143/130 preempted by SIGTERM/SIGINT, 1 anything else.
+check: the pre-flight checks that need torch or the data (device, data length, backbone folder);
+prints nothing and exits 0 when all is well, else one line per problem and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from jobs import SpecError, load_spec
+
+
+def _args(argv):
+    ap = argparse.ArgumentParser(prog="python -m trainer")
+    ap.add_argument("command", choices=["run", "check"])
+    ap.add_argument("spec")
+    ap.add_argument("--root")
+    ap.add_argument("--set", dest="sets", action="append", default=[])
+    ap.add_argument("--attempt", type=int, default=1)
+    ap.add_argument("--sync-saves", action="store_true", help="save checkpoints on the training thread")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    a = _args(argv)
+    try:
+        spec = load_spec(a.spec, root=a.root, sets=tuple(a.sets))
+    except SpecError as err:
+        print(err, file=sys.stderr)
+        return 2
+    from trainer.backbone import BackboneError
+    from trainer.data import DataError
+    from trainer.loop import Trainer, watch_parent
+    from trainer.preflight import preflight
+
+    if a.command == "check":
+        problems = preflight(spec)
+        for p in problems:
+            print(p, file=sys.stderr)
+        return 2 if problems else 0
+    watch_parent()
+    try:
+        return Trainer(spec, attempt=a.attempt, background_saves=not a.sync_saves).run()
+    except (DataError, BackboneError) as err:
+        print(f"bad input: {err}", file=sys.stderr, flush=True)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""The frozen LLM backbone: loaded (a hub id or a local folder) or built at random, truncated to
+``llm_layers``, quantized by bitsandbytes, with its tokenizer.
+
+Invariants:
+- ``llm_layers`` deeper than the backbone is a :class:`BackboneError` (never random extra layers).
+- A random backbone is a pure function of its spec (seeded, no download); its tokenizer is
+  built locally from a fixed word list, so prompts tokenize the same everywhere.
+- Quantization goes through transformers' BitsAndBytesConfig: nf4 with double quantization,
+  compute in bf16 on GPU and fp32 on CPU; int8 through LLM.int8. ``none`` keeps fp32 on CPU,
+  bf16 on GPU.
+- Every backbone parameter is frozen (requires_grad False) and the module is in eval mode.
+- The global RNG is left untouched (random weights come from a forked RNG).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+class BackboneError(ValueError):
+    """A backbone that cannot be built as specified; the message names the field."""
+
+
+@dataclass
+class Backbone:
+    model: nn.Module
+    tokenizer: object
+    width: int
+    depth: int
+    dtype: torch.dtype
+    source: str  # "random", "pretrained:<id>" or "cache:<url>"
+
+    @property
+    def word_embeddings(self) -> torch.Tensor:
+        return self.model.get_input_embeddings().weight
+
+
+# Words of the prompt template and dataset descriptions, for the random backbone's tokenizer.
+_WORDS = ("dataset description task forecast the next steps given previous information input "
+          "statistics min max median value values trend of is upward downward top lags are "
+          "electricity transformer temperature ett oil load hourly minute minutes data series "
+          "time a an and in to from for with by on at this that which two years counties china "
+          "power grid six features target months train validation test split measured recorded "
+          "readings sensor custom numeric columns each step hour record records beside over "
+          "date column").split()
+_SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<|start_prompt|>", "<|end_prompt|>"]
+
+
+def random_tokenizer(vocab_size: int):
+    """A word-level tokenizer over a fixed vocabulary: digits, punctuation, the prompt's words."""
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab_list = _SPECIALS + [str(d) for d in range(10)] + list(".,:;-+%()'\"[]/=_!?") + _WORDS
+    vocab_list = list(dict.fromkeys(vocab_list))
+    if len(vocab_list) > vocab_size:
+        raise BackboneError(f"model.backbone.random.vocab_size: must be at least {len(vocab_list)}")
+    tok = Tokenizer(WordLevel({w: i for i, w in enumerate(vocab_list)}, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(),
+        pre_tokenizers.Digits(individual_digits=True)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
+                                   bos_token="<s>", eos_token="</s>",
+                                   additional_special_tokens=_SPECIALS[4:])
+
+
+def quantization_config(quantization: str, on_gpu: bool):
+    if quantization == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "nf4":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=torch.bfloat16 if on_gpu else torch.float32)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def _random_config(r, layers: int):
+    from transformers import GPT2Config, LlamaConfig
+
+    if r.family == "llama":
+        return LlamaConfig(hidden_size=r.hidden_size, num_hidden_layers=layers, num_attention_heads=r.num_heads,
+                           num_key_value_heads=r.num_kv_heads or r.num_heads,
+                           intermediate_size=r.intermediate_size or 2 * r.hidden_size,
+                           vocab_size=r.vocab_size, max_position_embeddings=4096, tie_word_embeddings=False)
+    return GPT2Config(n_embd=r.hidden_size, n_layer=layers, n_head=r.num_heads, vocab_size=r.vocab_size,
+                      n_positions=4096, n_inner=r.intermediate_size)
+
+
+def build_random_weights(r, layers: int):
+    """A seeded random backbone module in fp32 (no quantization), the global RNG untouched."""
+    from transformers import AutoModel
+
+    config = _random_config(r, layers)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(r.seed)
+        model = AutoModel.from_config(config, dtype=torch.float32)
+    return model
+
+
+def _freeze(model: nn.Module) -> nn.Module:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+def _depth(config) -> int:
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(getattr(config, key, None), int):
+            return getattr(config, key)
+    raise BackboneError("model.backbone: cannot tell the backbone's depth from its config")
+
+
+def load_backbone(model_spec, device: str) -> Backbone:
+    """Build the frozen backbone of a ModelSpec on ``device`` ("cpu" or "cuda")."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    on_gpu = device.startswith("cuda")
+    quant = quantization_config(model_spec.quantization, on_gpu)
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    spec = model_spec.backbone
+    if spec.random is not None:
+        depth = spec.random.num_layers
+        layers = model_spec.llm_layers or depth
+        if layers > depth:
+            raise BackboneError(f"model.llm_layers: {layers} exceeds the backbone's {depth} layers")
+        model = build_random_weights(spec.random, layers)
+        tokenizer = random_tokenizer(spec.random.vocab_size)
+        if quant is None:
+            model = model.to(device=device, dtype=dtype)
+        else:  # bitsandbytes quantizes at load time: go through a local folder
+            with tempfile.TemporaryDirectory() as folder:
+                model.save_pretrained(folder)
+                model = AutoModel.from_pretrained(folder, quantization_config=quant, device_map=device,
+                                                  dtype=dtype)
+        source = "random"
+    else:
+        name = spec.pretrained
+        try:
+            config = AutoConfig.from_pretrained(name, revision=spec.revision)
+        except (OSError, ValueError) as exc:
+            raise BackboneError(f"model.backbone.pretrained: cannot load {name!r}: {exc}") from None
+        depth = _depth(config)
+        layers = model_spec.llm_layers or depth
+        if layers > depth:
+            raise BackboneError(f"model.llm_layers: {layers} exceeds the backbone's {depth} layers")
+        for key in ("num_hidden_layers", "n_layer", "num_layers"):
+            if hasattr(config, key):
+                setattr(config, key, layers)
+        kwargs = {"quantization_config": quant, "device_map": device} if quant else {}
+        model = AutoModel.from_pretrained(name, revision=spec.revision, config=config, dtype=dtype, **kwargs)
+        if quant is None:
+            model = model.to(device)
+        tokenizer = AutoTokenizer.from_pretrained(name, revision=spec.revision)
+        source = f"pretrained:{name}"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    tokenizer.padding_side = "left"
+    width = model.get_input_embeddings().weight.shape[1]
+    if model_spec.d_ff > width:
+        raise BackboneError(f"model.d_ff: {model_spec.d_ff} exceeds the backbone width ({width})")
+    emb_dtype = model.get_input_embeddings().weight.dtype
+    return Backbone(_freeze(model), tokenizer, width, layers, emb_dtype, source)
+
+
+def default_device(requested: str) -> str:
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise BackboneError("train.device: cuda was asked for, but this machine has no CUDA device "
+                            "(use device: cpu or auto)")
+    return requested
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,0 +1,296 @@
+"""The Time-LLM training loop: resumable bit for bit from any of its checkpoints.
+
+Lifecycle of one trainer process (it knows nothing of restarts; it only resumes)::
+
+    build -> resume from the newest verified checkpoint (or start fresh)
+          -> epochs: train steps [step checkpoint every save_steps]
+                     -> validate -> early stopping [best checkpoint at a new low]
+          -> final step checkpoint -> reload best (verified) -> test -> results.json -> exit 0
+    SIGTERM/SIGINT at any point: finish the step, commit a preempt checkpoint, exit 143/130.
+
+Invariants:
+- Everything that influences the result is in the checkpoint (trainer.state), and the data order
+  is a function of (seed, epoch): resuming from any checkpoint continues the same computation.
+- Validation and test use no randomness (eval mode, fixed order), so replaying them is exact.
+- A job whose ``results.json`` exists (same spec hash) is complete: the trainer exits 0 at once.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from jobs import JobSpec, spec_hash
+from storage import job_store, list_checkpoints, load_newest
+from storage.checkpoints import CorruptCheckpoint, load
+from storage.documents import read_json, write_json
+from storage.layout import RESULTS
+from trainer import state as ckpt_state
+from trainer.backbone import default_device, load_backbone
+from trainer.data import DataError, Splits, eval_batches, load_splits, train_batches
+from trainer.model import TimeLLM
+from trainer.reporting import Heartbeat, MetricsLog, ProgressLine
+from trainer.saver import CheckpointSaver
+
+EXIT_OK, EXIT_BAD_INPUT, EXIT_SIGTERM, EXIT_SIGINT = 0, 2, 143, 130
+
+
+class Preempted(Exception):
+    def __init__(self, signum: int):
+        self.signum = signum
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT; checked between steps, so the current step always finishes."""
+
+    def __init__(self):
+        self.signum: int | None = None
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+    def check(self) -> None:
+        if self.signum is not None:
+            raise Preempted(self.signum)
+
+
+def watch_parent() -> None:
+    """Exit when the orchestrator that started us dies (belt to PR_SET_PDEATHSIG's braces)."""
+    parent = os.environ.get("TIMELLM_JOB_PARENT_PID")
+    if not parent:
+        return
+
+    def run():
+        while True:
+            if os.getppid() != int(parent):
+                os._exit(137)
+            time.sleep(0.5)
+
+    threading.Thread(target=run, name="parent-watch", daemon=True).start()
+
+
+@dataclass
+class Evaluation:
+    mse: float
+    mae: float
+    mse_raw: float | None = None
+    mae_raw: float | None = None
+    samples: int = 0
+
+
+def _target(out: torch.Tensor, features: str) -> torch.Tensor:
+    return out[..., -1:] if features == "MS" else out
+
+
+def evaluate(model, windows, batch_size: int, device: str, features: str, stop: StopFlag,
+             splits: Splits | None = None) -> Evaluation:
+    """MSE/MAE over every sample (no dropped batch); in the data's units too when ``splits``."""
+    model.eval()
+    se = ae = se_raw = ae_raw = 0.0
+    count = n = 0
+    with torch.no_grad():
+        for x, y, channel in eval_batches(windows, batch_size):
+            stop.check()
+            pred = _target(model(x.to(device)).float().cpu(), features)
+            y = _target(y, features)
+            se += float(((pred - y) ** 2).double().sum())
+            ae += float((pred - y).abs().double().sum())
+            count += y.numel()
+            n += y.shape[0]
+            if splits is not None:
+                ch = torch.where(channel < 0, torch.full_like(channel, splits.target_index), channel)
+                p_raw, y_raw = splits.scaler.inverse(pred.double(), ch), splits.scaler.inverse(y.double(), ch)
+                se_raw += float(((p_raw - y_raw) ** 2).sum())
+                ae_raw += float((p_raw - y_raw).abs().sum())
+    model.train()
+    if splits is None:
+        return Evaluation(se / count, ae / count, samples=n)
+    return Evaluation(se / count, ae / count, se_raw / count, ae_raw / count, n)
+
+
+class Trainer:
+    def __init__(self, spec: JobSpec, attempt: int = 1, background_saves: bool = True):
+        self.spec, self.attempt = spec, attempt
+        self.hash = spec_hash(spec)
+        self.job = job_store(spec.storage.root, spec.name, spec.storage.options)
+        self.stop = StopFlag()
+        self.heartbeat = Heartbeat(os.environ.get("TIMELLM_JOB_HEARTBEAT"))
+        self.metrics = MetricsLog(self.job, attempt)
+        self.background_saves = background_saves
+        self.fail_at = int(os.environ.get("TIMELLM_JOB_TEST_FAIL_AT_STEP", "0") or 0)
+        self.step_delay = float(os.environ.get("TIMELLM_JOB_TEST_STEP_DELAY_S", "0") or 0)
+
+    # ------------------------------------------------------------------ setup
+    def build(self) -> None:
+        spec = self.spec
+        self.device = default_device(spec.train.device)
+        torch.manual_seed(spec.train.seed)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        self.heartbeat.beat(force=True, phase="loading", host=socket.gethostname(), attempt=self.attempt)
+        self.splits = load_splits(spec.data, spec.storage.options if spec.data.path.startswith(
+            spec.storage.root.split("://")[0] + "://") else None)
+        self.steps_per_epoch = len(self.splits.train) // spec.train.batch_size
+        if self.steps_per_epoch < 1:
+            raise DataError(f"train.batch_size: {spec.train.batch_size} exceeds the "
+                            f"{len(self.splits.train)} training samples")
+        self.total_steps = self.steps_per_epoch * spec.train.epochs
+        self.backbone = load_backbone(spec.model, self.device)
+        torch.manual_seed(spec.train.seed)  # trainable weights do not depend on how the backbone was built
+        self.model = TimeLLM(spec.model, spec.data, self.backbone).to(self.device)
+        self.model.train()
+        params = list(self.model.trainable_state().values())
+        self.optimizer = torch.optim.Adam(params, lr=spec.train.learning_rate)
+        self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            self.optimizer, max_lr=spec.train.learning_rate, total_steps=self.total_steps, pct_start=0.2)
+        self.progress = ckpt_state.Progress()
+        self.saver = CheckpointSaver(self.job, self.hash, spec.storage.save_total_limit,
+                                     background=self.background_saves)
+
+    def resume(self) -> None:
+        """Continue from the newest checkpoint that verifies, reporting the ones skipped."""
+        loaded = load_newest(self.job)
+        skipped = list(loaded.skipped) if loaded else []
+        while loaded is not None and loaded.manifest.spec_hash != self.hash:
+            skipped.append(f"{loaded.manifest.id}: written for another spec")
+            loaded = None  # a foreign checkpoint: never mix specs
+        for line in skipped:
+            print(f"skipping checkpoint {line}", file=sys.stderr, flush=True)
+        resumed = None
+        if loaded is not None:
+            snap = ckpt_state.read_files(loaded.files)
+            self.progress = ckpt_state.restore(snap, self.model, self.optimizer, self.scheduler)
+            resumed = {"id": loaded.manifest.id, "step": loaded.manifest.step}
+            print(f"resumed from checkpoint {loaded.manifest.id} (step {loaded.manifest.step}, "
+                  f"epoch {self.progress.epoch}, batch {self.progress.batch})", file=sys.stderr, flush=True)
+        self.heartbeat.beat(force=True, phase="training", resumed_from=resumed, skipped=skipped,
+                            step=self.progress.global_step, epoch=self.progress.epoch, total_steps=self.total_steps)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, kind: str, wait: bool = False) -> None:
+        p = self.progress
+        snap = ckpt_state.capture(self.model, self.optimizer, self.scheduler, p)
+        meta = {"epoch": p.epoch, "batch": p.batch, "best_val": p.best_val, "attempt": self.attempt}
+        if kind == "best":
+            meta["val_loss"] = p.best_val
+        self.saver.submit(snap, p.global_step, kind, p.order(), meta, wait=wait)
+        self.metrics.flush()
+
+    # ------------------------------------------------------------------ the loop
+    def train_epoch(self, progress_line: ProgressLine) -> None:
+        spec, p = self.spec, self.progress
+        for b, (x, y, _) in train_batches(self.splits.train, spec.train.batch_size, spec.train.seed, p.epoch, p.batch):
+            x, y = x.to(self.device), y.to(self.device)
+            out = self.model(x)
+            loss = torch.nn.functional.mse_loss(_target(out, spec.data.features), _target(y, spec.data.features))
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.scheduler.step()
+            p.global_step += 1
+            p.batch = b + 1
+            lr = self.scheduler.get_last_lr()[0]
+            loss_v = float(loss.detach())
+            if not math.isfinite(loss_v):
+                raise FloatingPointError(f"loss became {loss_v} at step {p.global_step}")
+            self.metrics.add(step=p.global_step, epoch=p.epoch, loss=loss_v, lr=lr)
+            progress_line.update(p.global_step, p.epoch, loss_v, lr)
+            self.heartbeat.beat(step=p.global_step, epoch=p.epoch, loss=loss_v, lr=lr)
+            if self.fail_at and p.global_step == self.fail_at:
+                raise RuntimeError(f"test-only failure injected at step {p.global_step}")
+            if self.step_delay:
+                time.sleep(self.step_delay)
+            if p.global_step % spec.storage.save_steps == 0:
+                self.save("step")
+            self.stop.check()
+
+    def validate_epoch(self) -> None:
+        spec, p = self.spec, self.progress
+        self.heartbeat.beat(force=True, phase="validating", step=p.global_step, epoch=p.epoch)
+        ev = evaluate(self.model, self.splits.val, spec.train.eval_batch_size, self.device,
+                      spec.data.features, self.stop)
+        improved = p.best_val is None or ev.mse < p.best_val
+        if improved:
+            p.best_val, p.best_step, p.bad_epochs = ev.mse, p.global_step, 0
+        else:
+            p.bad_epochs += 1
+        p.history.append({"epoch": p.epoch, "step": p.global_step, "val_mse": ev.mse, "val_mae": ev.mae})
+        self.metrics.add(step=p.global_step, epoch=p.epoch, val_loss=ev.mse, val_mae=ev.mae)
+        print(f"epoch {p.epoch} validation mse {ev.mse:.6f} mae {ev.mae:.6f}"
+              f"{' (best)' if improved else f' (no improvement for {p.bad_epochs})'}", file=sys.stderr, flush=True)
+        p.epoch, p.batch, p.validated = p.epoch + 1, 0, False
+        p.stopped_early = p.bad_epochs >= spec.train.patience
+        self.heartbeat.beat(force=True, phase="training", epoch=p.epoch, best_val=p.best_val, best_step=p.best_step)
+        if improved:
+            self.save("best")
+
+    def finish(self) -> dict:
+        """Final checkpoint, the best model reloaded (verified) and tested; results written."""
+        p = self.progress
+        self.saver.wait()
+        self.save("step", wait=True)
+        self.heartbeat.beat(force=True, phase="testing", step=p.global_step)
+        best = [m for m in list_checkpoints(self.job).committed if m.kind == "best"]
+        if not best:
+            raise CorruptCheckpoint("best", ["no best checkpoint was committed"])
+        files = load(self.job, best[0], [ckpt_state.MODEL_FILE])
+        from safetensors.torch import load as st_load
+
+        ckpt_state.load_trainable(self.model, st_load(files[ckpt_state.MODEL_FILE]))
+        test = evaluate(self.model, self.splits.test, self.spec.train.eval_batch_size, self.device,
+                        self.spec.data.features, self.stop, splits=self.splits)
+        results = {"spec_hash": self.hash, "best_checkpoint": best[0].id, "best_step": best[0].step,
+                   "val_loss": p.best_val, "epochs_trained": p.epoch, "global_step": p.global_step,
+                   "stopped_early": p.stopped_early, "test": {
+                       "mse": test.mse, "mae": test.mae, "mse_data_units": test.mse_raw,
+                       "mae_data_units": test.mae_raw, "samples": test.samples}}
+        self.metrics.add(step=p.global_step, test_mse=test.mse, test_mae=test.mae)
+        self.metrics.flush()
+        write_json(self.job, RESULTS, results)
+        print(f"test mse {test.mse:.6f} mae {test.mae:.6f} (data units: mse {test.mse_raw:.4f} "
+              f"mae {test.mae_raw:.4f}) from {best[0].id}", file=sys.stderr, flush=True)
+        return results
+
+    def run(self) -> int:
+        self.stop.install()
+        done = read_json(self.job, RESULTS)
+        if done and done.get("spec_hash") == self.hash:
+            print("the job is complete already: nothing to train", file=sys.stderr, flush=True)
+            return EXIT_OK
+        try:
+            self.build()
+            self.stop.check()
+            self.resume()
+            spec, p = self.spec, self.progress
+            line = ProgressLine(self.total_steps, p.global_step)
+            while p.epoch < spec.train.epochs and not p.stopped_early:
+                self.train_epoch(line)
+                self.validate_epoch()
+                self.stop.check()
+            self.finish()
+            self.heartbeat.beat(force=True, phase="completed")
+            return EXIT_OK
+        except Preempted as pre:
+            return self._preempted(pre.signum)
+
+    def _preempted(self, signum: int) -> int:
+        p = getattr(self, "progress", None)
+        if p is not None and hasattr(self, "saver"):
+            self.saver.wait()
+            self.save("preempt", wait=True)
+            print(f"preempted by signal {signum}: committed a preempt checkpoint at step {p.global_step}",
+                  file=sys.stderr, flush=True)
+        self.metrics.flush()
+        self.heartbeat.beat(force=True, phase="preempted")
+        return EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM

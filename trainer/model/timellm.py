@@ -1,0 +1,61 @@
+"""The Time-LLM forecaster around a frozen backbone.
+
+Shapes: x [B, T=seq_len, N] -> forecast [B, H=pred_len, N]. Only the reprogramming parts are
+trainable (patch embedding, mapping layer, reprogramming layer, output projection);
+:meth:`TimeLLM.trainable_state` is what checkpoints hold; the backbone is never saved.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from trainer.backbone import Backbone
+from trainer.model.head import FlattenHead
+from trainer.model.normalize import denormalize, normalize
+from trainer.model.patching import PatchEmbedding, num_patches
+from trainer.model.prompt import build_prompts, description_for
+from trainer.model.reprogramming import ReprogrammingLayer, text_prototypes
+
+
+class TimeLLM(nn.Module):
+    def __init__(self, model_spec, data_spec, backbone: Backbone):
+        super().__init__()
+        m = model_spec
+        self.seq_len, self.pred_len, self.d_ff = data_spec.seq_len, data_spec.pred_len, m.d_ff
+        self.description = description_for(data_spec.kind, m.description)
+        self.n_patches = num_patches(data_spec.seq_len, m.patch_len, m.stride)
+        self.backbone = backbone  # not a submodule: frozen, never saved, never optimized
+        vocab = backbone.word_embeddings.shape[0]
+        self.patch_embedding = PatchEmbedding(m.d_model, m.patch_len, m.stride, m.dropout)
+        self.mapping_layer = nn.Linear(vocab, m.num_tokens)
+        self.reprogramming_layer = ReprogrammingLayer(m.d_model, m.n_heads, m.d_ff, backbone.width, m.dropout)
+        self.output_projection = FlattenHead(m.d_ff * self.n_patches, data_spec.pred_len, m.dropout)
+        self.register_buffer("word_embeddings_t", backbone.word_embeddings.detach().t().contiguous(), persistent=False)
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {name: p for name, p in self.named_parameters() if p.requires_grad}
+
+    def tokenize_prompts(self, x_series: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        prompts = build_prompts(x_series.detach().float().cpu(), self.description, self.seq_len, self.pred_len)
+        enc = self.backbone.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        return enc["input_ids"], enc["attention_mask"]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, n = x.shape
+        x_norm, mean, std = normalize(x)                                   # [B, T, N]
+        series = x_norm.permute(0, 2, 1).reshape(b * n, t)                 # channel independence: [B*N, T]
+        ids, mask = self.tokenize_prompts(series)
+        device = x.device
+        llm = self.backbone.model
+        prompt_emb = llm.get_input_embeddings()(ids.to(device))           # [B*N, L, d_llm]
+        patches = self.patch_embedding(series)                             # [B*N, P, d_model]
+        prototypes = text_prototypes(self.mapping_layer, self.word_embeddings_t)  # [S, d_llm]
+        reprogrammed = self.reprogramming_layer(patches, prototypes)       # [B*N, P, d_llm]
+        inputs = torch.cat([prompt_emb, reprogrammed.to(prompt_emb.dtype)], dim=1)
+        full_mask = torch.cat([mask, torch.ones(b * n, self.n_patches, dtype=mask.dtype)], dim=1).to(device)
+        hidden = llm(inputs_embeds=inputs, attention_mask=full_mask).last_hidden_state
+        features = hidden[:, -self.n_patches:, : self.d_ff].float()       # [B*N, P, d_ff]
+        features = features.reshape(b, n, self.n_patches, self.d_ff).permute(0, 1, 3, 2)  # [B, N, d_ff, P]
+        forecast = self.output_projection(features).permute(0, 2, 1)       # [B, H, N]
+        return denormalize(forecast, mean, std)

@@ -1,0 +1,33 @@
+"""Checks that need the data or torch, run before a job writes anything.
+
+Each problem is one line naming the spec field. Nothing is written; a hub backbone that is not
+on this machine is left to the run (checking it would mean downloading it).
+"""
+
+from __future__ import annotations
+
+from jobs import JobSpec
+from trainer.backbone import BackboneError, default_device
+from trainer.data import DataError, load_splits
+
+
+def preflight(spec: JobSpec) -> list[str]:
+    problems = []
+    try:
+        default_device(spec.train.device)
+    except BackboneError as err:
+        problems.append(str(err))
+    try:
+        splits = load_splits(spec.data, spec.storage.options if "://" in spec.data.path else None)
+        if len(splits.train) < spec.train.batch_size:
+            problems.append(f"train.batch_size: {spec.train.batch_size} exceeds the {len(splits.train)} "
+                            f"training samples")
+    except DataError as err:
+        problems.append(str(err))
+    if spec.model.quantization != "none":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            problems.append(f"model.quantization: {spec.model.quantization} needs bitsandbytes, "
+                            "which is not installed")
+    return problems

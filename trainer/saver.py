@@ -1,0 +1,69 @@
+"""Checkpoint saving off the training path.
+
+Invariants:
+- The training thread only captures a host-memory snapshot (trainer.state.capture); a single
+  background thread serializes, commits through ``storage`` and applies retention.
+- At most one write is in flight: ``submit`` first waits for the previous one.
+- A failed background save is re-raised on the training thread at the next ``submit``/``wait``
+  (a checkpoint that silently did not happen is worse than a crash).
+- An id that is committed already is skipped: on a deterministic resume it holds the same bytes.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+from storage import AlreadyCommitted, Store, commit_checkpoint
+from storage.manifest import Manifest
+from storage.retention import clean_up
+from trainer.state import Snapshot
+
+
+class CheckpointSaver:
+    def __init__(self, job: Store, spec_hash: str, save_total_limit: int, background: bool = True,
+                 on_commit: Callable[[Manifest], None] | None = None):
+        self.job, self.spec_hash, self.limit = job, spec_hash, save_total_limit
+        self.background, self.on_commit = background, on_commit
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.committed: list[Manifest] = []
+
+    def _write(self, snapshot: Snapshot, step: int, kind: str, progress: list[int], metadata: dict) -> None:
+        try:
+            manifest = commit_checkpoint(self.job, step, kind, snapshot.to_files(), self.spec_hash,
+                                         progress=progress, metadata=metadata)
+        except AlreadyCommitted:
+            return
+        except BaseException as exc:  # noqa: BLE001 - handed to the training thread
+            self._error = exc
+            return
+        self.committed.append(manifest)
+        try:
+            clean_up(self.job, self.limit)
+            if self.on_commit:
+                self.on_commit(manifest)
+        except BaseException as exc:  # noqa: BLE001
+            self._error = exc
+
+    def submit(self, snapshot: Snapshot, step: int, kind: str, progress: list[int], metadata: dict,
+               wait: bool = False) -> None:
+        self.wait()
+        if not self.background or wait:
+            self._write(snapshot, step, kind, progress, metadata)
+            self._raise()
+            return
+        self._thread = threading.Thread(target=self._write, args=(snapshot, step, kind, progress, metadata),
+                                        name=f"checkpoint-{step}-{kind}", daemon=True)
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self._raise()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err

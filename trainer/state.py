@@ -1,0 +1,139 @@
+"""What a checkpoint holds, and its conversion to and from files (no pickle anywhere).
+
+Files of a training checkpoint:
+- ``model.safetensors``: the trainable parameters, fp32, under the model's parameter names.
+- ``optimizer.safetensors``: the optimizer's tensors (``state.<i>.<key>``) and the RNG states
+  (``rng.torch``, ``rng.cuda.<d>``).
+- ``trainer_state.json``: progress (epoch, batch in epoch, global step, stage), the optimizer's
+  non-tensor state and param groups, the LR scheduler, early stopping, the python and numpy
+  RNG states, the validation history.
+
+Invariants: ``capture`` copies every tensor to host memory (after it, training may mutate the
+live tensors); ``restore`` puts back exactly what ``capture`` saw, bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class Progress:
+    epoch: int = 0  # the epoch being trained (== epochs when training is over)
+    batch: int = 0  # the next batch of that epoch
+    global_step: int = 0  # optimizer steps taken
+    validated: bool = False  # whether this epoch's validation has run (then epoch/batch moved on)
+    best_val: float | None = None
+    best_step: int | None = None
+    bad_epochs: int = 0  # epochs since the best (early stopping)
+    stopped_early: bool = False
+    history: list[dict] = field(default_factory=list)  # one entry per validated epoch
+
+    def order(self) -> list[int]:
+        """Sort key of a checkpoint taken now: later in training = larger."""
+        return [self.global_step, self.epoch, self.batch]
+
+
+def rng_capture() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {"rng.torch": torch.get_rng_state().clone()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s.clone()
+    py = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return tensors, {"python": [py[0], list(py[1]), py[2]],
+                     "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
+
+
+def rng_restore(tensors: dict[str, torch.Tensor], doc: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = sorted(k for k in tensors if k.startswith("rng.cuda."))
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[k] for k in cuda][: torch.cuda.device_count()])
+    v, keys, gauss = doc["python"]
+    random.setstate((v, tuple(keys), gauss))
+    name, keys, pos, has_gauss, cached = doc["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def _split_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, plain = {}, {}
+    for idx, st in sd["state"].items():
+        plain[str(idx)] = {}
+        for key, value in st.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{idx}.{key}"] = value.detach().to("cpu", copy=True)
+            else:
+                plain[str(idx)][key] = value
+    return tensors, {"state": plain, "param_groups": sd["param_groups"]}
+
+
+def _join_optimizer(tensors: dict[str, torch.Tensor], doc: dict) -> dict:
+    state: dict[int, dict] = {int(i): dict(v) for i, v in doc["state"].items()}
+    for name, value in tensors.items():
+        if name.startswith("state."):
+            _, idx, key = name.split(".", 2)
+            state.setdefault(int(idx), {})[key] = value
+    return {"state": state, "param_groups": doc["param_groups"]}
+
+
+@dataclass
+class Snapshot:
+    """A host-memory copy of everything a checkpoint holds, ready to serialize off-thread."""
+
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, torch.Tensor]
+    doc: dict[str, Any]
+
+    def to_files(self) -> dict[str, bytes]:
+        return {MODEL_FILE: st_save(self.model), OPTIMIZER_FILE: st_save(self.optimizer),
+                STATE_FILE: json.dumps(self.doc, sort_keys=True).encode()}
+
+
+def capture(model, optimizer, scheduler, progress: Progress) -> Snapshot:
+    """Copy the training state to host memory (the only part of a save on the training path)."""
+    params = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.trainable_state().items()}
+    opt_tensors, opt_doc = _split_optimizer(optimizer.state_dict())
+    rng_tensors, rng_doc = rng_capture()
+    doc = {"progress": asdict(progress), "optimizer": opt_doc, "scheduler": scheduler.state_dict(), "rng": rng_doc}
+    doc = json.loads(json.dumps(doc))  # a deep copy, and proof that it is plain JSON
+    return Snapshot(params, {**opt_tensors, **rng_tensors}, doc)
+
+
+def read_files(files: dict[str, bytes]) -> Snapshot:
+    return Snapshot(st_load(files[MODEL_FILE]), st_load(files[OPTIMIZER_FILE]), json.loads(files[STATE_FILE]))
+
+
+def restore(snapshot: Snapshot, model, optimizer, scheduler) -> Progress:
+    """Put a snapshot back into live objects; returns the progress to continue from."""
+    load_trainable(model, snapshot.model)
+    opt_tensors = {k: v for k, v in snapshot.optimizer.items() if k.startswith("state.")}
+    optimizer.load_state_dict(_join_optimizer(opt_tensors, snapshot.doc["optimizer"]))
+    scheduler.load_state_dict(snapshot.doc["scheduler"])
+    rng_restore({k: v for k, v in snapshot.optimizer.items() if k.startswith("rng.")}, snapshot.doc["rng"])
+    return Progress(**snapshot.doc["progress"])
+
+
+def load_trainable(model, params: dict[str, torch.Tensor]) -> None:
+    """Copy parameters into the model's trainable tensors; names and shapes must match exactly."""
+    live = model.trainable_state()
+    if set(live) != set(params):
+        missing, extra = sorted(set(live) - set(params)), sorted(set(params) - set(live))
+        raise ValueError(f"checkpoint parameters do not match the model (missing {missing}, unexpected {extra})")
+    with torch.no_grad():
+        for name, tensor in live.items():
+            if tensor.shape != params[name].shape:
+                raise ValueError(f"{name}: checkpoint shape {tuple(params[name].shape)}, model {tuple(tensor.shape)}")
+            tensor.copy_(params[name])
