@@ -95,7 +95,7 @@ def _target(out: torch.Tensor, features: str) -> torch.Tensor:
 
 
 def evaluate(model, windows, batch_size: int, device: str, features: str, stop: StopFlag,
-             splits: Splits | None = None) -> Evaluation:
+             splits: Splits | None = None, on_batch=None) -> Evaluation:
     """MSE/MAE over every sample (no dropped batch); in the data's units too when ``splits``."""
     model.eval()
     se = ae = se_raw = ae_raw = 0.0
@@ -103,6 +103,8 @@ def evaluate(model, windows, batch_size: int, device: str, features: str, stop: 
     with torch.no_grad():
         for x, y, channel in eval_batches(windows, batch_size):
             stop.check()
+            if on_batch is not None:
+                on_batch()
             pred = _target(model(x.to(device)).float().cpu(), features)
             y = _target(y, features)
             se += float(((pred - y) ** 2).double().sum())
@@ -146,6 +148,9 @@ class Trainer:
             raise DataError(f"train.batch_size: {spec.train.batch_size} exceeds the "
                             f"{len(self.splits.train)} training samples")
         self.total_steps = self.steps_per_epoch * spec.train.epochs
+        sc = self.splits.scaler
+        self.scaling = {"columns": self.splits.columns, "mean": sc.mean.tolist(), "std": sc.std.tolist(),
+                        "target": spec.data.target, "features": spec.data.features}
         self.backbone = load_backbone(spec.model, self.device)
         torch.manual_seed(spec.train.seed)  # trainable weights do not depend on how the backbone was built
         self.model = TimeLLM(spec.model, spec.data, self.backbone).to(self.device)
@@ -175,13 +180,14 @@ class Trainer:
             print(f"resumed from checkpoint {loaded.manifest.id} (step {loaded.manifest.step}, "
                   f"epoch {self.progress.epoch}, batch {self.progress.batch})", file=sys.stderr, flush=True)
         self.heartbeat.beat(force=True, phase="training", resumed_from=resumed, skipped=skipped,
-                            step=self.progress.global_step, epoch=self.progress.epoch, total_steps=self.total_steps)
+                            step=self.progress.global_step, start_step=self.progress.global_step, epoch=self.progress.epoch, total_steps=self.total_steps)
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, kind: str, wait: bool = False) -> None:
         p = self.progress
         snap = ckpt_state.capture(self.model, self.optimizer, self.scheduler, p)
-        meta = {"epoch": p.epoch, "batch": p.batch, "best_val": p.best_val, "attempt": self.attempt}
+        meta = {"epoch": p.epoch, "batch": p.batch, "best_val": p.best_val, "attempt": self.attempt,
+                "scaling": self.scaling}
         if kind == "best":
             meta["val_loss"] = p.best_val
         self.saver.submit(snap, p.global_step, kind, p.order(), meta, wait=wait)
@@ -219,7 +225,7 @@ class Trainer:
         spec, p = self.spec, self.progress
         self.heartbeat.beat(force=True, phase="validating", step=p.global_step, epoch=p.epoch)
         ev = evaluate(self.model, self.splits.val, spec.train.eval_batch_size, self.device,
-                      spec.data.features, self.stop)
+                      spec.data.features, self.stop, on_batch=self.heartbeat.beat)
         improved = p.best_val is None or ev.mse < p.best_val
         if improved:
             p.best_val, p.best_step, p.bad_epochs = ev.mse, p.global_step, 0
@@ -249,8 +255,8 @@ class Trainer:
 
         ckpt_state.load_trainable(self.model, st_load(files[ckpt_state.MODEL_FILE]))
         test = evaluate(self.model, self.splits.test, self.spec.train.eval_batch_size, self.device,
-                        self.spec.data.features, self.stop, splits=self.splits)
-        results = {"spec_hash": self.hash, "best_checkpoint": best[0].id, "best_step": best[0].step,
+                        self.spec.data.features, self.stop, splits=self.splits, on_batch=self.heartbeat.beat)
+        results = {"spec_hash": self.hash, "best_checkpoint": best[0].id, "scaling": self.scaling, "best_step": best[0].step,
                    "val_loss": p.best_val, "epochs_trained": p.epoch, "global_step": p.global_step,
                    "stopped_early": p.stopped_early, "test": {
                        "mse": test.mse, "mae": test.mae, "mse_data_units": test.mse_raw,

@@ -3,25 +3,19 @@
 Invariants:
 - The heartbeat is a small local JSON document (path from ``TIMELLM_JOB_HEARTBEAT``) replaced
   atomically at most every ``interval`` seconds and at every event; the orchestrator reads it.
-- The metrics log is JSON lines under ``<job>/metrics/``, in segments of at most
-  ``SEGMENT_LINES`` lines: only the newest segment is ever rewritten, so a long run on an
-  object store does not re-upload its whole history.
+- The metrics log (storage.metrics_log) is written at every checkpoint and at exit.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
 from typing import Any
 
-from storage import Store
 from storage.documents import write_json
-from storage.layout import METRICS
+from storage.metrics_log import MetricsLog, read_metrics  # noqa: F401  (the trainer's log)
 from storage.store import open_store
-
-SEGMENT_LINES = 2000
 
 
 class Heartbeat:
@@ -39,40 +33,6 @@ class Heartbeat:
         self.last = now
         self.doc["time"] = now
         write_json(self.store, self.name, self.doc)
-
-
-class MetricsLog:
-    def __init__(self, job: Store, attempt: int):
-        self.job, self.attempt = job, attempt
-        self.lines: list[str] = []
-        self.segment = 0
-        self.dirty = False
-
-    def add(self, **record: Any) -> None:
-        record.setdefault("time", time.time())
-        record["attempt"] = self.attempt
-        self.lines.append(json.dumps(record, sort_keys=True))
-        self.dirty = True
-
-    def flush(self) -> None:
-        if not self.dirty:
-            return
-        rel = f"{METRICS}/attempt-{self.attempt:03d}-{self.segment:04d}.jsonl"
-        self.job.replace(rel, ("\n".join(self.lines) + "\n").encode())
-        self.dirty = False
-        if len(self.lines) >= SEGMENT_LINES:
-            self.segment, self.lines = self.segment + 1, []
-
-
-def read_metrics(job: Store) -> list[dict]:
-    """Every metrics record of the job, in attempt and segment order."""
-    records = []
-    for name, kind, _ in job.list_dir(METRICS):
-        if kind == "file" and name.endswith(".jsonl"):
-            for line in job.read_bytes(f"{METRICS}/{name}").decode().splitlines():
-                if line.strip():
-                    records.append(json.loads(line))
-    return records
 
 
 class ProgressLine:

@@ -2,7 +2,7 @@
 
 Statistics (of the normalized input): min, max, median, the trend (sign of the summed first
 differences) and the top-5 autocorrelation lags, found with the FFT (lag 0, trivially the
-largest, is left out). Numbers are printed with 3 decimals, so prompts are short and stable.
+largest, and the mirrored second half are left out). Numbers are printed with 3 decimals, so prompts are short and stable.
 """
 
 from __future__ import annotations
@@ -23,11 +23,14 @@ def description_for(kind: str, override: str | None) -> str:
 
 
 def top_lags(x: torch.Tensor, k: int = 5) -> torch.Tensor:
-    """x [B', T] -> the k lags (1..T-1) of highest autocorrelation, [B', k]."""
+    """x [B', T] -> the k lags (1..T//2) of highest autocorrelation, [B', k].
+
+    The circular autocorrelation is symmetric (lag j equals lag T-j), so only the first half is
+    ranked: otherwise every lag ties with its mirror and the order depends on rounding.
+    """
     spec = torch.fft.rfft(x, dim=-1)
-    corr = torch.fft.irfft(spec * torch.conj(spec), n=x.shape[-1], dim=-1)
-    corr[:, 0] = float("-inf")
-    return torch.topk(corr, min(k, x.shape[-1] - 1), dim=-1).indices
+    corr = torch.fft.irfft(spec * torch.conj(spec), n=x.shape[-1], dim=-1)[:, 1: x.shape[-1] // 2 + 1]
+    return torch.topk(corr, min(k, corr.shape[-1]), dim=-1).indices + 1
 
 
 def build_prompts(x: torch.Tensor, description: str, seq_len: int, pred_len: int) -> list[str]:
@@ -42,5 +45,5 @@ def build_prompts(x: torch.Tensor, description: str, seq_len: int, pred_len: int
         f"Input statistics: min value {mn:.3f}, max value {mx:.3f}, median value {md:.3f}, "
         f"the trend of input is {'upward' if tr > 0 else 'downward'}, "
         f"top 5 lags are : {', '.join(map(str, lg))}<|end_prompt|>"
-        for mn, mx, md, tr, lg in zip(mins, maxs, medians, trends, lags)
+        for mn, mx, md, tr, lg in zip(mins, maxs, medians, trends, lags, strict=True)
     ]

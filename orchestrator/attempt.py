@@ -1,0 +1,136 @@
+"""One attempt: a trainer subprocess, its heartbeat, its log, and how it ended.
+
+Invariants:
+- The trainer runs in its own process group (so it can be signalled or killed as a whole) and
+  dies with its orchestrator: PR_SET_PDEATHSIG=SIGKILL on Linux, and the trainer also watches
+  its parent pid (``TIMELLM_JOB_PARENT_PID``).
+- Its exit is seen at once: a thread waits on the child and sets ``exited``.
+- Its stdout and stderr go to a local log file, which the supervisor copies to the job folder.
+- Exit classes (:class:`ExitClass`) decide what the supervisor does; see ``classify``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+PR_SET_PDEATHSIG = 1
+
+
+class ExitClass(str, enum.Enum):
+    COMPLETED = "completed"  # 0: nothing more to do
+    BAD_INPUT = "bad_input"  # 2: never worth a restart
+    PREEMPTED = "preempted"  # 143/130 after our own SIGTERM/SIGINT
+    KILLED = "killed"  # by a signal (SIGKILL: an external kill or the OOM killer)
+    HUNG = "hung"  # no heartbeat for heartbeat_timeout_s; we killed it
+    CRASHED = "crashed"  # any other non-zero exit (CUDA errors and OOM included)
+
+
+@dataclass
+class Outcome:
+    exit_class: ExitClass
+    exit_code: int | None
+    signal: str | None
+    reason: str
+
+
+def _set_pdeathsig() -> None:  # runs in the child between fork and exec
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+class TrainerProcess:
+    def __init__(self, argv: list[str], workdir: Path, attempt: int, env: dict[str, str] | None = None):
+        self.attempt = attempt
+        self.log_path = workdir / f"attempt-{attempt:03d}.log"
+        self.heartbeat_path = workdir / f"heartbeat-{attempt:03d}.json"
+        self.heartbeat_path.unlink(missing_ok=True)
+        full_env = {**os.environ, **(env or {}), "TIMELLM_JOB_HEARTBEAT": str(self.heartbeat_path),
+                    "TIMELLM_JOB_PARENT_PID": str(os.getpid()), "PYTHONUNBUFFERED": "1"}
+        self.log = open(self.log_path, "ab")  # noqa: SIM115 - closed in wait()
+        self.started_at = time.time()
+        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env=full_env, start_new_session=True,
+                                     preexec_fn=_set_pdeathsig if sys.platform.startswith("linux") else None)
+        self.pid = self.proc.pid
+        self.exited = threading.Event()
+        self.returncode: int | None = None
+        threading.Thread(target=self._wait, name=f"wait-trainer-{self.pid}", daemon=True).start()
+
+    def _wait(self) -> None:
+        self.returncode = self.proc.wait()
+        self.log.close()
+        self.exited.set()
+
+    def heartbeat(self) -> dict | None:
+        try:
+            return json.loads(self.heartbeat_path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def heartbeat_age(self) -> float:
+        beat = self.heartbeat()
+        last = beat.get("time", self.started_at) if beat else self.started_at
+        return max(0.0, time.time() - last)
+
+    def signal_group(self, sig: int) -> None:
+        try:
+            os.killpg(self.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def kill(self) -> None:
+        self.signal_group(signal.SIGKILL)
+        self.exited.wait(10)
+
+    def log_tail(self, n_bytes: int = 4000) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(max(0, self.log_path.stat().st_size - n_bytes))
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+
+def classify(returncode: int, signalled_by_us: int | None, hung_for: float | None, log_tail: str) -> Outcome:
+    """How an attempt ended, in the supervisor's terms."""
+    if hung_for is not None:
+        return Outcome(ExitClass.HUNG, returncode, "SIGKILL", f"hung: no heartbeat for {hung_for:.0f} s; killed")
+    if returncode == 0:
+        return Outcome(ExitClass.COMPLETED, 0, None, "completed")
+    if returncode == 2:
+        last = [ln for ln in log_tail.strip().splitlines() if ln.strip()]
+        return Outcome(ExitClass.BAD_INPUT, 2, None, f"bad input: {last[-1] if last else 'see the log'}")
+    if returncode < 0:
+        name = signal.Signals(-returncode).name
+        if signalled_by_us is not None:
+            return Outcome(ExitClass.PREEMPTED, None, name, f"stopped by {name} after the grace period")
+        why = {"SIGKILL": "killed by SIGKILL (an external kill or the out-of-memory killer)",
+               "SIGSEGV": "segmentation fault", "SIGABRT": "aborted (SIGABRT)",
+               "SIGBUS": "bus error"}.get(name, f"killed by {name}")
+        return Outcome(ExitClass.KILLED, None, name, why)
+    if returncode in (143, 130) and signalled_by_us is not None:
+        return Outcome(ExitClass.PREEMPTED, returncode, None, "preempted: committed a preempt checkpoint")
+    if returncode in (143, 130):
+        return Outcome(ExitClass.KILLED, returncode, None, "the trainer alone received SIGTERM/SIGINT")
+    lowered = log_tail.lower()
+    if "out of memory" in lowered:
+        kind = "CUDA out of memory" if "cuda" in lowered else "out of memory"
+    elif "cuda error" in lowered or "cublas" in lowered or "nccl" in lowered:
+        kind = "CUDA error"
+    else:
+        lines = [ln for ln in log_tail.strip().splitlines() if ln.strip() and not ln.startswith("step ")]
+        kind = lines[-1][:300] if lines else "no output"
+    return Outcome(ExitClass.CRASHED, returncode, None, f"crashed (exit {returncode}): {kind}")

@@ -1,0 +1,146 @@
+"""The ``timellm-job`` command line.
+
+Exit codes: 0 completed (or nothing to do); 1 failed (a permanent error, the restart budget
+spent, a crash loop, an export that does not verify); 2 bad input (named field, nothing
+written); 3 another live orchestrator holds the job; 143/130 stopped by SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+import time
+
+import click
+
+from jobs import SpecError, load_spec
+from storage import StorageError, job_store
+from storage.layout import LOGS
+
+ROOT_HELP = "Storage root URL (overrides storage.root): a path, file://, gs://, s3://, memory://."
+
+
+def _job_of(spec_path: str, root: str | None, sets: tuple[str, ...] = ()):
+    try:
+        spec = load_spec(spec_path, root=root, sets=sets)
+        return spec, job_store(spec.storage.root, spec.name, spec.storage.options)
+    except SpecError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(2)
+    except StorageError as err:
+        click.echo(f"error: storage.root: {err}", err=True)
+        sys.exit(2)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="timellm-job")
+def main() -> None:
+    """Train Time-LLM on compute that gets taken away: supervised, checkpointed, resumable."""
+
+
+@main.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("--root", help=ROOT_HELP)
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a field, e.g. train.epochs=3.")
+def submit(spec: str, root: str | None, sets: tuple[str, ...]) -> None:
+    """Validate, take the job's lease, and train it to the end, restarting the trainer as needed.
+
+    Run it again after a disconnect or a preemption: it resumes from the newest verified checkpoint.
+    """
+    from orchestrator.submit import submit as run_submit
+
+    sys.exit(run_submit(spec, root, sets))
+
+
+@main.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("--root", help=ROOT_HELP)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object instead of tables.")
+@click.option("--verify", is_flag=True, help="Hash every checkpoint against its manifest.")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG of the losses, restarts marked.")
+def status(spec: str, root: str | None, as_json: bool, verify: bool, plot: str | None) -> None:
+    """Show a job's phase, progress, attempts and checkpoints (reads storage only)."""
+    from orchestrator.status_view import collect, render, to_json
+
+    job_spec, job = _job_of(spec, root)
+    if not job.exists("job.yaml") and not job.exists("state.json"):
+        click.echo(f"error: no job {job_spec.name!r} under {job_spec.storage.root}", err=True)
+        sys.exit(1)
+    doc = collect(job, job_spec.name, verify_hashes=verify)
+    if plot:
+        from orchestrator.plot import plot_losses
+        from storage import open_store
+        from storage.metrics_log import read_metrics
+
+        buf = io.BytesIO()
+        plot_losses(read_metrics(job), doc["attempts"], buf, f"job {job_spec.name}")
+        folder, name = os.path.split(os.path.abspath(plot))
+        open_store(folder).replace(name, buf.getvalue())
+    if as_json:
+        click.echo(to_json(doc))
+    else:
+        render(doc)
+        if plot:
+            click.echo(f"plot written to {plot}")
+    if verify and any(c["valid"] is False for c in doc["checkpoints"]):
+        sys.exit(1)
+
+
+@main.command("export-best")
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("--root", help=ROOT_HELP)
+@click.option("--out", required=True, help="A folder or URL for model.safetensors, config.json, metrics.json.")
+def export_best_cmd(spec: str, root: str | None, out: str) -> None:
+    """Export the best checkpoint's model, verified against its manifest first."""
+    from orchestrator.export import ExportError, export_best
+
+    job_spec, job = _job_of(spec, root)
+    try:
+        metrics = export_best(job, out, job_spec.storage.options if "://" in out else None)
+    except ExportError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(1)
+    except StorageError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(1)
+    test = metrics.get("test") or {}
+    click.echo(f"exported {metrics['checkpoint']} (step {metrics['step']}, val loss {metrics['val_loss']:.6f}"
+               + (f", test mse {test['mse']:.6f} mae {test['mae']:.6f}" if test else "") + f") to {out}")
+
+
+@main.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("--root", help=ROOT_HELP)
+@click.option("-f", "--follow", is_flag=True, help="Keep printing as the log grows.")
+@click.option("--attempt", type=int, help="Which attempt (default: the latest).")
+def logs(spec: str, root: str | None, follow: bool, attempt: int | None) -> None:
+    """Print the trainer's log (copied to the job folder as the trainer runs)."""
+    job_spec, job = _job_of(spec, root)
+
+    def latest() -> str | None:
+        names = sorted(n for n, kind, _ in job.list_dir(LOGS) if kind == "file" and n.endswith(".log"))
+        if attempt is not None:
+            want = f"attempt-{attempt:03d}.log"
+            return want if want in names else None
+        return names[-1] if names else None
+
+    shown, name = 0, latest()
+    if name is None and not follow:
+        click.echo(f"no trainer log yet for {job_spec.name}", err=True)
+        sys.exit(1)
+    while True:
+        if name is not None:
+            data = job.read_bytes(f"{LOGS}/{name}")
+            click.echo(data[shown:].decode(errors="replace"), nl=False)
+            shown = len(data)
+        if not follow:
+            return
+        time.sleep(2)
+        newest = latest()
+        if newest != name:
+            name, shown = newest, 0
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""The orchestrator's view of a job, written to ``state.json`` (the one writer: the lease holder).
+
+Invariants:
+- ``flush`` folds in the current attempt's heartbeat and the committed checkpoints, then
+  replaces ``state.json`` atomically through storage.
+- Ended attempts are never rewritten; the document is reloaded from storage at start, so a
+  resubmitted job keeps its history.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from jobs import Attempt, JobStatus, Phase
+from jobs.status import Best, CheckpointInfo, LeaseInfo
+from storage import Store, list_checkpoints
+from storage.documents import read_json, write_json
+from storage.layout import RESULTS, STATE
+from storage.lease import Lease
+
+
+def load_status(job: Store, name: str) -> JobStatus:
+    doc = read_json(job, STATE)
+    return JobStatus.model_validate(doc) if doc else JobStatus(name=name)
+
+
+def checkpoint_infos(job: Store) -> tuple[list[CheckpointInfo], Best | None]:
+    infos, best = [], None
+    for m in list_checkpoints(job).committed:
+        infos.append(CheckpointInfo(id=m.id, step=m.step, kind=m.kind, bytes=m.bytes, created_at=m.created_at))
+        if m.kind == "best" and best is None:
+            loss = m.metadata.get("val_loss", m.metadata.get("best_val"))
+            best = Best(step=m.step, val_loss=float(loss) if loss is not None else float("nan"), checkpoint=m.id)
+    return infos, best
+
+
+class JobState:
+    def __init__(self, job: Store, name: str):
+        self.job = job
+        self.status = load_status(job, name)
+        self.last_flush = 0.0
+
+    @property
+    def attempt(self) -> Attempt | None:
+        return self.status.attempts[-1] if self.status.attempts else None
+
+    def set_lease(self, lease: Lease | None) -> None:
+        self.status.lease = LeaseInfo(owner=lease.owner, host=lease.host, pid=lease.pid,
+                                      expires_at=lease.expires_at) if lease else None
+
+    def begin_attempt(self, pid: int, host: str, started_at: float) -> Attempt:
+        number = len(self.status.attempts) + 1
+        attempt = Attempt(number=number, started_at=started_at, pid=pid, host=host)
+        self.status.attempts.append(attempt)
+        self.status.phase = Phase.RUNNING
+        self.status.reason = None
+        return attempt
+
+    def fold_heartbeat(self, beat: dict[str, Any] | None) -> None:
+        if not beat:
+            return
+        s, a = self.status, self.attempt
+        s.heartbeat = beat
+        s.global_step = int(beat.get("step", s.global_step) or 0)
+        s.epoch = int(beat.get("epoch", s.epoch) or 0)
+        s.total_steps = beat.get("total_steps", s.total_steps)
+        if a is not None and a.ended_at is None:
+            if "start_step" in beat:
+                a.start_step = beat["start_step"]
+            if "resumed_from" in beat:
+                a.resumed_from = beat.get("resumed_from")
+                a.skipped_checkpoints = list(beat.get("skipped") or [])
+            a.end_step = s.global_step
+            if beat.get("backbone_source"):
+                a.backbone_source = beat["backbone_source"]
+
+    def end_attempt(self, exit_code: int | None, signal_name: str | None, reason: str) -> None:
+        a = self.attempt
+        if a is not None and a.ended_at is None:
+            a.ended_at, a.exit_code, a.signal, a.reason = time.time(), exit_code, signal_name, reason
+
+    def set_phase(self, phase: Phase, reason: str | None = None) -> None:
+        self.status.phase, self.status.reason = phase, reason
+
+    def flush(self, force: bool = True, every_s: float = 5.0) -> None:
+        now = time.time()
+        if not force and now - self.last_flush < every_s:
+            return
+        self.last_flush = now
+        s = self.status
+        s.checkpoints, best = checkpoint_infos(self.job)
+        s.best = best or s.best
+        results = read_json(self.job, RESULTS)
+        if results:
+            s.metrics = {"test": results.get("test"), "val_loss": results.get("val_loss"),
+                         "best_step": results.get("best_step")}
+        s.heartbeat_age_s = (now - s.heartbeat["time"]) if s.heartbeat and "time" in s.heartbeat else None
+        s.updated_at = now
+        write_json(self.job, STATE, s.to_json_dict())

@@ -1,0 +1,109 @@
+"""``status``: what a job is doing, read from storage alone (so it works from any machine).
+
+The JSON form carries at least the contract's fields; the table is for people; the plot shows
+training and validation loss with every restart and preemption marked.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from orchestrator.jobstate import checkpoint_infos, load_status
+from storage import Store, list_checkpoints
+from storage import lease as leases
+from storage.checkpoints import verify
+from storage.documents import read_json
+from storage.layout import RESULTS
+
+
+def collect(job: Store, name: str, verify_hashes: bool = False) -> dict[str, Any]:
+    status = load_status(job, name)
+    infos, best = checkpoint_infos(job)
+    if verify_hashes:
+        manifests = {m.id: m for m in list_checkpoints(job).committed}
+        for info in infos:
+            info.valid = not verify(job, manifests[info.id], hashes=True)
+    status.checkpoints = infos
+    status.best = best or status.best
+    holder = leases.read(job)
+    if holder is not None and holder.expires_at > time.time():
+        status.lease = {"owner": holder.owner, "host": holder.host, "pid": holder.pid,
+                        "expires_at": holder.expires_at}
+    else:
+        status.lease = None
+    beat_time = (status.heartbeat or {}).get("time")
+    status.heartbeat_age_s = round(time.time() - beat_time, 1) if beat_time else None
+    results = read_json(job, RESULTS)
+    if results:
+        status.metrics = {"test": results.get("test"), "val_loss": results.get("val_loss"),
+                          "best_step": results.get("best_step")}
+    doc = status.to_json_dict()
+    for a in doc["attempts"]:
+        a.setdefault("exit_code", None)
+        a.setdefault("signal", None)
+    return doc
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+
+
+def render(doc: dict[str, Any], console: Console | None = None) -> None:
+    console = console or Console()
+    head = Table(title=f"job {doc['name']}", show_header=False, box=None)
+    step, total = doc.get("global_step", 0), doc.get("total_steps")
+    eta = "-"
+    attempts = doc.get("attempts") or []
+    current = attempts[-1] if attempts else None
+    if current and current.get("ended_at") is None and total and current.get("start_step") is not None:
+        done = step - current["start_step"]
+        elapsed = time.time() - current["started_at"]
+        if done > 0:
+            eta = time.strftime("%H:%M:%S", time.gmtime((total - step) * elapsed / done))
+    head.add_row("phase", f"[bold]{doc['phase']}[/bold]" + (f" ({doc['reason']})" if doc.get("reason") else ""))
+    head.add_row("step", f"{step}/{total if total else '?'}  (ETA {eta})")
+    head.add_row("epoch", str(doc.get("epoch", 0)))
+    best = doc.get("best")
+    head.add_row("best", f"val loss {best['val_loss']:.6f} at step {best['step']} ({best['checkpoint']})" if best else "-")
+    test = (doc.get("metrics") or {}).get("test")
+    if test:
+        head.add_row("test", f"mse {test['mse']:.6f} mae {test['mae']:.6f} "
+                             f"(data units: mse {test['mse_data_units']:.4f} mae {test['mae_data_units']:.4f})")
+    head.add_row("heartbeat", _age(doc.get("heartbeat_age_s")) + " ago" if doc.get("heartbeat_age_s") is not None else "-")
+    lease = doc.get("lease")
+    head.add_row("lease", f"pid {lease['pid']} on {lease['host']}, expires "
+                          f"{time.strftime('%H:%M:%S', time.localtime(lease['expires_at']))}" if lease else "free")
+    head.add_row("restarts", str(doc.get("restarts", 0)))
+    console.print(head)
+    if attempts:
+        t = Table(title="attempts")
+        for col in ("#", "started", "pid", "resumed from", "steps", "exit", "reason"):
+            t.add_column(col)
+        for a in attempts:
+            rf = a.get("resumed_from")
+            ex = a.get("signal") or (str(a["exit_code"]) if a.get("exit_code") is not None else
+                                     ("running" if a.get("ended_at") is None else "-"))
+            t.add_row(str(a["number"]), time.strftime("%H:%M:%S", time.localtime(a["started_at"])), str(a.get("pid")),
+                      f"{rf['id']}" if rf else "-", f"{a.get('start_step', '-')}→{a.get('end_step', '-')}", ex,
+                      (a.get("reason") or "") + (f" [skipped {len(a['skipped_checkpoints'])} bad]"
+                                                  if a.get("skipped_checkpoints") else ""))
+        console.print(t)
+    if doc.get("checkpoints"):
+        t = Table(title="checkpoints")
+        for col in ("id", "kind", "step", "size", "verified"):
+            t.add_column(col)
+        for c in doc["checkpoints"]:
+            valid = {True: "[green]yes[/green]", False: "[red]NO[/red]", None: "not checked (--verify)"}[c.get("valid")]
+            t.add_row(c["id"], c["kind"], str(c["step"]), f"{c['bytes'] / 1e6:.2f} MB", valid)
+        console.print(t)
+
+
+def to_json(doc: dict[str, Any]) -> str:
+    return json.dumps(doc, indent=1, sort_keys=True)

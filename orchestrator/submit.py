@@ -1,0 +1,176 @@
+"""``submit``: check everything checkable, take the lease, store the spec, supervise.
+
+Invariants:
+- Nothing is written anywhere (storage or local) before the spec, the storage, the data, the
+  device and the backbone folder have been checked; a failed check exits 2 naming the field.
+- A resubmitted job whose ``data``, ``model`` or ``train`` section differs from the stored spec
+  is refused (exit 2, naming each field); a completed job is reported, not retrained (exit 0).
+- The lease is held from before the first write until the end; a live holder means exit 3.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from jobs import JobSpec, Phase, SpecError, load_spec, training_fields
+from jobs.spec import diff_fields, spec_to_yaml
+from orchestrator.jobstate import JobState
+from orchestrator.notice import NoticeWatcher
+from orchestrator.supervisor import EXIT_BAD_INPUT, EXIT_COMPLETED, EXIT_HELD, Supervisor, default_log
+from storage import StorageError, Store, job_store
+from storage import lease as leases
+from storage.documents import read_json
+from storage.layout import RESULTS, SPEC
+
+SECRET = re.compile(r"key|secret|token|password|credential", re.IGNORECASE)
+
+
+class InputError(Exception):
+    """Bad input: exit 2 with this message."""
+
+
+@dataclass
+class Prepared:
+    spec: JobSpec
+    job: Store
+    workdir: Path
+
+
+def lease_ttl_s() -> float:
+    return float(os.environ.get("TIMELLM_JOB_LEASE_TTL_S", "60"))
+
+
+def workdir_for(spec: JobSpec) -> Path:
+    base = os.environ.get("TIMELLM_JOB_WORKDIR") or os.path.join(Path.home(), ".cache", "timellm-job")
+    key = hashlib.sha256(spec.storage.root.encode()).hexdigest()[:8]
+    return Path(base) / f"{spec.name}-{key}"
+
+
+def check_reachable(job: Store) -> None:
+    """The storage root can be written: a local root's nearest existing folder is writable; an
+    object store's bucket exists and answers. Nothing is created."""
+    if job.is_local:
+        path = Path(job.root)
+        while not path.exists():
+            path = path.parent
+        if not path.is_dir() or not os.access(path, os.W_OK):
+            raise InputError(f"storage.root: {path} is not a writable folder")
+        return
+    bucket = job.root.split("/", 1)[0]
+    try:
+        if not job.fs.exists(bucket):
+            raise InputError(f"storage.root: bucket {bucket!r} does not exist or cannot be seen")
+        job.list_dir("")
+    except StorageError as exc:
+        raise InputError(f"storage.root: {exc}") from None
+    except (OSError, ValueError) as exc:
+        raise InputError(f"storage.root: cannot reach {job.url}: {exc}") from None
+
+
+def preflight(spec_path: Path, root: str | None, sets: tuple[str, ...]) -> None:
+    """The trainer's own checks (data, device, backbone), in a subprocess: we never import torch."""
+    argv = [sys.executable, "-m", "trainer", "check", str(spec_path)]
+    if root:
+        argv += ["--root", root]
+    for s in sets:
+        argv += ["--set", s]
+    result = subprocess.run(argv, capture_output=True, text=True)
+    if result.returncode == 2:
+        raise InputError(result.stderr.strip())
+    if result.returncode != 0:
+        raise InputError(f"the pre-flight check failed:\n{result.stderr.strip()[-2000:]}")
+
+
+def redacted_yaml(spec: JobSpec) -> str:
+    doc = spec.model_dump(mode="json")
+    doc["storage"]["options"] = {k: ("<redacted>" if SECRET.search(k) else v)
+                                 for k, v in doc["storage"]["options"].items()}
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+def prepare(spec_path: str, root: str | None, sets: tuple[str, ...]) -> Prepared:
+    """Validate without writing: raises InputError (exit 2) naming what is wrong."""
+    try:
+        spec = load_spec(spec_path, root=root, sets=sets)
+        job = job_store(spec.storage.root, spec.name, spec.storage.options)
+    except SpecError as err:
+        raise InputError(str(err)) from None
+    except StorageError as err:
+        raise InputError(f"storage.root: {err}") from None
+    check_reachable(job)
+    stored_text = None
+    try:
+        stored_text = job.read_bytes(SPEC).decode()
+    except FileNotFoundError:
+        pass
+    if stored_text is not None:
+        stored = yaml.safe_load(stored_text)
+        differences = diff_fields({k: stored.get(k) for k in ("data", "model", "train")}, training_fields(spec))
+        if differences:
+            raise InputError("this job exists with another spec; a resume must train the same model. "
+                             "Differences:\n  " + "\n  ".join(differences) +
+                             "\nUse another name (or root) for a different job.")
+    preflight(Path(spec_path), root, sets)
+    return Prepared(spec, job, workdir_for(spec))
+
+
+def submit(spec_path: str, root: str | None, sets: tuple[str, ...], log=default_log) -> int:
+    try:
+        prep = prepare(spec_path, root, sets)
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    spec, job = prep.spec, prep.job
+    results = read_json(job, RESULTS)
+    state = JobState(job, spec.name)
+    if results and state.status.phase == Phase.COMPLETED:
+        test = results.get("test", {})
+        log(f"job {spec.name} is completed already (best step {results.get('best_step')}, "
+            f"test mse {test.get('mse')}, mae {test.get('mae')}): nothing to do")
+        return EXIT_COMPLETED
+    try:
+        lease = leases.acquire(job, lease_ttl_s())
+    except leases.LeaseHeld as held:
+        print(f"error: {held}", file=sys.stderr)
+        return EXIT_HELD
+    code = None
+    try:
+        if not job.exists(SPEC):
+            job.create(SPEC, redacted_yaml(spec).encode())
+        prep.workdir.mkdir(parents=True, exist_ok=True)
+        local_spec = prep.workdir / "job.yaml"
+        local_spec.write_text(spec_to_yaml(spec))
+        state = JobState(job, spec.name)  # reloaded under the lease
+        state.set_lease(lease)
+        log(f"job {spec.name}: storage {job.url}, lease taken (pid {os.getpid()})")
+        supervisor = Supervisor(spec, job, state, lease, lease_ttl_s(),
+                                lambda n: [sys.executable, "-m", "trainer", "run", str(local_spec), "--attempt", str(n)],
+                                prep.workdir, log)
+        watcher = None
+        if spec.run.preemption_notice is not None:
+            n = spec.run.preemption_notice
+            watcher = NoticeWatcher(n.provider, n.url, n.interval_s, supervisor.request_preemption).start()
+        try:
+            code = supervisor.run()
+        finally:
+            if watcher:
+                watcher.stop()
+        log(f"job {spec.name}: {state.status.phase.value}"
+            f"{' (' + state.status.reason + ')' if state.status.reason else ''}; exit {code}")
+        return code
+    finally:
+        if code != EXIT_HELD:  # a lost lease belongs to someone else now: leave it and the state
+            state.set_lease(None)
+            try:
+                leases.release(job, lease)
+                state.flush()
+            except (StorageError, OSError) as exc:
+                log(f"warning: could not release the lease: {exc}")

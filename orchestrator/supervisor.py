@@ -1,0 +1,195 @@
+"""The supervisor: one loop that maps what it observes to one action.
+
+Job phases (jobs.status.Phase) as the supervisor drives them::
+
+    RUNNING --trainer exit 0-----------------------------> COMPLETED   (exit 0)
+    RUNNING --exit 2 (bad input)-------------------------> FAILED      (exit 2)
+    RUNNING --killed / crashed / hung--> RESTARTING --backoff--> RUNNING (next attempt)
+                  `-- restart budget spent, or a crash loop ----> FAILED (exit 1)
+    RUNNING --SIGTERM/SIGINT to us: forward, grace, kill---> PREEMPTED (exit 143 / 130)
+    RUNNING --our lease taken over by another orchestrator--> (stop the trainer, exit 3)
+
+Each tick (at most ``TICK_S``, and at once when the trainer exits or a signal arrives):
+renew the lease when due, fold the heartbeat into the state, kill a trainer whose heartbeat is
+older than ``run.heartbeat_timeout_s``, flush ``state.json`` now and then.
+
+A crash loop is ``run.crash_loop_limit`` failed attempts in a row that ended at the same step
+with the same reason: restarting again would only repeat it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from jobs import JobSpec, Phase
+from orchestrator.attempt import ExitClass, Outcome, TrainerProcess, classify
+from orchestrator.jobstate import JobState
+from storage import Store
+from storage import lease as leases
+from storage.layout import LOGS
+
+TICK_S = 1.0
+EXIT_COMPLETED, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_HELD = 0, 1, 2, 3
+
+
+class Supervisor:
+    def __init__(self, spec: JobSpec, job: Store, state: JobState, lease: leases.Lease, lease_ttl_s: float,
+                 trainer_argv: Callable[[int], list[str]], workdir: Path, log: Callable[[str], None]):
+        self.spec, self.job, self.state, self.lease = spec, job, state, lease
+        self.lease_ttl_s, self.renew_every = lease_ttl_s, lease_ttl_s / 3
+        self.trainer_argv, self.workdir, self.say = trainer_argv, workdir, log
+        self.wake = threading.Event()
+        self.stop_signal: int | None = None
+        self.stop_at: float | None = None
+        self.lease_renewed = time.time()
+        self.proc: TrainerProcess | None = None
+
+    # ------------------------------------------------------------------ signals
+    def install_signals(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        if signum == signal.SIGHUP:
+            signum = signal.SIGTERM
+        if self.stop_signal is not None and self.proc is not None:  # a second signal: no more grace
+            self.proc.signal_group(signal.SIGKILL)
+        self.stop_signal = signum
+        if self.stop_at is None:
+            self.stop_at = time.time() + self.spec.run.grace_period_s
+            if self.proc is not None:
+                self.proc.signal_group(signum)
+        self.wake.set()
+
+    def request_preemption(self, why: str) -> None:
+        """A preemption notice (metadata watcher): the same path as our own SIGTERM."""
+        self.say(f"preemption notice: {why}")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    # ------------------------------------------------------------------ one attempt
+    def _start(self) -> TrainerProcess:
+        attempt = len(self.state.status.attempts) + 1
+        proc = TrainerProcess(self.trainer_argv(attempt), self.workdir, attempt)
+        self.proc = proc
+        self.state.begin_attempt(proc.pid, socket.gethostname(), proc.started_at)
+        self.state.flush()
+        self.say(f"attempt {attempt}: trainer pid {proc.pid} started (log: {proc.log_path})")
+        threading.Thread(target=lambda: (proc.exited.wait(), self.wake.set()), daemon=True).start()
+        if self.stop_signal is not None:  # a signal arrived while starting
+            proc.signal_group(self.stop_signal)
+        return proc
+
+    def _upload_log(self, proc: TrainerProcess) -> None:
+        try:
+            self.job.replace(f"{LOGS}/attempt-{proc.attempt:03d}.log", proc.log_path.read_bytes())
+        except OSError as exc:
+            self.say(f"warning: could not copy the trainer log: {exc}")
+
+    def _tick(self, proc: TrainerProcess) -> float | None:
+        """Housekeeping while the trainer runs; returns the hang duration when it hung."""
+        now = time.time()
+        if now - self.lease_renewed >= self.renew_every:
+            self.lease = leases.renew(self.job, self.lease, self.lease_ttl_s)
+            self.state.set_lease(self.lease)
+            self.lease_renewed = now
+        self.state.fold_heartbeat(proc.heartbeat())
+        if self.stop_at is not None and now >= self.stop_at:
+            proc.signal_group(signal.SIGKILL)
+            return None
+        age = proc.heartbeat_age()
+        if self.stop_signal is None and age > self.spec.run.heartbeat_timeout_s:
+            self.say(f"attempt {proc.attempt}: no heartbeat for {age:.0f} s: killing the trainer")
+            proc.kill()
+            return age
+        if int(now) % 10 == 0:
+            self._upload_log(proc)
+        self.state.flush(force=False)
+        return None
+
+    def _watch(self, proc: TrainerProcess) -> Outcome:
+        hung_for = None
+        while not proc.exited.is_set():
+            self.wake.wait(TICK_S)
+            self.wake.clear()
+            if proc.exited.is_set():
+                break
+            hung_for = self._tick(proc)
+            if hung_for is not None:
+                break
+        proc.exited.wait()
+        self.state.fold_heartbeat(proc.heartbeat())
+        self._upload_log(proc)
+        return classify(proc.returncode, self.stop_signal, hung_for, proc.log_tail())
+
+    # ------------------------------------------------------------------ the loop
+    def _crash_loop(self) -> bool:
+        limit = self.spec.run.crash_loop_limit
+        recent = self.state.status.attempts[-limit:]
+        if len(recent) < limit or any(a.exit_code == 0 for a in recent):
+            return False
+        return len({(a.end_step, a.reason) for a in recent}) == 1
+
+    def run(self) -> int:
+        self.install_signals()
+        restarts_in_a_row = 0
+        while True:
+            proc = self._start()
+            try:
+                outcome = self._watch(proc)
+            except leases.LeaseLost as lost:
+                proc.kill()
+                self.state.end_attempt(None, "SIGKILL", f"lease lost: {lost}")
+                self.say(f"error: {lost}; stopped the trainer")
+                return EXIT_HELD
+            self.state.end_attempt(outcome.exit_code, outcome.signal, outcome.reason)
+            self.say(f"attempt {proc.attempt}: {outcome.reason}")
+            if outcome.exit_class is ExitClass.COMPLETED:
+                self.state.set_phase(Phase.COMPLETED)
+                self.state.flush()
+                return EXIT_COMPLETED
+            if outcome.exit_class is ExitClass.BAD_INPUT:
+                self.state.set_phase(Phase.FAILED, outcome.reason)
+                self.state.flush()
+                return EXIT_BAD_INPUT
+            if self.stop_signal is not None:
+                self.state.set_phase(Phase.PREEMPTED, f"stopped by {signal.Signals(self.stop_signal).name}")
+                self.state.flush()
+                return 130 if self.stop_signal == signal.SIGINT else 143
+            if self._crash_loop():
+                why = f"crash loop: {outcome.reason}, {self.spec.run.crash_loop_limit} times at step " \
+                      f"{self.state.attempt.end_step} with no progress"
+                self.state.set_phase(Phase.FAILED, why)
+                self.state.flush()
+                self.say(f"failed: {why}")
+                return EXIT_FAILED
+            if self.state.status.restarts >= self.spec.run.max_restarts:
+                why = f"restart budget spent ({self.spec.run.max_restarts}); last: {outcome.reason}"
+                self.state.set_phase(Phase.FAILED, why)
+                self.state.flush()
+                self.say(f"failed: {why}")
+                return EXIT_FAILED
+            made_progress = len(self.state.status.attempts) < 2 or \
+                (self.state.attempt.end_step or 0) > (self.state.status.attempts[-2].end_step or 0)
+            restarts_in_a_row = 0 if made_progress else restarts_in_a_row + 1
+            delay = min(self.spec.run.backoff_max_s, self.spec.run.backoff_initial_s * (2 ** restarts_in_a_row))
+            self.state.status.restarts += 1
+            self.state.set_phase(Phase.RESTARTING, outcome.reason)
+            self.state.flush()
+            self.say(f"restarting in {delay:.1f} s (restart {self.state.status.restarts}/{self.spec.run.max_restarts})")
+            self.wake.clear()
+            self.wake.wait(delay)
+            if self.stop_signal is not None:
+                self.state.set_phase(Phase.PREEMPTED, f"stopped by {signal.Signals(self.stop_signal).name}")
+                self.state.flush()
+                return 130 if self.stop_signal == signal.SIGINT else 143
+
+
+def default_log(msg: str) -> None:
+    print(f"[timellm-job {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
