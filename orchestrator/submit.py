@@ -24,7 +24,14 @@ from jobs import JobSpec, Phase, SpecError, load_spec, training_fields
 from jobs.spec import diff_fields, spec_to_yaml
 from orchestrator.jobstate import JobState
 from orchestrator.notice import NoticeWatcher
-from orchestrator.supervisor import EXIT_BAD_INPUT, EXIT_COMPLETED, EXIT_HELD, Supervisor, default_log
+from orchestrator.supervisor import (
+    EXIT_BAD_INPUT,
+    EXIT_COMPLETED,
+    EXIT_FAILED,
+    EXIT_HELD,
+    Supervisor,
+    default_log,
+)
 from storage import StorageError, Store, job_store
 from storage import lease as leases
 from storage.documents import read_json
@@ -141,6 +148,9 @@ def submit(spec_path: str, root: str | None, sets: tuple[str, ...], log=default_
     except leases.LeaseHeld as held:
         print(f"error: {held}", file=sys.stderr)
         return EXIT_HELD
+    except StorageError as err:  # the first write: nothing was written
+        print(f"error: storage.root: cannot write there: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     code = None
     try:
         if not job.exists(SPEC):
@@ -160,6 +170,9 @@ def submit(spec_path: str, root: str | None, sets: tuple[str, ...], log=default_
             watcher = NoticeWatcher(n.provider, n.url, n.interval_s, supervisor.request_preemption).start()
         try:
             code = supervisor.run()
+        except StorageError as err:
+            log(f"error: storage failed for good, stopping (the trainer stops with us): {err}")
+            code = EXIT_FAILED
         finally:
             if watcher:
                 watcher.stop()

@@ -185,7 +185,7 @@ class Store:
 
     def _makedirs(self, path: str) -> None:
         if self.is_local:
-            call(lambda: os.makedirs(path, exist_ok=True), path, "creating folder")
+            call(lambda: os.makedirs(path, exist_ok=True), path, "creating folder", answers=())
 
     def makedirs(self, rel: str) -> None:
         self._makedirs(self.full(rel))

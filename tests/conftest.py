@@ -57,3 +57,19 @@ def backend(request, tmp_path):
         return f"gs://{servers.GCS_BUCKET}/{unique}", servers.gcs_options(server)
     server = request.getfixturevalue("s3_server")
     return f"s3://{servers.S3_BUCKET}/{unique}", servers.s3_options(server)
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory):
+    """The quick job trained once, uninterrupted, by the trainer alone: what every
+    interrupted run must reproduce bit for bit."""
+    import subprocess
+
+    from jobfiles import final_state, job_dir, quick_spec
+
+    folder = tmp_path_factory.mktemp("reference")
+    spec = quick_spec(folder)
+    proc = subprocess.run([sys.executable, "-m", "trainer", "run", str(spec)], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return final_state(job_dir(spec))

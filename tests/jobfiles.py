@@ -11,6 +11,7 @@ import yaml
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 ETTH1 = SHARED / "data" / "ETT-small" / "ETTh1.csv"
 TINY_SPEC = SHARED / "spec" / "jobs" / "tiny-cpu.yaml"
+BIG_SPEC = SHARED / "spec" / "jobs" / "etth1-llama3-nf4.yaml"
 
 
 def slice_csv(folder: Path, rows: int = 700) -> Path:

@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from jobfiles import ETTH1
 
 from jobs.spec import DataSpec
-from jobfiles import ETTH1
 from trainer.data import DataError, borders, epoch_order, load_splits, train_batches
 
 

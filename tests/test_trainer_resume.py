@@ -12,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 from jobfiles import final_state, job_dir, quick_spec
 
 from storage import job_store, list_checkpoints, verify
@@ -24,16 +23,6 @@ def trainer(spec: Path, attempt: int = 1, env: dict | None = None, **kw) -> subp
     return subprocess.Popen([sys.executable, "-m", "trainer", "run", str(spec), "--attempt", str(attempt)],
                             cwd=REPO, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, **kw)
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("reference")
-    spec = quick_spec(folder)
-    proc = trainer(spec)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err
-    return final_state(job_dir(spec))
 
 
 def test_uninterrupted_runs_are_deterministic(reference, tmp_path):

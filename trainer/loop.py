@@ -289,6 +289,11 @@ class Trainer:
             return EXIT_OK
         except Preempted as pre:
             return self._preempted(pre.signum)
+        except BaseException as exc:
+            p = getattr(self, "progress", None)
+            self.heartbeat.beat(force=True, phase="crashed", error=f"{type(exc).__name__}: {exc}"[:500],
+                                **({"step": p.global_step, "epoch": p.epoch} if p else {}))
+            raise
 
     def _preempted(self, signum: int) -> int:
         p = getattr(self, "progress", None)

@@ -12,7 +12,6 @@ exported scaling is applied and undone).
 
 from __future__ import annotations
 
-import hashlib
 import json
 
 import numpy as np

@@ -1,0 +1,72 @@
+"""Running ``timellm-job`` as users do: real subprocesses, real signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def env_for(tmp: Path, **extra: str) -> dict[str, str]:
+    return {**os.environ, "TIMELLM_JOB_WORKDIR": str(tmp / "work"), "TIMELLM_JOB_LEASE_TTL_S": "6",
+            "PYTHONUNBUFFERED": "1", **extra}
+
+
+def argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "orchestrator.cli", *args]
+
+
+def run(tmp: Path, *args: str, timeout: float = 600, **extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(argv(*args), cwd=REPO, env=env_for(tmp, **extra), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def start(tmp: Path, *args: str, **extra: str) -> subprocess.Popen:
+    """``submit`` in its own session, like a notebook cell or a VM's startup script."""
+    return subprocess.Popen(argv(*args), cwd=REPO, env=env_for(tmp, **extra), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def state(job: Path) -> dict:
+    try:
+        return json.loads((job / "state.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def running_trainer(job: Path, after: int = 0, timeout: float = 120) -> dict:
+    """The running attempt (number > after) once its trainer is alive and has a heartbeat."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        attempts = state(job).get("attempts") or []
+        if attempts and attempts[-1]["number"] > after and attempts[-1].get("ended_at") is None \
+                and psutil.pid_exists(attempts[-1]["pid"]):
+            return attempts[-1]
+        time.sleep(0.1)
+    raise TimeoutError(f"no running trainer in {job}")
+
+
+def wait_for_step(job: Path, step: int, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        beat = state(job).get("heartbeat") or {}
+        if (beat.get("step") or 0) >= step:
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"step {step} not reached in {job}")
+
+
+def trainer_pids() -> set[int]:
+    out = set()
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = p.info.get("cmdline") or []
+        if len(cmd) > 3 and cmd[1:4] == ["-m", "trainer", "run"]:
+            out.add(p.pid)
+    return out

@@ -1,0 +1,270 @@
+"""The tiny job end to end through ``timellm-job``: kills, preemptions, hangs, crash loops,
+two submitters, export and prediction. Every interrupted run must end bit-identical to the
+uninterrupted reference."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import time
+
+import numpy as np
+import psutil
+import pytest
+from cli import run, running_trainer, start, state, wait_for_step
+from jobfiles import final_state, job_dir, quick_spec
+
+pytestmark = pytest.mark.slow
+SLOW = {"TIMELLM_JOB_TEST_STEP_DELAY_S": "0.08", "TIMELLM_JOB_TEST_WRITE_DELAY_S": "0.03"}
+
+
+def test_random_trainer_kills_are_restarted_and_end_bit_identical(reference, tmp_path):
+    spec = quick_spec(tmp_path)
+    job = job_dir(spec)
+    proc = start(tmp_path, "submit", str(spec), **SLOW)
+    rng = random.Random(7)
+    killed = 0
+    for _ in range(4):
+        attempt = running_trainer(job, after=killed)
+        time.sleep(rng.uniform(3.5, 6.0))
+        if proc.poll() is not None:
+            break
+        os.kill(attempt["pid"], signal.SIGKILL)
+        killed += 1
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert killed >= 3
+    doc = state(job)
+    assert doc["phase"] == "completed" and doc["restarts"] == killed
+    assert all("SIGKILL" in (a["reason"] or "") for a in doc["attempts"][:-1])
+    assert all(a["resumed_from"] is not None for a in doc["attempts"][1:] if a["start_step"])
+    assert final_state(job) == reference
+
+
+def test_killing_the_whole_group_then_resubmitting_resumes_bit_identical(reference, tmp_path):
+    spec = quick_spec(tmp_path)
+    job = job_dir(spec)
+    for _ in range(2):
+        proc = start(tmp_path, "submit", str(spec), **SLOW)
+        attempt = running_trainer(job, after=len(state(job).get("attempts") or []))
+        wait_for_step(job, (state(job)["heartbeat"] or {}).get("step", 0) + 10)
+        os.killpg(proc.pid, signal.SIGKILL)  # a Colab disconnect: everything dies at once
+        proc.wait()
+        deadline = time.time() + 5  # the trainer must not outlive its orchestrator by more than 5 s
+        while psutil.pid_exists(attempt["pid"]) and psutil.Process(attempt["pid"]).status() != "zombie":
+            assert time.time() < deadline, "the trainer outlived its orchestrator"
+            time.sleep(0.05)
+    result = run(tmp_path, "submit", str(spec))  # the lease of the dead pid on this host is taken at once
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert final_state(job) == reference
+
+
+@pytest.mark.parametrize("target", ["submit", "group"])
+def test_sigterm_preempts_with_a_verified_checkpoint_and_resumes_bit_identical(reference, tmp_path, target):
+    spec = quick_spec(tmp_path)
+    job = job_dir(spec)
+    proc = start(tmp_path, "submit", str(spec), **SLOW)
+    attempt = running_trainer(job)
+    wait_for_step(job, 12)
+    if target == "submit":
+        proc.send_signal(signal.SIGTERM)
+    else:  # a VM shutdown: every process gets SIGTERM at once
+        os.killpg(proc.pid, signal.SIGTERM)
+        os.killpg(attempt["pid"], signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 143, out
+    doc = state(job)
+    assert doc["phase"] == "preempted"
+    status = json.loads(run(tmp_path, "status", str(spec), "--json", "--verify").stdout)
+    preempts = [c for c in status["checkpoints"] if c["kind"] == "preempt"]
+    assert len(preempts) == 1 and preempts[0]["valid"] is True
+    assert preempts[0]["step"] == doc["attempts"][-1]["end_step"]
+    result = run(tmp_path, "submit", str(spec))
+    assert result.returncode == 0, result.stderr
+    doc = state(job)
+    assert doc["attempts"][-1]["resumed_from"]["id"] == preempts[0]["id"]
+    assert final_state(job) == reference
+
+
+def test_two_submits_at_once_one_exits_3(tmp_path):
+    spec = quick_spec(tmp_path)
+    first = start(tmp_path, "submit", str(spec), **SLOW)
+    running_trainer(job_dir(spec))
+    second = run(tmp_path, "submit", str(spec), timeout=120)
+    assert second.returncode == 3
+    assert "held by orchestrator pid" in second.stderr and str(first.pid) in second.stderr
+    first.send_signal(signal.SIGINT)
+    out, _ = first.communicate(timeout=60)
+    assert first.returncode == 130, out
+
+
+def test_a_stopped_trainer_is_killed_and_restarted_after_the_heartbeat_timeout(tmp_path):
+    spec = quick_spec(tmp_path, run={"heartbeat_timeout_s": 4})
+    job = job_dir(spec)
+    proc = start(tmp_path, "submit", str(spec), **SLOW)
+    attempt = running_trainer(job)
+    wait_for_step(job, 5)
+    stopped_at = time.time()
+    os.kill(attempt["pid"], signal.SIGSTOP)
+    nxt = running_trainer(job, after=attempt["number"], timeout=60)
+    assert time.time() - stopped_at < 4 + 10
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    first = state(job)["attempts"][0]
+    assert first["reason"].startswith("hung: no heartbeat") and nxt["number"] == 2
+
+
+def test_a_trainer_failing_at_the_same_step_is_a_crash_loop_not_endless(tmp_path):
+    spec = quick_spec(tmp_path, run={"max_restarts": 20, "crash_loop_limit": 3})
+    result = run(tmp_path, "submit", str(spec), TIMELLM_JOB_TEST_FAIL_AT_STEP="30")
+    assert result.returncode == 1, result.stderr
+    doc = state(job_dir(spec))
+    assert doc["phase"] == "failed" and "crash loop" in doc["reason"] and "step 30" in doc["reason"]
+    assert "failure injected at step 30" in doc["reason"]
+    assert len(doc["attempts"]) == 3
+
+
+def test_restart_budget_is_enforced(tmp_path):
+    spec = quick_spec(tmp_path, run={"max_restarts": 1, "crash_loop_limit": 10})
+    result = run(tmp_path, "submit", str(spec), TIMELLM_JOB_TEST_FAIL_AT_STEP="30")
+    assert result.returncode == 1
+    doc = state(job_dir(spec))
+    assert "restart budget spent (1)" in doc["reason"] and len(doc["attempts"]) == 2
+
+
+def test_completed_job_is_reported_not_retrained_and_exports_predict(reference, tmp_path):
+    spec = quick_spec(tmp_path)
+    job = job_dir(spec)
+    assert run(tmp_path, "submit", str(spec)).returncode == 0
+    again = run(tmp_path, "submit", str(spec))
+    assert again.returncode == 0 and "completed already" in again.stderr
+    assert len(state(job)["attempts"]) == 1
+    status = json.loads(run(tmp_path, "status", str(spec), "--json").stdout)
+    for key in ("name", "phase", "epoch", "global_step", "restarts", "attempts", "best", "checkpoints",
+                "heartbeat_age_s", "lease"):
+        assert key in status
+    for key in ("started_at", "ended_at", "pid", "resumed_from", "exit_code", "signal", "reason"):
+        assert key in status["attempts"][0]
+    assert status["best"]["step"] == reference["best_step"]
+    out = tmp_path / "export"
+    exported = run(tmp_path, "export-best", str(spec), "--out", str(out))
+    assert exported.returncode == 0, exported.stderr
+    best = json.loads((job / "checkpoints" / status["best"]["checkpoint"] / "manifest.json").read_text())
+    import hashlib
+
+    assert hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest() == \
+        best["files"]["model.safetensors"]["sha256"] == reference["best_model"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test"]["mse"] == reference["results"]["test"]["mse"]
+    # the export predicts: the documented function, on the last test window, in data units
+    from trainer.predict import load_exported
+
+    forecaster = load_exported(str(out), device="cpu")
+    import pandas as pd
+
+    raw = pd.read_csv(json.loads((out / "config.json").read_text())["data"]["path"])["OT"].to_numpy()
+    history, truth = raw[-60:-12, None], raw[-12:, None]
+    forecast = forecaster.predict(history)
+    assert forecast.shape == (12, 1) and np.isfinite(forecast).all()
+    naive = np.abs(history[-1] - truth).mean()
+    assert np.abs(forecast - truth).mean() < 3 * naive + 1.0  # a forecast in the data's units, not noise
+    plot = tmp_path / "loss.png"
+    shown = run(tmp_path, "status", str(spec), "--plot", str(plot))
+    assert shown.returncode == 0 and plot.read_bytes()[:4] == b"\x89PNG"
+    logs = run(tmp_path, "logs", str(spec))
+    assert "test mse" in logs.stdout
+
+
+def test_export_of_a_corrupted_best_exits_1_naming_the_file(tmp_path):
+    spec = quick_spec(tmp_path, train={"epochs": 1})
+    job = job_dir(spec)
+    assert run(tmp_path, "submit", str(spec)).returncode == 0
+    best = json.loads(run(tmp_path, "status", str(spec), "--json").stdout)["best"]["checkpoint"]
+    target = job / "checkpoints" / best / "model.safetensors"
+    data = bytearray(target.read_bytes())
+    data[100] ^= 1
+    target.write_bytes(bytes(data))
+    out = tmp_path / "export"
+    result = run(tmp_path, "export-best", str(spec), "--out", str(out))
+    assert result.returncode == 1 and "model.safetensors" in result.stderr
+    assert not out.exists()
+    verified = run(tmp_path, "status", str(spec), "--json", "--verify")
+    assert verified.returncode == 1
+    assert [c["valid"] for c in json.loads(verified.stdout)["checkpoints"] if c["id"] == best] == [False]
+
+
+def test_a_changed_spec_is_refused_on_resume(tmp_path):
+    spec = quick_spec(tmp_path, train={"epochs": 1})
+    assert run(tmp_path, "submit", str(spec)).returncode == 0
+    result = run(tmp_path, "submit", str(spec), "--set", "model.d_model=8", "--set", "train.learning_rate=0.5")
+    assert result.returncode == 2
+    assert "model.d_model: stored 16, given 8" in result.stderr and "train.learning_rate" in result.stderr
+
+
+def test_same_job_on_gcs_through_the_emulator(reference, gcs_server, tmp_path):
+    import servers
+
+    root = f"gs://{servers.GCS_BUCKET}/e2e-{time.time_ns()}"
+    spec = quick_spec(tmp_path, storage={"root": root, "options": servers.gcs_options(gcs_server)})
+    proc = start(tmp_path, "submit", str(spec), **SLOW)
+    from storage import job_store
+    from storage.documents import read_json
+
+    store = job_store(root, "quick", servers.gcs_options(gcs_server))
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        doc = read_json(store, "state.json") or {}
+        if (doc.get("heartbeat") or {}).get("step", 0) >= 15:
+            break
+        time.sleep(0.3)
+    os.kill(doc["attempts"][-1]["pid"], signal.SIGKILL)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    status = json.loads(run(tmp_path, "status", str(spec), "--json", "--verify").stdout)
+    assert status["phase"] == "completed" and status["restarts"] == 1
+    assert all(c["valid"] for c in status["checkpoints"])
+    results = read_json(store, "results.json")
+    assert results["test"] == reference["results"]["test"]
+    best = [c for c in status["checkpoints"] if c["kind"] == "best"][0]
+    from storage import list_checkpoints
+
+    manifest = [m for m in list_checkpoints(store).committed if m.id == best["id"]][0]
+    assert manifest.files["model.safetensors"].sha256 == reference["best_model"]
+
+
+def test_a_preemption_notice_from_the_metadata_server_preempts_the_job(tmp_path):
+    """A fake GCE metadata server on 127.0.0.1 says TRUE: the job stops as on SIGTERM."""
+    import http.server
+    import threading
+
+    answer = {"body": b"FALSE"}
+
+    class Metadata(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            assert self.headers.get("Metadata-Flavor") == "Google"
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(answer["body"])
+
+        def log_message(self, *a):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Metadata)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/computeMetadata/v1/instance/preempted"
+    spec = quick_spec(tmp_path, run={"preemption_notice": {"provider": "gce", "url": url, "interval_s": 0.2}})
+    job = job_dir(spec)
+    proc = start(tmp_path, "submit", str(spec), **SLOW)
+    running_trainer(job)
+    wait_for_step(job, 10)
+    assert proc.poll() is None  # FALSE: nothing happens
+    answer["body"] = b"TRUE"
+    out, _ = proc.communicate(timeout=60)
+    server.shutdown()
+    assert proc.returncode == 143, out
+    assert "preemption notice" in out
+    doc = state(job)
+    assert doc["phase"] == "preempted"
+    assert any(c["kind"] == "preempt" for c in doc["checkpoints"])

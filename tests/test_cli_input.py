@@ -1,0 +1,123 @@
+"""Bad input: exit 2, a message naming the field, and nothing written (storage and local)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import yaml
+from cli import run
+from jobfiles import BIG_SPEC, TINY_SPEC, quick_spec
+
+from jobs import SpecError, load_spec
+
+CORPUS = [
+    # (a --set override or a raw edit, the field the message must name)
+    ({"data.seq_len": "abc"}, "data.seq_len"),
+    ({"data.seq_len": "0"}, "data.seq_len"),
+    ({"data.pred_len": "-3"}, "data.pred_len"),
+    ({"data.percent": "101"}, "data.percent"),
+    ({"data.features": "X"}, "data.features"),
+    ({"data.kind": "Weather"}, "data.kind"),
+    ({"data.target": "nope"}, "data.target"),
+    ({"data.path": "/no/such/file.csv"}, "data.path"),
+    ({"data.label_len": "500"}, "data"),
+    ({"data.seq_len": "100000"}, "data.seq_len"),
+    ({"model.quantization": "fp3"}, "model.quantization"),
+    ({"model.dropout": "1.5"}, "model.dropout"),
+    ({"model.d_ff": "999"}, "model.d_ff"),
+    ({"model.patch_len": "500"}, "model.patch_len"),
+    ({"model.llm_layers": "9"}, "llm_layers"),
+    ({"model.backbone.pretrained": "./nowhere"}, "model.backbone"),
+    ({"model.backbone.random.family": "t5"}, "model.backbone.random.family"),
+    ({"model.backbone.random.num_heads": "5"}, "model.backbone.random"),
+    ({"model.colour": "red"}, "model.colour"),
+    ({"train.epochs": "0"}, "train.epochs"),
+    ({"train.learning_rate": "-1"}, "train.learning_rate"),
+    ({"train.batch_size": "1.5"}, "train.batch_size"),
+    ({"train.batch_size": "100000"}, "train.batch_size"),
+    ({"train.device": "tpu"}, "train.device"),
+    ({"train.device": "cuda"}, "train.device"),
+    ({"train.optimiser": "sgd"}, "train.optimiser"),
+    ({"storage.save_steps": "0"}, "storage.save_steps"),
+    ({"storage.root": "nosuchproto://x"}, "storage.root"),
+    ({"storage.root": "/proc/forbidden"}, "storage.root"),
+    ({"run.max_restarts": "-1"}, "run.max_restarts"),
+    ({"run.heartbeat_timeout_s": "0"}, "run.heartbeat_timeout_s"),
+    ({"name": "../escape"}, "name"),
+    ({"name": "a/b"}, "name"),
+    ({"extra_section": "1"}, "extra_section"),
+]
+
+
+def test_every_example_is_accepted_as_written():
+    for path in (TINY_SPEC, BIG_SPEC):
+        spec = load_spec(path)
+        assert spec.name and spec.storage.save_steps > 0
+
+
+@pytest.mark.parametrize("sets, field", CORPUS, ids=[next(iter(s)) + "=" + next(iter(s.values())) for s, _ in CORPUS])
+def test_malformed_spec_exits_2_naming_the_field_and_writes_nothing(tmp_path, sets, field):
+    spec = quick_spec(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    args = ["submit", str(spec)]
+    for k, v in sets.items():
+        args += ["--set", f"{k}={v}"]
+    result = run(tmp_path, *args, timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert field in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no root, no work folder
+    assert not (tmp_path / "root").exists() and not (tmp_path / "work").exists()
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("name: [unclosed", "not valid YAML"),
+    ("- a\n- b\n", "mapping"),
+    ("", "mapping"),
+    ("name: x\nstorage: {root: /tmp}\n", "data: Field required"),
+])
+def test_broken_yaml_files(tmp_path, text, needle):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    result = run(tmp_path, "submit", str(path), timeout=60)
+    assert result.returncode == 2 and needle in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_spec_file(tmp_path):
+    result = run(tmp_path, "submit", str(tmp_path / "nope.yaml"), timeout=60)
+    assert result.returncode == 2 and "no such file" in result.stderr
+
+
+def test_missing_bucket_is_bad_input(tmp_path, s3_server):
+    import servers
+
+    spec = quick_spec(tmp_path, storage={"root": "s3://no-such-bucket/x", "options": servers.s3_options(s3_server)})
+    result = run(tmp_path, "submit", str(spec), timeout=120)
+    assert result.returncode == 2 and "storage.root" in result.stderr and "no-such-bucket" in result.stderr
+
+
+def test_relative_paths_resolve_against_the_spec_folder(tmp_path):
+    spec = load_spec(TINY_SPEC)
+    assert spec.data.path == str((TINY_SPEC.parent / "../../data/ETT-small/ETTh1.csv").resolve())
+    assert spec.storage.root == str(TINY_SPEC.parent / "runs")
+    assert load_spec(TINY_SPEC, root="memory://x").storage.root == "memory://x"
+
+
+def test_spec_errors_list_every_bad_field_at_once(tmp_path):
+    raw = yaml.safe_load(TINY_SPEC.read_text())
+    raw["data"]["seq_len"] = "x"
+    raw["train"]["epochs"] = -1
+    path = tmp_path / "two.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(SpecError) as err:
+        load_spec(path)
+    assert "data.seq_len" in str(err.value) and "train.epochs" in str(err.value)
+
+
+def test_status_of_an_unknown_job(tmp_path):
+    spec = quick_spec(tmp_path)
+    result = run(tmp_path, "status", str(spec), "--json", timeout=60)
+    assert result.returncode == 1 and "no job" in result.stderr
+    assert not os.path.exists(tmp_path / "root")
