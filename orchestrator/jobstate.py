@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from jobs import Attempt, JobStatus, Phase
-from jobs.status import Best, CheckpointInfo, LeaseInfo
+from jobs.status import Best, CheckpointInfo, CheckpointRef, LeaseInfo
 from storage import Store, list_checkpoints
 from storage.documents import read_json, write_json
 from storage.layout import RESULTS, STATE
@@ -69,7 +69,8 @@ class JobState:
             if "start_step" in beat:
                 a.start_step = beat["start_step"]
             if "resumed_from" in beat:
-                a.resumed_from = beat.get("resumed_from")
+                rf = beat.get("resumed_from")
+                a.resumed_from = CheckpointRef(**rf) if rf else None
                 a.skipped_checkpoints = list(beat.get("skipped") or [])
             a.end_step = s.global_step
             if beat.get("backbone_source"):
