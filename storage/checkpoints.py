@@ -11,6 +11,7 @@ Invariants:
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from storage.commit import TMP_PREFIX
@@ -84,8 +85,8 @@ def load(job: Store, manifest: Manifest, names: list[str] | None = None) -> dict
     if problems:
         raise CorruptCheckpoint(manifest.id, problems)
     folder = checkpoint_dir(manifest.id)
-    out = {}
-    for name in names or list(manifest.files):
+
+    def read(name: str) -> bytes:
         entry = manifest.files[name]
         try:
             data, digest = job.read_file(f"{folder}/{name}")
@@ -95,8 +96,11 @@ def load(job: Store, manifest: Manifest, names: list[str] | None = None) -> dict
             raise CorruptCheckpoint(manifest.id, [f"{name}: read {len(data)} bytes, manifest says {entry.size}"])
         if digest != entry.sha256:
             raise CorruptCheckpoint(manifest.id, [f"{name}: sha256 does not match the manifest"])
-        out[name] = data
-    return out
+        return data
+
+    wanted = names or list(manifest.files)
+    with ThreadPoolExecutor(max_workers=max(1, min(4, len(wanted)))) as pool:  # files in parallel
+        return dict(zip(wanted, pool.map(read, wanted), strict=True))
 
 
 @dataclass

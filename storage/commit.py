@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from storage.layout import CHECKPOINTS, checkpoint_dir, checkpoint_id
@@ -56,11 +57,13 @@ def commit_checkpoint(job: Store, step: int, kind: Kind, files: dict[str, bytes]
     else:
         work = final
         job.remove(final, recursive=True)  # leftovers of an uncommitted try
-    entries = {}
-    for name, data in files.items():
-        written = job.write_file(f"{work}/{name}", data)
-        entries[name] = FileEntry(size=written.size, sha256=written.sha256)
+    def write(name: str) -> FileEntry:
+        written = job.write_file(f"{work}/{name}", files[name])
         _test_pause()
+        return FileEntry(size=written.size, sha256=written.sha256)
+
+    with ThreadPoolExecutor(max_workers=max(1, min(4, len(files)))) as pool:  # files in parallel
+        entries = dict(zip(files, pool.map(write, files), strict=True))
     manifest = Manifest(format_version=FORMAT_VERSION, id=ckpt_id, step=step, kind=kind,
                         created_at=time.time(), spec_hash=spec_hash, progress=list(progress or [step]),
                         files=entries, metadata=dict(metadata or {}))

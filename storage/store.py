@@ -17,6 +17,8 @@ from __future__ import annotations
 import hashlib
 import os
 import posixpath
+import queue
+import threading
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -192,60 +194,58 @@ class Store:
 
     # --- files with hashes -------------------------------------------------------------------
     def write_file(self, rel: str, data: bytes | memoryview, fsync: bool = True) -> Written:
-        """Write a whole file, hashing it in the same pass; local files are fsynced."""
+        """Write a whole file, hashing it in the same pass; local files are fsynced.
+
+        Locally a writer thread writes chunk n while this thread hashes chunk n+1, so the write
+        costs about max(hash, write) rather than their sum.
+        """
         path = self.full(rel)
         view = memoryview(data).cast("B")
+        chunks = [view[i:i + CHUNK] for i in range(0, len(view), CHUNK)]
 
         def put() -> Written:
             digest = hashlib.sha256()
             if self.is_local:
                 os.makedirs(posixpath.dirname(path), exist_ok=True)
-                with open(path, "wb") as f:
-                    for i in range(0, len(view), CHUNK):
-                        chunk = view[i:i + CHUNK]
-                        digest.update(chunk)
-                        f.write(chunk)
-                    f.flush()
+                with open(path, "wb", buffering=0) as f:
+                    _pipelined(chunks, digest.update, f.write)
                     if fsync:
                         os.fsync(f.fileno())
             else:
                 with self.fs.open(path, "wb", block_size=max(CHUNK, 5 * 2**20)) as f:
-                    for i in range(0, len(view), CHUNK):
-                        chunk = view[i:i + CHUNK]
+                    for chunk in chunks:
                         digest.update(chunk)
                         f.write(chunk)
             return Written(len(view), digest.hexdigest())
 
         return self._call(put, rel, "writing")
 
-    def read_file(self, rel: str, expect_size: int | None = None) -> tuple[bytes, str]:
-        """Read a whole file and its sha256 in one pass over the bytes."""
+    def read_file(self, rel: str) -> tuple[bytearray, str]:
+        """Read a whole file and its sha256 in one pass over the bytes (a reader thread reads
+        chunk n+1 while this thread hashes chunk n)."""
         path = self.full(rel)
 
-        def get() -> tuple[bytes, str]:
+        def get() -> tuple[bytearray, str]:
             digest = hashlib.sha256()
             if self.is_local:
-                size = os.path.getsize(path)
-                buf = bytearray(size)
-                view = memoryview(buf)
                 with open(path, "rb", buffering=0) as f:
-                    got = 0
-                    while got < size:
-                        n = f.readinto(view[got:got + CHUNK])
-                        if not n:
-                            break
-                        digest.update(view[got:got + n])
-                        got += n
-                return bytes(buf[:got]) if got != size else bytes(buf), digest.hexdigest()
-            parts = []
+                    size = os.fstat(f.fileno()).st_size
+                    buf = bytearray(size)
+                    view = memoryview(buf)
+                    got = _pipelined_read(f, view, digest.update)
+                if got != size:
+                    del view
+                    buf = buf[:got]
+                return buf, digest.hexdigest()
+            parts = bytearray()
             with self.fs.open(path, "rb", block_size=CHUNK, cache_type="none") as f:
                 while True:
                     chunk = f.read(CHUNK)
                     if not chunk:
                         break
                     digest.update(chunk)
-                    parts.append(chunk)
-            return b"".join(parts), digest.hexdigest()
+                    parts += chunk
+            return parts, digest.hexdigest()
 
         return self._call(get, rel, "reading")
 
@@ -265,6 +265,66 @@ class Store:
             return size, digest.hexdigest()
 
         return self._call(run, rel, "hashing")
+
+
+def _pipelined(chunks: list[memoryview], first, second) -> None:
+    """Apply ``first`` to each chunk on this thread and ``second`` on a helper thread, one chunk
+    behind (hashlib and file I/O release the GIL, so the two overlap)."""
+    q: queue.Queue = queue.Queue(maxsize=4)
+    failure: list[BaseException] = []
+
+    def drain():
+        while (chunk := q.get()) is not None:
+            if not failure:
+                try:
+                    second(chunk)
+                except BaseException as exc:  # noqa: BLE001 - re-raised below
+                    failure.append(exc)
+
+    worker = threading.Thread(target=drain, daemon=True)
+    worker.start()
+    try:
+        for chunk in chunks:
+            if failure:
+                break
+            first(chunk)
+            q.put(chunk)
+    finally:
+        q.put(None)
+        worker.join()
+    if failure:
+        raise failure[0]
+
+
+def _pipelined_read(f, view: memoryview, consume) -> int:
+    """Read ``f`` into ``view`` on a helper thread, calling ``consume`` on each chunk read."""
+    q: queue.Queue = queue.Queue(maxsize=4)
+    failure: list[BaseException] = []
+
+    def fill():
+        got = 0
+        try:
+            while got < len(view):
+                n = f.readinto(view[got:got + CHUNK])
+                if not n:
+                    break
+                q.put((got, n))
+                got += n
+        except BaseException as exc:  # noqa: BLE001 - re-raised below
+            failure.append(exc)
+        q.put(None)
+
+    reader = threading.Thread(target=fill, daemon=True)
+    reader.start()
+    total = 0
+    while (item := q.get()) is not None:
+        off, n = item
+        consume(view[off:off + n])
+        total = off + n
+    reader.join()
+    if failure:
+        raise failure[0]
+    return total
 
 
 def _fsync_dir(path: str) -> None:

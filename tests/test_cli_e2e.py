@@ -37,7 +37,8 @@ def test_random_trainer_kills_are_restarted_and_end_bit_identical(reference, tmp
     assert proc.returncode == 0, out
     assert killed >= 3
     doc = state(job)
-    assert doc["phase"] == "completed" and doc["restarts"] == killed
+    # every kill that landed on a running trainer cost one restart (a kill can race the last exit)
+    assert doc["phase"] == "completed" and doc["restarts"] == len(doc["attempts"]) - 1 >= 3
     assert all("SIGKILL" in (a["reason"] or "") for a in doc["attempts"][:-1])
     assert all(a["resumed_from"] is not None for a in doc["attempts"][1:] if a["start_step"])
     assert final_state(job) == reference

@@ -94,14 +94,17 @@ def _random_config(r, layers: int):
                       n_positions=4096, n_inner=r.intermediate_size)
 
 
-def build_random_weights(r, layers: int):
-    """A seeded random backbone module in fp32 (no quantization), the global RNG untouched."""
+def build_random_weights(r, layers: int, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """A seeded random backbone module (no quantization), built on ``device`` in ``dtype`` (an
+    8B-parameter model is initialised on the GPU in seconds, on a CPU in minutes); the global RNG
+    is left untouched."""
     from transformers import AutoModel
 
     config = _random_config(r, layers)
-    with torch.random.fork_rng(devices=[]):
+    cuda = [torch.device(device).index or 0] if device.startswith("cuda") else []
+    with torch.random.fork_rng(devices=cuda), torch.device(device):
         torch.manual_seed(r.seed)
-        model = AutoModel.from_config(config, dtype=torch.float32)
+        model = AutoModel.from_config(config, dtype=dtype)
     return model
 
 
@@ -131,13 +134,14 @@ def load_backbone(model_spec, device: str) -> Backbone:
         layers = model_spec.llm_layers or depth
         if layers > depth:
             raise BackboneError(f"model.llm_layers: {layers} exceeds the backbone's {depth} layers")
-        model = build_random_weights(spec.random, layers)
+        model = build_random_weights(spec.random, layers, device, dtype)
         tokenizer = random_tokenizer(spec.random.vocab_size)
-        if quant is None:
-            model = model.to(device=device, dtype=dtype)
-        else:  # bitsandbytes quantizes at load time: go through a local folder
+        if quant is not None:  # bitsandbytes quantizes at load time: go through a local folder
             with tempfile.TemporaryDirectory() as folder:
                 model.save_pretrained(folder)
+                del model
+                if on_gpu:
+                    torch.cuda.empty_cache()
                 model = AutoModel.from_pretrained(folder, quantization_config=quant, device_map=device,
                                                   dtype=dtype)
         source = "random"

@@ -251,9 +251,7 @@ class Trainer:
         if not best:
             raise CorruptCheckpoint("best", ["no best checkpoint was committed"])
         files = load(self.job, best[0], [ckpt_state.MODEL_FILE])
-        from safetensors.torch import load as st_load
-
-        ckpt_state.load_trainable(self.model, st_load(files[ckpt_state.MODEL_FILE]))
+        ckpt_state.load_trainable(self.model, ckpt_state.tensors_from(files[ckpt_state.MODEL_FILE]))
         test = evaluate(self.model, self.splits.test, self.spec.train.eval_batch_size, self.device,
                         self.spec.data.features, self.stop, splits=self.splits, on_batch=self.heartbeat.beat)
         results = {"spec_hash": self.hash, "best_checkpoint": best[0].id, "scaling": self.scaling, "best_step": best[0].step,

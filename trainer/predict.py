@@ -16,13 +16,12 @@ import json
 
 import numpy as np
 import torch
-from safetensors.torch import load as st_load
 
 from jobs.spec import DataSpec, ModelSpec
 from storage import open_store
 from trainer.backbone import default_device, load_backbone
 from trainer.model import TimeLLM
-from trainer.state import load_trainable
+from trainer.state import load_trainable, tensors_from
 
 
 class Forecaster:
@@ -63,5 +62,5 @@ def load_exported(url: str, device: str = "auto", storage_options: dict | None =
     device = default_device(device)
     backbone = load_backbone(model_spec, device)
     model = TimeLLM(model_spec, data_spec, backbone).to(device)
-    load_trainable(model, st_load(data))
+    load_trainable(model, tensors_from(data))
     return Forecaster(model, config, device)

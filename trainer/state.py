@@ -112,8 +112,13 @@ def capture(model, optimizer, scheduler, progress: Progress) -> Snapshot:
     return Snapshot(params, {**opt_tensors, **rng_tensors}, doc)
 
 
+def tensors_from(data: bytes | bytearray) -> dict[str, torch.Tensor]:
+    """safetensors bytes (storage hands out bytearrays) -> tensors; no pickle involved."""
+    return st_load(data if isinstance(data, bytes) else bytes(data))
+
+
 def read_files(files: dict[str, bytes]) -> Snapshot:
-    return Snapshot(st_load(files[MODEL_FILE]), st_load(files[OPTIMIZER_FILE]), json.loads(files[STATE_FILE]))
+    return Snapshot(tensors_from(files[MODEL_FILE]), tensors_from(files[OPTIMIZER_FILE]), json.loads(files[STATE_FILE]))
 
 
 def restore(snapshot: Snapshot, model, optimizer, scheduler) -> Progress:

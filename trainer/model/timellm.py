@@ -31,7 +31,11 @@ class TimeLLM(nn.Module):
         self.mapping_layer = nn.Linear(vocab, m.num_tokens)
         self.reprogramming_layer = ReprogrammingLayer(m.d_model, m.n_heads, m.d_ff, backbone.width, m.dropout)
         self.output_projection = FlattenHead(m.d_ff * self.n_patches, data_spec.pred_len, m.dropout)
-        self.register_buffer("word_embeddings_t", backbone.word_embeddings.detach().t().contiguous(), persistent=False)
+
+    @property
+    def word_embeddings_t(self) -> torch.Tensor:
+        """The frozen vocabulary embeddings, transposed: a view, never a copy (1 GB for Llama-3)."""
+        return self.backbone.word_embeddings.detach().t()
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return {name: p for name, p in self.named_parameters() if p.requires_grad}

@@ -1,0 +1,184 @@
+"""Trainer benchmarks on the Llama-3-sized trainable state (vocabulary 128,256 -> 1,000 prototypes;
+a small random backbone, so it runs on a CPU).
+
+    python benchmarks/trainer_bench.py saves   [--runs 3] [--steps 24] [--every 6]
+    python benchmarks/trainer_bench.py resume  [--runs 5]
+    python benchmarks/trainer_bench.py baseline          # the tiny job vs repeat-the-last-value
+
+saves: training wall time with synchronous saves and with background saves, each divided by the
+time without saves. resume: time to the first step after resuming at the last batch of an epoch
+divided by at its first batch. baseline: the tiny job's test MSE/MAE (a fresh run) beside the
+naive forecast on the same test windows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from common import machine  # noqa: E402
+
+TINY = REPO.parent / "shared" / "spec" / "jobs" / "tiny-cpu.yaml"
+LLAMA3_VOCAB = ["--set", "model.backbone.random.vocab_size=128256", "--set", "model.num_tokens=1000",
+                "--set", "data.percent=5"]
+
+
+def trainer_for(root: str, background: bool, sets: list[str]):
+    from jobs import load_spec
+    from trainer.loop import Trainer
+
+    pairs = tuple(sets[i + 1] for i in range(0, len(sets), 2))
+    spec = load_spec(TINY, root=root, sets=pairs)
+    t = Trainer(spec, background_saves=background)
+    t.build()
+    return t
+
+
+def step(t, batches) -> None:
+    import torch
+
+    b, (x, y, _) = next(batches)
+    out = t.model(x)
+    loss = torch.nn.functional.mse_loss(out, y)
+    t.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    t.optimizer.step()
+    t.scheduler.step()
+    t.progress.global_step += 1
+    t.progress.batch = b + 1
+
+
+def saves(runs: int, steps: int, every: int) -> None:
+    from trainer.data import train_batches
+
+    results: dict[str, list[float]] = {"none": [], "sync": [], "background": []}
+    n_params = None
+    for _ in range(runs):
+        for mode in results:
+            root = tempfile.mkdtemp(prefix="save-bench-", dir="/var/tmp")
+            try:
+                t = trainer_for(root, background=(mode == "background"), sets=LLAMA3_VOCAB)
+                n_params = sum(p.numel() for p in t.model.trainable_state().values())
+                batches = train_batches(t.splits.train, t.spec.train.batch_size, 1, 0)
+                step(t, batches)  # warm-up
+                start = time.perf_counter()
+                for i in range(1, steps + 1):
+                    step(t, batches)
+                    if mode != "none" and i % every == 0:
+                        t.save("step")
+                t.saver.wait()
+                results[mode].append(time.perf_counter() - start)
+            finally:
+                shutil.rmtree(root, ignore_errors=True)
+    base = statistics.median(results["none"])
+    print(f"\nmachine: {machine()}; trainable parameters: {n_params / 1e6:.1f}M (+ Adam); "
+          f"{steps} steps, a save every {every}; median of {runs} runs\n")
+    print("| saves | wall time (s) | / no saves | target |")
+    print("| --- | ---: | ---: | --- |")
+    for mode, target in (("none", ""), ("sync", ">= 1.20 (so saves matter)"), ("background", "<= 1.03")):
+        m = statistics.median(results[mode])
+        print(f"| {mode} | {m:.1f} | {m / base:.3f} | {target} |")
+
+
+def resume(runs: int) -> None:
+    from storage import load_newest
+    from trainer import state as ckpt_state
+    from trainer.data import train_batches
+
+    root = tempfile.mkdtemp(prefix="resume-bench-", dir="/var/tmp")
+    try:
+        t = trainer_for(root, background=False, sets=LLAMA3_VOCAB)
+        n = t.steps_per_epoch
+        times = {}
+        for label, batch in (("first batch", 0), ("last batch", n - 1)):
+            samples = []
+            for r in range(runs):
+                t.progress.epoch, t.progress.batch, t.progress.global_step = 1, batch, n + batch + r * 0
+                shutil.rmtree(Path(root) / t.spec.name / "checkpoints", ignore_errors=True)
+                t.save("step", wait=True)
+                start = time.perf_counter()
+                loaded = load_newest(t.job)
+                snap = ckpt_state.read_files(loaded.files)
+                p = ckpt_state.restore(snap, t.model, t.optimizer, t.scheduler)
+                t.progress = p
+                step(t, train_batches(t.splits.train, t.spec.train.batch_size, t.spec.train.seed, p.epoch, p.batch))
+                samples.append(time.perf_counter() - start)
+            times[label] = statistics.median(samples)
+        print(f"\nmachine: {machine()}; {n} batches per epoch; load + verify + restore + first step; "
+              f"median of {runs} runs\n")
+        print("| resume at | time to first step (s) | ratio | target |")
+        print("| --- | ---: | ---: | --- |")
+        first = times["first batch"]
+        for label, v in times.items():
+            print(f"| {label} of an epoch | {v:.2f} | {v / first:.3f} | {'<= 1.05' if label == 'last batch' else ''} |")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def baseline() -> None:
+    import numpy as np
+    import torch
+
+    from jobs import load_spec
+    from trainer.data import eval_batches, load_splits
+
+    root = tempfile.mkdtemp(prefix="tiny-", dir="/var/tmp")
+    try:
+        start = time.time()
+        subprocess.run([sys.executable, "-m", "trainer", "run", str(TINY), "--root", root], check=True,
+                       stderr=subprocess.DEVNULL)
+        wall = time.time() - start
+        spec = load_spec(TINY, root=root)
+        results = json.loads((Path(root) / spec.name / "results.json").read_text())
+        splits = load_splits(spec.data)
+        se = ae = se_raw = ae_raw = count = 0.0
+        for x, y, ch in eval_batches(splits.test, 512):
+            pred = x[:, -1:, :].expand_as(y)  # repeat the last value
+            se += float(((pred - y) ** 2).sum())
+            ae += float((pred - y).abs().sum())
+            std = torch.as_tensor(splits.scaler.std, dtype=torch.float32)[ch].view(-1, 1, 1)
+            se_raw += float((((pred - y) * std) ** 2).sum())
+            ae_raw += float(((pred - y) * std).abs().sum())
+            count += y.numel()
+        test = results["test"]
+        print(f"\nmachine: {machine()}; tiny job ({spec.train.epochs} epochs, {results['global_step']} steps) "
+              f"trained in {wall:.0f} s wall (process start to exit)\n")
+        print("| ETTh1 test, 96 -> 24, M, 10% of training | MSE | MAE | MSE (data units) | MAE (data units) |")
+        print("| --- | ---: | ---: | ---: | ---: |")
+        print(f"| Time-LLM tiny job (timellm-job) | {test['mse']:.4f} | {test['mae']:.4f} | "
+              f"{test['mse_data_units']:.3f} | {test['mae_data_units']:.3f} |")
+        print(f"| repeat the last value | {se / count:.4f} | {ae / count:.4f} | {se_raw / count:.3f} | "
+              f"{ae_raw / count:.3f} |")
+        assert np.isfinite(se)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("what", choices=["saves", "resume", "baseline"])
+    ap.add_argument("--runs", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=24)
+    ap.add_argument("--every", type=int, default=6)
+    a = ap.parse_args()
+    if a.what == "saves":
+        saves(a.runs or 3, a.steps, a.every)
+    elif a.what == "resume":
+        resume(a.runs or 5)
+    else:
+        baseline()
+
+
+if __name__ == "__main__":
+    main()
