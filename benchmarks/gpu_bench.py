@@ -92,10 +92,9 @@ def save_and_resume(model, device: str) -> dict:
     try:
         job = job_store(root, "job")
         t = time.perf_counter()
-        files = snap.to_files()
-        commit_checkpoint(job, 1, "step", files, "bench")
+        manifest = commit_checkpoint(job, 1, "step", snap.to_files(), "bench")
         write = time.perf_counter() - t
-        size = sum(len(v) for v in files.values())
+        size = manifest.bytes
         t = time.perf_counter()
         loaded = load_newest(job)
         ckpt_state.restore(ckpt_state.read_files(loaded.files), model, opt, sched)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
 import sys
 import time
 
@@ -107,6 +108,29 @@ def export_best_cmd(spec: str, root: str | None, out: str) -> None:
     test = metrics.get("test") or {}
     click.echo(f"exported {metrics['checkpoint']} (step {metrics['step']}, val loss {metrics['val_loss']:.6f}"
                + (f", test mse {test['mse']:.6f} mae {test['mae']:.6f}" if test else "") + f") to {out}")
+
+
+@main.command("import")
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.argument("source")
+@click.option("--root", help=ROOT_HELP)
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE")
+@click.option("--as", "kind", type=click.Choice(["step", "best"]), default="step", show_default=True)
+@click.option("--weights-only", is_flag=True, help="Import the parameters alone (fresh Adam and schedule).")
+def import_cmd(spec: str, source: str, root: str | None, sets: tuple[str, ...], kind: str, weights_only: bool) -> None:
+    """Import a checkpoint written by the upstream Time-LLM code, so `submit` resumes from it.
+
+    SOURCE is a torch.save file (a dict with model/optimizer/scheduler/epoch/global_step, or a bare
+    state dict), read with torch.load(weights_only=True): nothing is unpickled.
+    """
+    _job_of(spec, root, sets)  # validates the spec (exit 2) before torch is loaded
+    argv = [sys.executable, "-m", "trainer", "import", spec, source, "--as", kind]
+    argv += ["--root", root] if root else []
+    for s in sets:
+        argv += ["--set", s]
+    if weights_only:
+        argv.append("--weights-only")
+    sys.exit(subprocess.call(argv))
 
 
 @main.command()

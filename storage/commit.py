@@ -25,7 +25,7 @@ from typing import Any
 
 from storage.layout import CHECKPOINTS, checkpoint_dir, checkpoint_id
 from storage.manifest import FORMAT_VERSION, MANIFEST, FileEntry, Kind, Manifest, parse_manifest
-from storage.store import Store
+from storage.store import Buffers, Store
 
 TMP_PREFIX = ".tmp-"
 
@@ -41,7 +41,7 @@ def _test_pause() -> None:
         time.sleep(delay)
 
 
-def commit_checkpoint(job: Store, step: int, kind: Kind, files: dict[str, bytes], spec_hash: str,
+def commit_checkpoint(job: Store, step: int, kind: Kind, files: dict[str, Buffers], spec_hash: str,
                       progress: list[int] | None = None, metadata: dict[str, Any] | None = None,
                       ckpt_id: str | None = None) -> Manifest:
     """Write ``files`` as checkpoint ``<step>-<kind>`` and commit it; returns its manifest."""

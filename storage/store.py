@@ -29,6 +29,7 @@ from fsspec.implementations.local import LocalFileSystem
 from storage.retry import StorageError, call
 
 CHUNK = 8 * 2**20
+Buffers = bytes | bytearray | memoryview | list | tuple  # a list: the file is their concatenation
 
 
 @dataclass
@@ -193,15 +194,19 @@ class Store:
         self._makedirs(self.full(rel))
 
     # --- files with hashes -------------------------------------------------------------------
-    def write_file(self, rel: str, data: bytes | memoryview, fsync: bool = True) -> Written:
+    def write_file(self, rel: str, data: Buffers, fsync: bool = True) -> Written:
         """Write a whole file, hashing it in the same pass; local files are fsynced.
 
-        Locally a writer thread writes chunk n while this thread hashes chunk n+1, so the write
-        costs about max(hash, write) rather than their sum.
+        ``data`` is bytes or a list of buffers (the file is their concatenation, written without
+        joining them). Locally a writer thread writes chunk n while this thread hashes chunk n+1,
+        so the write costs about max(hash, write) rather than their sum.
         """
         path = self.full(rel)
-        view = memoryview(data).cast("B")
-        chunks = [view[i:i + CHUNK] for i in range(0, len(view), CHUNK)]
+        chunks = []
+        for part in (data if isinstance(data, (list, tuple)) else [data]):
+            view = memoryview(part).cast("B")
+            chunks.extend(view[i:i + CHUNK] for i in range(0, len(view), CHUNK))
+        total = sum(len(c) for c in chunks)
 
         def put() -> Written:
             digest = hashlib.sha256()
@@ -216,7 +221,7 @@ class Store:
                     for chunk in chunks:
                         digest.update(chunk)
                         f.write(chunk)
-            return Written(len(view), digest.hexdigest())
+            return Written(total, digest.hexdigest())
 
         return self._call(put, rel, "writing")
 

@@ -60,6 +60,6 @@ def final_state(job: Path) -> dict:
     results.pop("best_checkpoint", None)
     results.pop("spec_hash", None)  # it covers data.path, which differs between tmp folders
     return {"final_model": final["files"]["model.safetensors"]["sha256"],
-            "final_optimizer": final["files"]["optimizer.safetensors"]["sha256"],
+            "final_optimizer": {k: v["sha256"] for k, v in final["files"].items() if k.startswith("optimizer-")},
             "final_step": final["step"], "best_model": best["files"]["model.safetensors"]["sha256"],
             "best_step": best["step"], "results": results}

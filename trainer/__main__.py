@@ -1,5 +1,6 @@
 """``python -m trainer run|check JOB.yaml [--root URL] [--set k=v ...]``
 
+import: commit an upstream Time-LLM checkpoint as the job's (exit 2 when it does not fit).
 run: train the job (resuming from its newest verified checkpoint); exit 0 done, 2 bad input,
 143/130 preempted by SIGTERM/SIGINT, 1 anything else.
 check: the pre-flight checks that need torch or the data (device, data length, backbone folder);
@@ -16,8 +17,11 @@ from jobs import SpecError, load_spec
 
 def _args(argv):
     ap = argparse.ArgumentParser(prog="python -m trainer")
-    ap.add_argument("command", choices=["run", "check"])
+    ap.add_argument("command", choices=["run", "check", "import"])
     ap.add_argument("spec")
+    ap.add_argument("source", nargs="?", help="import: an upstream Time-LLM checkpoint (path or URL)")
+    ap.add_argument("--as", dest="kind", choices=["step", "best"], default="step")
+    ap.add_argument("--weights-only", action="store_true")
     ap.add_argument("--root")
     ap.add_argument("--set", dest="sets", action="append", default=[])
     ap.add_argument("--attempt", type=int, default=1)
@@ -42,6 +46,21 @@ def main(argv=None) -> int:
         for p in problems:
             print(p, file=sys.stderr)
         return 2 if problems else 0
+    if a.command == "import":
+        from trainer.importer import ImportRefused, JobBusy, import_checkpoint
+
+        if not a.source:
+            print("import: give the checkpoint to import (a path or URL)", file=sys.stderr)
+            return 2
+        try:
+            import_checkpoint(spec, a.source, a.kind, a.weights_only, spec.storage.options if "://" in a.source else None)
+            return 0
+        except (ImportRefused, DataError, BackboneError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        except JobBusy as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 3
     watch_parent()
     try:
         return Trainer(spec, attempt=a.attempt, background_saves=not a.sync_saves).run()

@@ -160,6 +160,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
             self.optimizer, max_lr=spec.train.learning_rate, total_steps=self.total_steps, pct_start=0.2)
         self.progress = ckpt_state.Progress()
+        self.host_buffers = ckpt_state.HostBuffers()
         self.saver = CheckpointSaver(self.job, self.hash, spec.storage.save_total_limit,
                                      background=self.background_saves)
 
@@ -185,7 +186,8 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def save(self, kind: str, wait: bool = False) -> None:
         p = self.progress
-        snap = ckpt_state.capture(self.model, self.optimizer, self.scheduler, p)
+        self.saver.wait()  # the host buffers are reused: the previous write must be done
+        snap = ckpt_state.capture(self.model, self.optimizer, self.scheduler, p, self.host_buffers)
         meta = {"epoch": p.epoch, "batch": p.batch, "best_val": p.best_val, "attempt": self.attempt,
                 "scaling": self.scaling}
         if kind == "best":
