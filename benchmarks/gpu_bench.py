@@ -60,7 +60,8 @@ def build(shape: dict, quant: str, device: str, seq_len: int, pred_len: int, num
     return model, built
 
 
-def steps(model, device: str, batch: int, seq_len: int, pred_len: int, n: int, warmup: int) -> list[float]:
+def steps(model, device: str, batch: int, seq_len: int, pred_len: int, n: int, warmup: int,
+          on_step=None) -> list[float]:
     opt = torch.optim.Adam(list(model.trainable_state().values()), lr=1e-3)
     g = torch.Generator().manual_seed(0)
     times = []
@@ -73,6 +74,8 @@ def steps(model, device: str, batch: int, seq_len: int, pred_len: int, n: int, w
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if on_step is not None and i >= warmup:
+            on_step(i - warmup + 1, opt)
         sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - t)
@@ -80,14 +83,49 @@ def steps(model, device: str, batch: int, seq_len: int, pred_len: int, n: int, w
     return times
 
 
+def save_overhead(model, device: str, batch: int, seq_len: int, pred_len: int, n: int, every: int) -> dict:
+    """Training time with a save every ``every`` steps (synchronous / background) over none."""
+    from trainer.saver import CheckpointSaver
+
+    out = {}
+    for mode in ("none", "sync", "background"):
+        root = tempfile.mkdtemp(prefix="gpu-saves-")
+        try:
+            saver = CheckpointSaver(job_store(root, "job"), "bench", 2, background=mode == "background")
+            buffers = ckpt_state.HostBuffers()
+            sched_holder = {}
+
+            def on_step(i, opt, saver=saver, buffers=buffers, sched_holder=sched_holder, mode=mode):
+                if mode == "none" or i % every:
+                    return
+                sched = sched_holder.setdefault("s", torch.optim.lr_scheduler.OneCycleLR(
+                    opt, max_lr=1e-3, total_steps=10_000, pct_start=0.2))
+                saver.wait()
+                snap = ckpt_state.capture(model, opt, sched, ckpt_state.Progress(global_step=i), buffers)
+                saver.submit(snap, i, "step", [i], {})
+
+            t = time.perf_counter()
+            steps(model, device, batch, seq_len, pred_len, n, warmup=1, on_step=on_step)
+            saver.wait()
+            out[mode] = time.perf_counter() - t
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+    return {"steps": n, "every": every, "none_s": out["none"], "sync_ratio": out["sync"] / out["none"],
+            "background_ratio": out["background"] / out["none"]}
+
+
 def save_and_resume(model, device: str) -> dict:
     opt = model._bench_opt
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=1000, pct_start=0.2)
     progress = ckpt_state.Progress(global_step=1)
-    sync(device)
-    t = time.perf_counter()
-    snap = ckpt_state.capture(model, opt, sched, progress)
-    stall = time.perf_counter() - t
+    buffers = ckpt_state.HostBuffers()  # as the trainer does: reused from one save to the next
+    stalls = []
+    for _ in range(3):  # the first capture also allocates (pinned) host memory
+        sync(device)
+        t = time.perf_counter()
+        snap = ckpt_state.capture(model, opt, sched, progress, buffers)
+        stalls.append(time.perf_counter() - t)
+    first_stall, stall = stalls[0], statistics.median(stalls[1:])
     root = tempfile.mkdtemp(prefix="gpu-bench-")
     try:
         job = job_store(root, "job")
@@ -102,7 +140,8 @@ def save_and_resume(model, device: str) -> dict:
         resume = time.perf_counter() - t
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    return {"checkpoint_bytes": size, "save_stall_s": stall, "save_write_s": write, "resume_s": resume}
+    return {"checkpoint_bytes": size, "save_stall_s": stall, "first_save_stall_s": first_stall,
+            "save_write_s": write, "resume_s": resume}
 
 
 def fit_15gb(model, device: str, seq_len: int, pred_len: int, n: int) -> dict:
@@ -164,6 +203,8 @@ def main(argv=None) -> dict:
     if device == "cuda":
         info["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
     info.update(save_and_resume(model, device))
+    info["saves"] = save_overhead(model, device, batch, seq_len, pred_len, n=6 if a.tiny else 60,
+                                  every=3 if a.tiny else 20)
     if device == "cuda":
         info["fit_15gb_grad_ckpt"] = fit_15gb(model, device, seq_len, pred_len, max(5, n // 2))
     line = json.dumps(info)

@@ -18,7 +18,7 @@ from storage import Store, list_checkpoints
 from storage import lease as leases
 from storage.checkpoints import verify
 from storage.documents import read_json
-from storage.layout import RESULTS
+from storage.layout import BACKBONE, RESULTS
 
 
 def collect(job: Store, name: str, verify_hashes: bool = False) -> dict[str, Any]:
@@ -43,6 +43,8 @@ def collect(job: Store, name: str, verify_hashes: bool = False) -> dict[str, Any
         status.metrics = {"test": results.get("test"), "val_loss": results.get("val_loss"),
                           "best_step": results.get("best_step")}
     doc = status.to_json_dict()
+    doc["backbone_cache"] = [{"key": m.id, "bytes": m.bytes, "created_at": m.created_at}
+                             for m in list_checkpoints(job, BACKBONE).committed]
     for a in doc["attempts"]:
         a.setdefault("exit_code", None)
         a.setdefault("signal", None)
@@ -81,16 +83,20 @@ def render(doc: dict[str, Any], console: Console | None = None) -> None:
     head.add_row("lease", f"pid {lease['pid']} on {lease['host']}, expires "
                           f"{time.strftime('%H:%M:%S', time.localtime(lease['expires_at']))}" if lease else "free")
     head.add_row("restarts", str(doc.get("restarts", 0)))
+    caches = doc.get("backbone_cache") or []
+    head.add_row("backbone cache", ", ".join(f"{c['key'][:12]}… {c['bytes'] / 1e6:.1f} MB" for c in caches)
+                 if caches else "none")
     console.print(head)
     if attempts:
         t = Table(title="attempts")
-        for col in ("#", "started", "pid", "resumed from", "steps", "exit", "reason"):
+        for col in ("#", "started", "pid", "backbone", "resumed from", "steps", "exit", "reason"):
             t.add_column(col)
         for a in attempts:
             rf = a.get("resumed_from")
             ex = a.get("signal") or (str(a["exit_code"]) if a.get("exit_code") is not None else
                                      ("running" if a.get("ended_at") is None else "-"))
             t.add_row(str(a["number"]), time.strftime("%H:%M:%S", time.localtime(a["started_at"])), str(a.get("pid")),
+                      (a.get("backbone_source") or "-").split(":", 1)[0],
                       f"{rf['id']}" if rf else "-", f"{a.get('start_step', '-')}→{a.get('end_step', '-')}", ex,
                       (a.get("reason") or "") + (f" [skipped {len(a['skipped_checkpoints'])} bad]"
                                                   if a.get("skipped_checkpoints") else ""))

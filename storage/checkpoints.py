@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from storage.commit import TMP_PREFIX
-from storage.layout import CHECKPOINTS, checkpoint_dir
+from storage.layout import CHECKPOINTS
 from storage.manifest import MANIFEST, Manifest, ManifestError, parse_manifest
 from storage.store import Store
 
@@ -35,16 +35,17 @@ class Listing:
     unreadable: dict[str, str] = field(default_factory=dict)  # folder -> why its manifest is bad
 
 
-def list_checkpoints(job: Store) -> Listing:
+def list_checkpoints(job: Store, base: str = CHECKPOINTS) -> Listing:
+    """Committed folders under ``base`` (newest first), and the rest."""
     listing = Listing()
-    for name, kind, _ in job.list_dir(CHECKPOINTS):
+    for name, kind, _ in job.list_dir(base):
         if kind != "directory":
             continue
         if name.startswith(TMP_PREFIX):
             listing.uncommitted.append(name)
             continue
         try:
-            listing.committed.append(parse_manifest(job.read_bytes(f"{CHECKPOINTS}/{name}/{MANIFEST}")))
+            listing.committed.append(parse_manifest(job.read_bytes(f"{base}/{name}/{MANIFEST}")))
         except FileNotFoundError:
             listing.uncommitted.append(name)
         except ManifestError as exc:
@@ -53,9 +54,9 @@ def list_checkpoints(job: Store) -> Listing:
     return listing
 
 
-def check_sizes(job: Store, manifest: Manifest) -> list[str]:
+def check_sizes(job: Store, manifest: Manifest, base: str = CHECKPOINTS) -> list[str]:
     """Cheap check: every listed file exists with its listed size."""
-    folder = checkpoint_dir(manifest.id)
+    folder = f"{base}/{manifest.id}"
     present = {name: size for name, kind, size in job.list_dir(folder) if kind == "file"}
     problems = []
     for name, entry in manifest.files.items():
@@ -66,12 +67,12 @@ def check_sizes(job: Store, manifest: Manifest) -> list[str]:
     return problems
 
 
-def verify(job: Store, manifest: Manifest, hashes: bool = True) -> list[str]:
+def verify(job: Store, manifest: Manifest, hashes: bool = True, base: str = CHECKPOINTS) -> list[str]:
     """Problems found (empty when whole): sizes always, sha256 when ``hashes``."""
-    problems = check_sizes(job, manifest)
+    problems = check_sizes(job, manifest, base)
     if problems or not hashes:
         return problems
-    folder = checkpoint_dir(manifest.id)
+    folder = f"{base}/{manifest.id}"
     for name, entry in manifest.files.items():
         _, digest = job.hash_file(f"{folder}/{name}")
         if digest != entry.sha256:
@@ -79,12 +80,13 @@ def verify(job: Store, manifest: Manifest, hashes: bool = True) -> list[str]:
     return problems
 
 
-def load(job: Store, manifest: Manifest, names: list[str] | None = None) -> dict[str, bytes]:
+def load(job: Store, manifest: Manifest, names: list[str] | None = None,
+         base: str = CHECKPOINTS) -> dict[str, bytes]:
     """Read the checkpoint's files, verified against the manifest in the same pass."""
-    problems = check_sizes(job, manifest)
+    problems = check_sizes(job, manifest, base)
     if problems:
         raise CorruptCheckpoint(manifest.id, problems)
-    folder = checkpoint_dir(manifest.id)
+    folder = f"{base}/{manifest.id}"
 
     def read(name: str) -> bytes:
         entry = manifest.files[name]

@@ -23,7 +23,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from storage.layout import CHECKPOINTS, checkpoint_dir, checkpoint_id
+from storage.layout import CHECKPOINTS, checkpoint_id
 from storage.manifest import FORMAT_VERSION, MANIFEST, FileEntry, Kind, Manifest, parse_manifest
 from storage.store import Buffers, Store
 
@@ -43,16 +43,20 @@ def _test_pause() -> None:
 
 def commit_checkpoint(job: Store, step: int, kind: Kind, files: dict[str, Buffers], spec_hash: str,
                       progress: list[int] | None = None, metadata: dict[str, Any] | None = None,
-                      ckpt_id: str | None = None) -> Manifest:
-    """Write ``files`` as checkpoint ``<step>-<kind>`` and commit it; returns its manifest."""
+                      ckpt_id: str | None = None, base: str = CHECKPOINTS) -> Manifest:
+    """Write ``files`` as ``<base>/<step>-<kind>`` (or ``<base>/<ckpt_id>``) and commit it.
+
+    ``base`` is the folder of committed folders: ``checkpoints`` for training checkpoints; the
+    backbone cache commits under ``backbone`` with the same protocol. Returns the manifest.
+    """
     ckpt_id = ckpt_id or checkpoint_id(step, kind)
-    final = checkpoint_dir(ckpt_id)
+    final = f"{base}/{ckpt_id}"
     if job.exists(f"{final}/{MANIFEST}"):
         raise AlreadyCommitted(job.url_of(final))
     if any(name == MANIFEST or "/" in name or name.startswith(".") for name in files):
         raise ValueError(f"invalid checkpoint file names: {sorted(files)}")
     if job.is_local:
-        work = f"{CHECKPOINTS}/{TMP_PREFIX}{ckpt_id}-{uuid.uuid4().hex[:8]}"
+        work = f"{base}/{TMP_PREFIX}{ckpt_id}-{uuid.uuid4().hex[:8]}"
         job.makedirs(work)
     else:
         work = final
@@ -79,5 +83,5 @@ def commit_checkpoint(job: Store, step: int, kind: Kind, files: dict[str, Buffer
     return manifest
 
 
-def read_manifest(job: Store, ckpt_id: str) -> Manifest:
-    return parse_manifest(job.read_bytes(f"{checkpoint_dir(ckpt_id)}/{MANIFEST}"))
+def read_manifest(job: Store, ckpt_id: str, base: str = CHECKPOINTS) -> Manifest:
+    return parse_manifest(job.read_bytes(f"{base}/{ckpt_id}/{MANIFEST}"))

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-Kind = Literal["step", "best", "preempt", "imported"]
+Kind = Literal["step", "best", "preempt", "imported", "backbone"]
 
 
 class FileEntry(BaseModel):

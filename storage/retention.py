@@ -16,7 +16,7 @@ Invariants:
 from __future__ import annotations
 
 from storage.checkpoints import Listing, check_sizes, list_checkpoints
-from storage.layout import CHECKPOINTS, checkpoint_dir
+from storage.layout import CHECKPOINTS
 from storage.manifest import MANIFEST, Manifest
 from storage.store import Store
 
@@ -47,9 +47,9 @@ def plan(job: Store, listing: Listing, save_total_limit: int) -> list[str]:
     return drop
 
 
-def delete_checkpoint(job: Store, ckpt_id: str) -> None:
-    job.remove(f"{checkpoint_dir(ckpt_id)}/{MANIFEST}")  # uncommit first
-    job.remove(checkpoint_dir(ckpt_id), recursive=True)
+def delete_checkpoint(job: Store, ckpt_id: str, base: str = CHECKPOINTS) -> None:
+    job.remove(f"{base}/{ckpt_id}/{MANIFEST}")  # uncommit first
+    job.remove(f"{base}/{ckpt_id}", recursive=True)
 
 
 def clean_up(job: Store, save_total_limit: int, remove_uncommitted: bool = True) -> list[str]:

@@ -16,6 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def env_for(tmp: Path, **extra: str) -> dict[str, str]:
     return {**os.environ, "TIMELLM_JOB_WORKDIR": str(tmp / "work"), "TIMELLM_JOB_LEASE_TTL_S": "6",
+            "TIMELLM_JOB_BACKBONE_CACHE": str(tmp / "backbones"),
             "PYTHONUNBUFFERED": "1", **extra}
 
 

@@ -86,6 +86,7 @@ def test_sigterm_preempts_with_a_verified_checkpoint_and_resumes_bit_identical(r
     assert result.returncode == 0, result.stderr
     doc = state(job)
     assert doc["attempts"][-1]["resumed_from"]["id"] == preempts[0]["id"]
+    assert doc["attempts"][-1]["backbone_source"].startswith("local-cache:")  # not built again
     assert final_state(job) == reference
 
 
@@ -149,6 +150,7 @@ def test_completed_job_is_reported_not_retrained_and_exports_predict(reference, 
     for key in ("started_at", "ended_at", "pid", "resumed_from", "exit_code", "signal", "reason"):
         assert key in status["attempts"][0]
     assert status["best"]["step"] == reference["best_step"]
+    assert status["attempts"][0]["backbone_source"] == "built" and len(status["backbone_cache"]) == 1
     out = tmp_path / "export"
     exported = run(tmp_path, "export-best", str(spec), "--out", str(out))
     assert exported.returncode == 0, exported.stderr

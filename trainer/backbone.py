@@ -164,6 +164,11 @@ def load_backbone(model_spec, device: str) -> Backbone:
             model = model.to(device)
         tokenizer = AutoTokenizer.from_pretrained(name, revision=spec.revision)
         source = f"pretrained:{name}"
+    return finish(model, tokenizer, model_spec, layers, source)
+
+
+def finish(model, tokenizer, model_spec, layers: int, source: str) -> Backbone:
+    """Freeze the model, pad prompts on the left, check d_ff against the width."""
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     tokenizer.padding_side = "left"

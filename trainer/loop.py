@@ -35,6 +35,7 @@ from storage.documents import read_json, write_json
 from storage.layout import RESULTS
 from trainer import state as ckpt_state
 from trainer.backbone import default_device, load_backbone
+from trainer.backbone_cache import load_cached
 from trainer.data import DataError, Splits, eval_batches, load_splits, train_batches
 from trainer.model import TimeLLM
 from trainer.reporting import Heartbeat, MetricsLog, ProgressLine
@@ -151,7 +152,11 @@ class Trainer:
         sc = self.splits.scaler
         self.scaling = {"columns": self.splits.columns, "mean": sc.mean.tolist(), "std": sc.std.tolist(),
                         "target": spec.data.target, "features": spec.data.features}
-        self.backbone = load_backbone(spec.model, self.device)
+        if spec.run.backbone_cache:
+            self.backbone = load_cached(spec.model, self.device, self.job)
+        else:
+            self.backbone = load_backbone(spec.model, self.device)
+        self.heartbeat.beat(force=True, backbone_source=self.backbone.source)
         torch.manual_seed(spec.train.seed)  # trainable weights do not depend on how the backbone was built
         self.model = TimeLLM(spec.model, spec.data, self.backbone).to(self.device)
         self.model.train()

@@ -11,6 +11,7 @@ Invariants:
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 
@@ -18,6 +19,16 @@ from storage import AlreadyCommitted, Store, commit_checkpoint
 from storage.manifest import Manifest
 from storage.retention import clean_up
 from trainer.state import Snapshot
+
+BACKGROUND_NICE = int(os.environ.get("TIMELLM_JOB_SAVER_NICE", "10"))
+
+
+def _lower_priority() -> None:
+    """Let training threads win the CPU: a background save only needs to finish before the next."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
+    except (OSError, AttributeError):
+        pass
 
 
 class CheckpointSaver:
@@ -30,6 +41,8 @@ class CheckpointSaver:
         self.committed: list[Manifest] = []
 
     def _write(self, snapshot: Snapshot, step: int, kind: str, progress: list[int], metadata: dict) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            _lower_priority()
         try:
             manifest = commit_checkpoint(self.job, step, kind, snapshot.to_files(), self.spec_hash,
                                          progress=progress, metadata=metadata)

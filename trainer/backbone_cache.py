@@ -1,0 +1,139 @@
+"""Cold restarts: the quantized backbone kept beside the job, so a new runtime starts in minutes.
+
+The first build of a job's backbone (download + quantize, or a random build) is saved with its
+tokenizer (transformers serializes bitsandbytes 4- and 8-bit models) and committed under
+``<job>/backbone/<key>/`` with storage's commit protocol: files first, manifest last, sizes and
+sha256. Every later start loads it instead of building again: first from a verified copy on the
+machine's disk (``~/.cache/timellm-job/backbones``, or ``TIMELLM_JOB_BACKBONE_CACHE``), else from
+the job's storage (then copied to the machine's disk).
+
+Invariants:
+- The key covers the backbone (id or path, revision, or the random spec), ``llm_layers``, the
+  quantization, the device type and the torch / transformers / bitsandbytes versions: a cache
+  built for anything else is never used.
+- A cache is used only after its files verify against its manifest; a corrupt or partial one
+  is reported, removed and rebuilt.
+- ``source`` says where the backbone came from: ``built``, ``local-cache:<dir>`` or
+  ``job-cache:<url>``; the trainer reports it in its heartbeat, the attempt records it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from storage import CorruptCheckpoint, Store, commit_checkpoint, load, open_store
+from storage.checkpoints import list_checkpoints
+from storage.layout import BACKBONE
+from storage.retention import delete_checkpoint
+from trainer.backbone import Backbone, finish, load_backbone
+
+FORMAT = 1
+
+
+def cache_key(model_spec, device: str) -> str:
+    versions = {"torch": torch.__version__.split("+")[0]}
+    import transformers
+
+    versions["transformers"] = transformers.__version__
+    if model_spec.quantization != "none":
+        import bitsandbytes
+
+        versions["bitsandbytes"] = bitsandbytes.__version__
+    doc = {"format": FORMAT, "backbone": model_spec.backbone.model_dump(mode="json"),
+           "llm_layers": model_spec.llm_layers, "quantization": model_spec.quantization,
+           "device": torch.device(device).type, "versions": versions}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def local_root() -> Path:
+    return Path(os.environ.get("TIMELLM_JOB_BACKBONE_CACHE")
+                or Path.home() / ".cache" / "timellm-job" / "backbones")
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _read_folder(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def _load_from_folder(folder: str, model_spec, device: str, source: str) -> Backbone:
+    from transformers import AutoModel, AutoTokenizer
+
+    on_gpu = device.startswith("cuda")
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    kwargs = {"device_map": device} if model_spec.quantization != "none" else {}
+    model = AutoModel.from_pretrained(folder, dtype=dtype, **kwargs)
+    if model_spec.quantization == "none":
+        model = model.to(device)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    layers = getattr(model.config, "num_hidden_layers", None) or model.config.n_layer
+    return finish(model, tokenizer, model_spec, layers, source)
+
+
+def _verified(store: Store, key: str) -> dict[str, bytes] | None:
+    """The cache's files when committed and whole; a corrupt one is removed (and None)."""
+    manifest = next((m for m in list_checkpoints(store, BACKBONE).committed if m.id == key), None)
+    if manifest is None:
+        return None
+    try:
+        return load(store, manifest, base=BACKBONE)
+    except CorruptCheckpoint as err:
+        _say(f"backbone cache {store.url_of(f'{BACKBONE}/{key}')} does not verify ({'; '.join(err.problems)}): "
+             "removing it and building again")
+        delete_checkpoint(store, key, base=BACKBONE)
+        return None
+
+
+def _commit(store: Store, key: str, files: dict[str, bytes]) -> None:
+    try:
+        commit_checkpoint(store, 0, "backbone", files, key, ckpt_id=key, base=BACKBONE)
+    except FileExistsError:
+        pass  # committed meanwhile: the same bytes by construction of the key
+
+
+def load_cached(model_spec, device: str, job: Store) -> Backbone:
+    """The backbone from the nearest verified cache, or built (and then cached)."""
+    key = cache_key(model_spec, device)
+    local = open_store(str(local_root()))
+    files = _verified(local, key)
+    if files is not None:
+        return _load_from_folder(str(local_root() / BACKBONE / key), model_spec, device,
+                                 f"local-cache:{local_root() / BACKBONE / key}")
+    files = _verified(job, key)
+    if files is not None:
+        _commit(local, key, files)
+        if _verified(local, key) is not None:
+            return _load_from_folder(str(local_root() / BACKBONE / key), model_spec, device,
+                                     f"job-cache:{job.url_of(f'{BACKBONE}/{key}')}")
+    backbone = load_backbone(model_spec, device)
+    try:
+        with tempfile.TemporaryDirectory(prefix="backbone-") as folder:
+            backbone.model.save_pretrained(folder)
+            backbone.tokenizer.save_pretrained(folder)
+            files = _read_folder(Path(folder))
+        _commit(job, key, files)
+        _commit(local, key, files)
+        _say(f"backbone cached as {job.url_of(f'{BACKBONE}/{key}')} ({sum(map(len, files.values())) / 1e6:.1f} MB)")
+    except (OSError, ValueError, NotImplementedError) as exc:  # a model transformers cannot serialize
+        _say(f"warning: the backbone could not be cached ({exc}); later starts will build it again")
+        backbone.source = "built"
+        return backbone
+    # every start loads the same serialized bytes the same way, the first one included, so a
+    # resumed attempt computes exactly what the first one did
+    del backbone
+    return _load_from_folder(str(local_root() / BACKBONE / key), model_spec, device, "built")
+
+
+def cache_info(job: Store) -> list[dict]:
+    """Each committed backbone cache of the job with its size (``status`` shows the same)."""
+    return [{"key": m.id, "bytes": m.bytes, "created_at": m.created_at}
+            for m in list_checkpoints(job, BACKBONE).committed]
