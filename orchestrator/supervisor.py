@@ -36,6 +36,7 @@ from storage import lease as leases
 from storage.layout import LOGS
 
 TICK_S = 1.0
+LOG_UPLOAD_S = 10.0  # the trainer's log is copied to the job folder this often
 EXIT_COMPLETED, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_HELD = 0, 1, 2, 3
 
 
@@ -50,6 +51,7 @@ class Supervisor:
         self.stop_at: float | None = None
         self.lease_renewed = time.time()
         self.proc: TrainerProcess | None = None
+        self.log_uploaded = 0.0
 
     # ------------------------------------------------------------------ signals
     def install_signals(self) -> None:
@@ -108,8 +110,9 @@ class Supervisor:
             self.say(f"attempt {proc.attempt}: no heartbeat for {age:.0f} s: killing the trainer")
             proc.kill()
             return age
-        if int(now) % 10 == 0:
+        if now - self.log_uploaded >= LOG_UPLOAD_S:
             self._upload_log(proc)
+            self.log_uploaded = now
         self.state.flush(force=False)
         return None
 
