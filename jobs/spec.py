@@ -4,7 +4,8 @@ Invariants:
 - Unknown fields are refused at every level; types and ranges are checked by pydantic.
 - Every error is reported as ``section.field: message`` (see :class:`SpecError`), never a traceback.
 - Relative paths (``storage.root``, ``data.path``, a local ``backbone.pretrained``) are resolved
-  against the folder of the spec file, unless they are URLs (``scheme://``).
+  against the folder of the spec file, unless they are URLs (``scheme://``); a ``--root`` given
+  on the command line resolves against the current directory, as a shell user expects.
 - Nothing here touches the network, the storage or torch: checks that need them (data length,
   device, a hub backbone) belong to the trainer's pre-flight check.
 - The ``data``, ``model`` and ``train`` sections define the trained model; :func:`training_fields`
@@ -248,6 +249,7 @@ def parse_spec(raw: Any, base_dir: Path, root: str | None = None, sets: tuple[st
     for assignment in sets:
         _apply_set(raw, assignment)
     if root is not None:
+        root = root if _is_url(root) else os.path.abspath(os.path.expanduser(root))  # relative to the shell
         raw.setdefault("storage", {})
         if not isinstance(raw["storage"], dict):
             raise SpecError(["storage: must be a mapping"])

@@ -98,11 +98,13 @@ def test_missing_bucket_is_bad_input(tmp_path, s3_server):
     assert result.returncode == 2 and "storage.root" in result.stderr and "no-such-bucket" in result.stderr
 
 
-def test_relative_paths_resolve_against_the_spec_folder(tmp_path):
+def test_relative_paths_resolve_against_the_spec_folder(tmp_path, monkeypatch):
     spec = load_spec(TINY_SPEC)
     assert spec.data.path == str((TINY_SPEC.parent / "../../data/ETT-small/ETTh1.csv").resolve())
     assert spec.storage.root == str(TINY_SPEC.parent / "runs")
     assert load_spec(TINY_SPEC, root="memory://x").storage.root == "memory://x"
+    monkeypatch.chdir(tmp_path)  # a --root on the command line is relative to the shell's folder
+    assert load_spec(TINY_SPEC, root="runs/here").storage.root == str(tmp_path / "runs" / "here")
 
 
 def test_spec_errors_list_every_bad_field_at_once(tmp_path):

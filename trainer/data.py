@@ -56,6 +56,14 @@ def read_frame(path: str, storage_options: dict | None = None) -> pd.DataFrame:
         raise DataError(f"data.path: {path} is not a readable CSV: {exc}") from None
 
 
+def data_options(spec) -> dict | None:
+    """``storage.options`` apply to ``data.path`` when both are on the same kind of store."""
+    def scheme(url: str) -> str:
+        return url.split("://", 1)[0] if "://" in url else "file"
+
+    return spec.storage.options if scheme(spec.data.path) == scheme(spec.storage.root) != "file" else None
+
+
 def borders(kind: str, n_rows: int, seq_len: int) -> tuple[list[int], list[int]]:
     if kind in ("ETTh1", "ETTh2", "ETTm1", "ETTm2"):
         unit = HOURS_PER_MONTH * (4 if kind.startswith("ETTm") else 1)

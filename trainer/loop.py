@@ -36,7 +36,7 @@ from storage.layout import RESULTS
 from trainer import state as ckpt_state
 from trainer.backbone import default_device, load_backbone
 from trainer.backbone_cache import load_cached
-from trainer.data import DataError, Splits, eval_batches, load_splits, train_batches
+from trainer.data import DataError, Splits, data_options, eval_batches, load_splits, train_batches
 from trainer.model import TimeLLM
 from trainer.reporting import Heartbeat, MetricsLog, ProgressLine
 from trainer.saver import CheckpointSaver
@@ -142,8 +142,7 @@ class Trainer:
         torch.manual_seed(spec.train.seed)
         torch.use_deterministic_algorithms(True, warn_only=True)
         self.heartbeat.beat(force=True, phase="loading", host=socket.gethostname(), attempt=self.attempt)
-        self.splits = load_splits(spec.data, spec.storage.options if spec.data.path.startswith(
-            spec.storage.root.split("://")[0] + "://") else None)
+        self.splits = load_splits(spec.data, data_options(spec))
         self.steps_per_epoch = len(self.splits.train) // spec.train.batch_size
         if self.steps_per_epoch < 1:
             raise DataError(f"train.batch_size: {spec.train.batch_size} exceeds the "

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from jobs import JobSpec
 from trainer.backbone import BackboneError, default_device
-from trainer.data import DataError, load_splits
+from trainer.data import DataError, data_options, load_splits
 
 
 def preflight(spec: JobSpec) -> list[str]:
@@ -18,7 +18,7 @@ def preflight(spec: JobSpec) -> list[str]:
     except BackboneError as err:
         problems.append(str(err))
     try:
-        splits = load_splits(spec.data, spec.storage.options if "://" in spec.data.path else None)
+        splits = load_splits(spec.data, data_options(spec))
         if len(splits.train) < spec.train.batch_size:
             problems.append(f"train.batch_size: {spec.train.batch_size} exceeds the {len(splits.train)} "
                             f"training samples")
