@@ -94,13 +94,25 @@ class Supervisor:
         except OSError as exc:
             self.say(f"warning: could not copy the trainer log: {exc}")
 
-    def _tick(self, proc: TrainerProcess) -> float | None:
-        """Housekeeping while the trainer runs; returns the hang duration when it hung."""
+    def _renew_lease_if_due(self) -> None:
         now = time.time()
         if now - self.lease_renewed >= self.renew_every:
             self.lease = leases.renew(self.job, self.lease, self.lease_ttl_s)
             self.state.set_lease(self.lease)
             self.lease_renewed = now
+
+    def _backoff(self, delay: float) -> None:
+        """Wait between attempts, still renewing the lease; a signal ends the wait at once."""
+        until = time.time() + delay
+        while self.stop_signal is None and (left := until - time.time()) > 0:
+            self.wake.wait(min(TICK_S, left))
+            self.wake.clear()
+            self._renew_lease_if_due()
+
+    def _tick(self, proc: TrainerProcess) -> float | None:
+        """Housekeeping while the trainer runs; returns the hang duration when it hung."""
+        now = time.time()
+        self._renew_lease_if_due()
         self.state.fold_heartbeat(proc.heartbeat())
         if self.stop_at is not None and now >= self.stop_at:
             proc.signal_group(signal.SIGKILL)
@@ -139,59 +151,60 @@ class Supervisor:
             return False
         return len({(a.end_step, a.reason) for a in recent}) == 1
 
+    def _end(self, phase: Phase, reason: str | None, code: int) -> int:
+        self.state.set_phase(phase, reason)
+        self.state.flush()
+        if phase is Phase.FAILED:
+            self.say(f"failed: {reason}")
+        return code
+
+    def _stopped(self) -> int:
+        name = signal.Signals(self.stop_signal).name
+        return self._end(Phase.PREEMPTED, f"stopped by {name}", 130 if self.stop_signal == signal.SIGINT else 143)
+
     def run(self) -> int:
+        """Supervise until the job ends; returns submit's exit code."""
         self.install_signals()
+        try:
+            return self._loop()
+        except leases.LeaseLost as lost:
+            if self.proc is not None and not self.proc.exited.is_set():
+                self.proc.kill()
+            self.state.end_attempt(None, "SIGKILL", f"lease lost: {lost}")
+            self.say(f"error: {lost}; stopped the trainer")
+            return EXIT_HELD
+
+    def _loop(self) -> int:
         restarts_in_a_row = 0
+        run = self.spec.run
         while True:
             proc = self._start()
-            try:
-                outcome = self._watch(proc)
-            except leases.LeaseLost as lost:
-                proc.kill()
-                self.state.end_attempt(None, "SIGKILL", f"lease lost: {lost}")
-                self.say(f"error: {lost}; stopped the trainer")
-                return EXIT_HELD
+            outcome = self._watch(proc)
             self.state.end_attempt(outcome.exit_code, outcome.signal, outcome.reason)
             self.say(f"attempt {proc.attempt}: {outcome.reason}")
             if outcome.exit_class is ExitClass.COMPLETED:
-                self.state.set_phase(Phase.COMPLETED)
-                self.state.flush()
-                return EXIT_COMPLETED
+                return self._end(Phase.COMPLETED, None, EXIT_COMPLETED)
             if outcome.exit_class is ExitClass.BAD_INPUT:
-                self.state.set_phase(Phase.FAILED, outcome.reason)
-                self.state.flush()
-                return EXIT_BAD_INPUT
+                return self._end(Phase.FAILED, outcome.reason, EXIT_BAD_INPUT)
             if self.stop_signal is not None:
-                self.state.set_phase(Phase.PREEMPTED, f"stopped by {signal.Signals(self.stop_signal).name}")
-                self.state.flush()
-                return 130 if self.stop_signal == signal.SIGINT else 143
+                return self._stopped()
             if self._crash_loop():
-                why = f"crash loop: {outcome.reason}, {self.spec.run.crash_loop_limit} times at step " \
-                      f"{self.state.attempt.end_step} with no progress"
-                self.state.set_phase(Phase.FAILED, why)
-                self.state.flush()
-                self.say(f"failed: {why}")
-                return EXIT_FAILED
-            if self.state.status.restarts >= self.spec.run.max_restarts:
-                why = f"restart budget spent ({self.spec.run.max_restarts}); last: {outcome.reason}"
-                self.state.set_phase(Phase.FAILED, why)
-                self.state.flush()
-                self.say(f"failed: {why}")
-                return EXIT_FAILED
-            made_progress = len(self.state.status.attempts) < 2 or \
-                (self.state.attempt.end_step or 0) > (self.state.status.attempts[-2].end_step or 0)
+                return self._end(Phase.FAILED, f"crash loop: {outcome.reason}, {run.crash_loop_limit} times at step "
+                                               f"{self.state.attempt.end_step} with no progress", EXIT_FAILED)
+            if self.state.status.restarts >= run.max_restarts:
+                return self._end(Phase.FAILED, f"restart budget spent ({run.max_restarts}); last: {outcome.reason}",
+                                 EXIT_FAILED)
+            attempts = self.state.status.attempts
+            made_progress = len(attempts) < 2 or (attempts[-1].end_step or 0) > (attempts[-2].end_step or 0)
             restarts_in_a_row = 0 if made_progress else restarts_in_a_row + 1
-            delay = min(self.spec.run.backoff_max_s, self.spec.run.backoff_initial_s * (2 ** restarts_in_a_row))
+            delay = min(run.backoff_max_s, run.backoff_initial_s * (2 ** restarts_in_a_row))
             self.state.status.restarts += 1
             self.state.set_phase(Phase.RESTARTING, outcome.reason)
             self.state.flush()
-            self.say(f"restarting in {delay:.1f} s (restart {self.state.status.restarts}/{self.spec.run.max_restarts})")
-            self.wake.clear()
-            self.wake.wait(delay)
+            self.say(f"restarting in {delay:.1f} s (restart {self.state.status.restarts}/{run.max_restarts})")
+            self._backoff(delay)
             if self.stop_signal is not None:
-                self.state.set_phase(Phase.PREEMPTED, f"stopped by {signal.Signals(self.stop_signal).name}")
-                self.state.flush()
-                return 130 if self.stop_signal == signal.SIGINT else 143
+                return self._stopped()
 
 
 def default_log(msg: str) -> None:

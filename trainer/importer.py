@@ -34,6 +34,8 @@ def read_source(url: str, options: dict | None = None) -> bytes:
 
 def import_checkpoint(spec, source: str, kind: str = "step", weights_only: bool = False,
                       source_options: dict | None = None) -> Manifest:
+    # no backbone cache writes: an import that is refused must leave nothing behind
+    spec = spec.model_copy(update={"run": spec.run.model_copy(update={"backbone_cache": False})})
     trainer = Trainer(spec, attempt=0, background_saves=False)
     holder = leases.read(trainer.job)
     if holder is not None and not holder.holder_is_dead():
