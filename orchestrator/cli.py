@@ -99,10 +99,7 @@ def export_best_cmd(spec: str, root: str | None, out: str) -> None:
     job_spec, job = _job_of(spec, root)
     try:
         metrics = export_best(job, out, job_spec.storage.options if "://" in out else None)
-    except ExportError as err:
-        click.echo(f"error: {err}", err=True)
-        sys.exit(1)
-    except StorageError as err:
+    except (ExportError, StorageError) as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(1)
     test = metrics.get("test") or {}

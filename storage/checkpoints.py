@@ -112,11 +112,18 @@ class Loaded:
     skipped: list[str]  # "<id>: why" for each newer checkpoint that did not verify
 
 
-def load_newest(job: Store, kinds: tuple[str, ...] | None = None) -> Loaded | None:
-    """The newest checkpoint (of ``kinds``) that verifies, or None when none does."""
-    skipped = []
+def load_newest(job: Store, kinds: tuple[str, ...] | None = None, spec_hash: str | None = None,
+                skipped: list[str] | None = None) -> Loaded | None:
+    """The newest checkpoint (of ``kinds``, written for ``spec_hash``) that verifies, or None.
+
+    Every newer checkpoint passed over is appended to ``skipped`` (and to the result's), with why.
+    """
+    skipped = [] if skipped is None else skipped
     for manifest in list_checkpoints(job).committed:
         if kinds and manifest.kind not in kinds:
+            continue
+        if spec_hash is not None and manifest.spec_hash != spec_hash:
+            skipped.append(f"{manifest.id}: written for another spec")
             continue
         try:
             return Loaded(manifest, load(job, manifest), skipped)

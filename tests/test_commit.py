@@ -96,3 +96,16 @@ def test_newest_is_ordered_by_progress_not_name(backend):
     commit_checkpoint(job, 40, "best", FILES, spec_hash="x", progress=[40, 1])
     commit_checkpoint(job, 30, "preempt", FILES, spec_hash="x", progress=[30, 0])
     assert [m.id for m in list_checkpoints(job).committed] == ["000000040-best", "000000040-step", "000000030-preempt"]
+
+
+def test_load_newest_passes_over_other_specs_and_reports_every_skip(backend):
+    job = _job(backend)
+    mine = commit_checkpoint(job, 10, "step", FILES, spec_hash="mine")
+    commit_checkpoint(job, 20, "step", FILES, spec_hash="other")
+    skipped: list[str] = []
+    loaded = load_newest(job, spec_hash="mine", skipped=skipped)
+    assert loaded.manifest.id == mine.id and skipped == ["000000020-step: written for another spec"]
+    job.remove(f"{CHECKPOINTS}/{mine.id}/state.json")
+    skipped.clear()
+    assert load_newest(job, spec_hash="mine", skipped=skipped) is None
+    assert len(skipped) == 2 and "state.json: missing" in skipped[1]

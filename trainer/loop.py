@@ -170,11 +170,8 @@ class Trainer:
 
     def resume(self) -> None:
         """Continue from the newest checkpoint that verifies, reporting the ones skipped."""
-        loaded = load_newest(self.job)
-        skipped = list(loaded.skipped) if loaded else []
-        while loaded is not None and loaded.manifest.spec_hash != self.hash:
-            skipped.append(f"{loaded.manifest.id}: written for another spec")
-            loaded = None  # a foreign checkpoint: never mix specs
+        skipped: list[str] = []
+        loaded = load_newest(self.job, spec_hash=self.hash, skipped=skipped)  # never mix specs
         for line in skipped:
             print(f"skipping checkpoint {line}", file=sys.stderr, flush=True)
         resumed = None
@@ -184,8 +181,9 @@ class Trainer:
             resumed = {"id": loaded.manifest.id, "step": loaded.manifest.step}
             print(f"resumed from checkpoint {loaded.manifest.id} (step {loaded.manifest.step}, "
                   f"epoch {self.progress.epoch}, batch {self.progress.batch})", file=sys.stderr, flush=True)
-        self.heartbeat.beat(force=True, phase="training", resumed_from=resumed, skipped=skipped,
-                            step=self.progress.global_step, start_step=self.progress.global_step, epoch=self.progress.epoch, total_steps=self.total_steps)
+        p = self.progress
+        self.heartbeat.beat(force=True, phase="training", resumed_from=resumed, skipped=skipped, step=p.global_step,
+                            start_step=p.global_step, epoch=p.epoch, total_steps=self.total_steps)
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, kind: str, wait: bool = False) -> None:
