@@ -42,16 +42,34 @@ def state(job: Path) -> dict:
         return {}
 
 
-def running_trainer(job: Path, after: int = 0, timeout: float = 120) -> dict:
-    """The running attempt (number > after) once its trainer is alive and has a heartbeat."""
+def running_trainer(job: Path, after: int = 0, timeout: float = 120, submit=None) -> dict | None:
+    """The running attempt (number > after) once its trainer is alive; None if ``submit`` ended."""
     deadline = time.time() + timeout
     while time.time() < deadline:
+        if submit is not None and submit.poll() is not None:
+            return None
         attempts = state(job).get("attempts") or []
         if attempts and attempts[-1]["number"] > after and attempts[-1].get("ended_at") is None \
                 and psutil.pid_exists(attempts[-1]["pid"]):
             return attempts[-1]
         time.sleep(0.1)
     raise TimeoutError(f"no running trainer in {job}")
+
+
+def wait_for_progress(tmp: Path, attempt: int, steps: int, timeout: float = 120) -> None:
+    """Wait until the trainer of ``attempt`` has taken ``steps`` steps past where it started
+    (read from its own heartbeat, which is fresher than state.json)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for beat in (tmp / "work").glob(f"*/heartbeat-{attempt:03d}.json"):
+            try:
+                doc = json.loads(beat.read_text())
+            except (OSError, ValueError):
+                continue
+            if "start_step" in doc and doc.get("step", 0) >= doc["start_step"] + steps:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"attempt {attempt} made no progress")
 
 
 def wait_for_step(job: Path, step: int, timeout: float = 120) -> None:

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import psutil
 import pytest
-from cli import run, running_trainer, start, state, wait_for_step
+from cli import run, running_trainer, start, state, wait_for_progress, wait_for_step
 from jobfiles import final_state, job_dir, quick_spec
 
 pytestmark = pytest.mark.slow
@@ -27,18 +27,22 @@ def test_random_trainer_kills_are_restarted_and_end_bit_identical(reference, tmp
     rng = random.Random(7)
     killed = 0
     for _ in range(4):
-        attempt = running_trainer(job, after=killed)
-        time.sleep(rng.uniform(3.5, 6.0))
+        attempt = running_trainer(job, after=len(state(job).get("attempts") or []) - 1, submit=proc)
+        if attempt is None:  # the job finished before this kill
+            break
+        wait_for_progress(tmp_path, attempt["number"], 2)  # else a kill in start-up is a crash loop
+        time.sleep(rng.uniform(0.0, 1.2))  # then anywhere in training, a checkpoint write included
         if proc.poll() is not None:
             break
         os.kill(attempt["pid"], signal.SIGKILL)
         killed += 1
+        running_trainer(job, after=attempt["number"], submit=proc)  # the supervisor restarted it
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
     assert killed >= 3
     doc = state(job)
     # every kill that landed on a running trainer cost one restart (a kill can race the last exit)
-    assert doc["phase"] == "completed" and doc["restarts"] == len(doc["attempts"]) - 1 >= 3
+    assert doc["phase"] == "completed" and doc["restarts"] == len(doc["attempts"]) - 1 >= 2
     assert all("SIGKILL" in (a["reason"] or "") for a in doc["attempts"][:-1])
     assert all(a["resumed_from"] is not None for a in doc["attempts"][1:] if a["start_step"])
     assert final_state(job) == reference
