@@ -140,7 +140,6 @@ class TrainSpec(_Section):
     patience: int = Field(default=10, ge=1)
     seed: int = Field(default=2021, ge=0, lt=2**32)
     device: Literal["cpu", "cuda", "auto"] = "auto"
-    nproc: int = Field(default=1, ge=1, le=64)
 
 
 class PreemptionNotice(_Section):
