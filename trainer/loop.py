@@ -239,7 +239,7 @@ class Trainer:
         self.metrics.add(step=p.global_step, epoch=p.epoch, val_loss=ev.mse, val_mae=ev.mae)
         print(f"epoch {p.epoch} validation mse {ev.mse:.6f} mae {ev.mae:.6f}"
               f"{' (best)' if improved else f' (no improvement for {p.bad_epochs})'}", file=sys.stderr, flush=True)
-        p.epoch, p.batch, p.validated = p.epoch + 1, 0, False
+        p.epoch, p.batch = p.epoch + 1, 0  # validated: the next checkpoint resumes after it
         p.stopped_early = p.bad_epochs >= spec.train.patience
         self.heartbeat.beat(force=True, phase="training", epoch=p.epoch, best_val=p.best_val, best_step=p.best_step)
         if improved:

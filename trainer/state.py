@@ -38,7 +38,6 @@ class Progress:
     epoch: int = 0  # the epoch being trained (== epochs when training is over)
     batch: int = 0  # the next batch of that epoch
     global_step: int = 0  # optimizer steps taken
-    validated: bool = False  # whether this epoch's validation has run (then epoch/batch moved on)
     best_val: float | None = None
     best_step: int | None = None
     bad_epochs: int = 0  # epochs since the best (early stopping)
