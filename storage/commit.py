@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from storage.layout import CHECKPOINTS, checkpoint_id
-from storage.manifest import FORMAT_VERSION, MANIFEST, FileEntry, Kind, Manifest, parse_manifest
+from storage.manifest import FORMAT_VERSION, MANIFEST, FileEntry, Kind, Manifest
 from storage.store import Buffers, Store
 
 TMP_PREFIX = ".tmp-"
@@ -81,7 +81,3 @@ def commit_checkpoint(job: Store, step: int, kind: Kind, files: dict[str, Buffer
         except FileExistsError:
             raise AlreadyCommitted(job.url_of(final)) from None
     return manifest
-
-
-def read_manifest(job: Store, ckpt_id: str, base: str = CHECKPOINTS) -> Manifest:
-    return parse_manifest(job.read_bytes(f"{base}/{ckpt_id}/{MANIFEST}"))

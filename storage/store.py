@@ -75,16 +75,13 @@ class Store:
 
     def _call(self, fn, rel: str, what: str):
         """Reads answer FileNotFoundError; a write that finds no bucket/folder is a StorageError."""
-        answers = (FileNotFoundError, FileExistsError) if what in ("reading", "checking", "sizing", "hashing") \
+        answers = (FileNotFoundError, FileExistsError) if what in ("reading", "checking", "hashing") \
             else (FileExistsError,)
         return call(fn, self.url_of(rel), what, answers=answers)
 
     # --- queries -----------------------------------------------------------------------------
     def exists(self, rel: str) -> bool:
         return self._call(lambda: self.fs.exists(self.full(rel)), rel, "checking")
-
-    def size(self, rel: str) -> int:
-        return int(self._call(lambda: self.fs.size(self.full(rel)), rel, "sizing"))
 
     def list_dir(self, rel: str = "") -> list[tuple[str, str, int]]:
         """(name, type, size) of the entries directly under ``rel``; [] if it does not exist."""
