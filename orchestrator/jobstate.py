@@ -35,6 +35,14 @@ def checkpoint_infos(job: Store) -> tuple[list[CheckpointInfo], Best | None]:
     return infos, best
 
 
+def fold_results(status: JobStatus, job: Store) -> None:
+    """The test metrics of a completed job, from its ``results.json``."""
+    results = read_json(job, RESULTS)
+    if results:
+        status.metrics = {"test": results.get("test"), "val_loss": results.get("val_loss"),
+                          "best_step": results.get("best_step")}
+
+
 class JobState:
     def __init__(self, job: Store, name: str):
         self.job = job
@@ -92,10 +100,7 @@ class JobState:
         s = self.status
         s.checkpoints, best = checkpoint_infos(self.job)
         s.best = best or s.best
-        results = read_json(self.job, RESULTS)
-        if results:
-            s.metrics = {"test": results.get("test"), "val_loss": results.get("val_loss"),
-                         "best_step": results.get("best_step")}
+        fold_results(s, self.job)
         s.heartbeat_age_s = (now - s.heartbeat["time"]) if s.heartbeat and "time" in s.heartbeat else None
         s.updated_at = now
         write_json(self.job, STATE, s.to_json_dict())

@@ -13,12 +13,11 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from orchestrator.jobstate import checkpoint_infos, load_status
+from orchestrator.jobstate import checkpoint_infos, fold_results, load_status
 from storage import Store, list_checkpoints
 from storage import lease as leases
-from storage.checkpoints import verify
-from storage.documents import read_json
-from storage.layout import BACKBONE, RESULTS
+from storage.checkpoints import summaries, verify
+from storage.layout import BACKBONE
 
 
 def collect(job: Store, name: str, verify_hashes: bool = False) -> dict[str, Any]:
@@ -38,13 +37,9 @@ def collect(job: Store, name: str, verify_hashes: bool = False) -> dict[str, Any
         status.lease = None
     beat_time = (status.heartbeat or {}).get("time")
     status.heartbeat_age_s = round(time.time() - beat_time, 1) if beat_time else None
-    results = read_json(job, RESULTS)
-    if results:
-        status.metrics = {"test": results.get("test"), "val_loss": results.get("val_loss"),
-                          "best_step": results.get("best_step")}
+    fold_results(status, job)
     doc = status.to_json_dict()
-    doc["backbone_cache"] = [{"key": m.id, "bytes": m.bytes, "created_at": m.created_at}
-                             for m in list_checkpoints(job, BACKBONE).committed]
+    doc["backbone_cache"] = summaries(job, BACKBONE)
     for a in doc["attempts"]:
         a.setdefault("exit_code", None)
         a.setdefault("signal", None)

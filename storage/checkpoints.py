@@ -54,6 +54,12 @@ def list_checkpoints(job: Store, base: str = CHECKPOINTS) -> Listing:
     return listing
 
 
+def summaries(job: Store, base: str) -> list[dict]:
+    """Key, size and time of each committed folder under ``base`` (e.g. the backbone caches)."""
+    return [{"key": m.id, "bytes": m.bytes, "created_at": m.created_at}
+            for m in list_checkpoints(job, base).committed]
+
+
 def check_sizes(job: Store, manifest: Manifest, base: str = CHECKPOINTS) -> list[str]:
     """Cheap check: every listed file exists with its listed size."""
     folder = f"{base}/{manifest.id}"

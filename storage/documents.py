@@ -23,5 +23,5 @@ def read_json(store: Store, rel: str) -> Any | None:
         raise ValueError(f"{store.url_of(rel)}: not valid JSON: {exc}") from None
 
 
-def write_json(store: Store, rel: str, doc: Any) -> None:
-    store.replace(rel, json.dumps(doc, indent=1, sort_keys=True, default=str).encode())
+def write_json(store: Store, rel: str, doc: Any, durable: bool = True) -> None:
+    store.replace(rel, json.dumps(doc, indent=1, sort_keys=True, default=str).encode(), durable=durable)

@@ -136,8 +136,12 @@ class Store:
             return self._call(excl, rel, "creating")
         return self._call(lambda: self.fs.pipe_file(path, data, mode="create"), rel, "creating")
 
-    def replace(self, rel: str, data: bytes) -> None:
-        """Atomically replace the object at ``rel`` with ``data`` (readers see old or new)."""
+    def replace(self, rel: str, data: bytes, durable: bool = True) -> None:
+        """Atomically replace the object at ``rel`` with ``data`` (readers see old or new).
+
+        ``durable=False`` skips the fsyncs (still atomic): for documents rewritten every
+        second whose loss in a crash costs nothing, like the trainer's heartbeat.
+        """
         path = self.full(rel)
         if self.is_local:
             folder = posixpath.dirname(path)
@@ -149,12 +153,14 @@ class Store:
                     with open(tmp, "wb") as f:
                         f.write(data)
                         f.flush()
-                        os.fsync(f.fileno())
+                        if durable:
+                            os.fsync(f.fileno())
                     os.replace(tmp, path)
                 finally:
                     if os.path.exists(tmp):
                         os.unlink(tmp)
-                _fsync_dir(folder)
+                if durable:
+                    _fsync_dir(folder)
 
             return self._call(swap, rel, "replacing")
         return self._call(lambda: self.fs.pipe_file(path, data), rel, "writing")

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from storage import CorruptCheckpoint, Store, commit_checkpoint, load, open_store
-from storage.checkpoints import list_checkpoints
+from storage.checkpoints import list_checkpoints, summaries
 from storage.layout import BACKBONE
 from storage.retention import delete_checkpoint
 from trainer.backbone import Backbone, finish, load_backbone
@@ -135,5 +135,4 @@ def load_cached(model_spec, device: str, job: Store) -> Backbone:
 
 def cache_info(job: Store) -> list[dict]:
     """Each committed backbone cache of the job with its size (``status`` shows the same)."""
-    return [{"key": m.id, "bytes": m.bytes, "created_at": m.created_at}
-            for m in list_checkpoints(job, BACKBONE).committed]
+    return summaries(job, BACKBONE)

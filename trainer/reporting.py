@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from storage.documents import write_json
-from storage.metrics_log import MetricsLog, read_metrics  # noqa: F401  (the trainer's log)
+from storage.metrics_log import MetricsLog  # noqa: F401  (the trainer's metrics log)
 from storage.store import open_store
 
 
@@ -32,7 +32,7 @@ class Heartbeat:
             return
         self.last = now
         self.doc["time"] = now
-        write_json(self.store, self.name, self.doc)
+        write_json(self.store, self.name, self.doc, durable=False)  # atomic; no fsync on the hot path
 
 
 class ProgressLine:
