@@ -140,6 +140,9 @@ class TrainSpec(_Section):
     patience: int = Field(default=10, ge=1)
     seed: int = Field(default=2021, ge=0, lt=2**32)
     device: Literal["cpu", "cuda", "auto"] = "auto"
+    # processes under torchrun (DDP; one per GPU, gloo on CPU). batch_size is the global batch:
+    # each process trains on batch_size / nproc samples of it.
+    nproc: int = Field(default=1, ge=1, le=64)
 
 
 class PreemptionNotice(_Section):
@@ -189,6 +192,9 @@ class JobSpec(_Section):
         if self.model.quantization != "none" and self.model.backbone.random is not None \
                 and self.model.backbone.random.family == "gpt2":
             problems.append("model.quantization: bitsandbytes cannot quantize GPT-2's Conv1D layers; use none")
+        if self.train.batch_size % self.train.nproc:
+            problems.append(f"train.batch_size: {self.train.batch_size} does not split evenly across "
+                            f"train.nproc ({self.train.nproc}) processes")
         if problems:
             raise SpecError(problems)
         return self
@@ -293,8 +299,20 @@ def load_spec(path: str | Path, root: str | None = None, sets: tuple[str, ...] =
 
 
 def training_fields(spec: JobSpec) -> dict[str, Any]:
-    """The sections that define the trained model; a resume must not change them."""
-    return {s: getattr(spec, s).model_dump(mode="json") for s in TRAINING_SECTIONS}
+    """The sections that define the trained model; a resume must not change them.
+
+    Fields added after jobs existed are left out while at their default (``train.nproc: 1``),
+    so that upgrading timellm-job does not change the hash of a job started before."""
+    return without_new_defaults({s: getattr(spec, s).model_dump(mode="json") for s in TRAINING_SECTIONS})
+
+
+def without_new_defaults(fields: dict[str, Any]) -> dict[str, Any]:
+    """Training sections (of a spec, or as stored by an earlier submit) without the fields that
+    are at a default added after jobs existed."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in fields.items()}
+    if isinstance(out.get("train"), dict) and out["train"].get("nproc") == 1:
+        del out["train"]["nproc"]
+    return out
 
 
 def spec_hash(spec: JobSpec) -> str:

@@ -7,6 +7,10 @@ Invariants:
 - Its exit is seen at once: a thread waits on the child and sets ``exited``.
 - Its stdout and stderr go to a local log file, which the supervisor copies to the job folder.
 - Exit classes (:class:`ExitClass`) decide what the supervisor does; see ``classify``.
+- Under torchrun (``launcher``) the trainers are torchrun's children, each in a session of its
+  own: signals and kills go to every descendant, not just the group; and torchrun's exit code
+  (1 for any failure) is replaced by the first failed rank's, read from torchrun's error
+  summary, or by rank 0's own, read from its heartbeat.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import ctypes
 import enum
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,6 +27,8 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import psutil
 
 PR_SET_PDEATHSIG = 1
 
@@ -52,8 +59,9 @@ def _set_pdeathsig() -> None:  # runs in the child between fork and exec
 
 
 class TrainerProcess:
-    def __init__(self, argv: list[str], workdir: Path, attempt: int, env: dict[str, str] | None = None):
-        self.attempt = attempt
+    def __init__(self, argv: list[str], workdir: Path, attempt: int, env: dict[str, str] | None = None,
+                 launcher: bool = False):
+        self.attempt, self.launcher = attempt, launcher
         self.log_path = workdir / f"attempt-{attempt:03d}.log"
         self.heartbeat_path = workdir / f"heartbeat-{attempt:03d}.json"
         self.heartbeat_path.unlink(missing_ok=True)
@@ -85,11 +93,25 @@ class TrainerProcess:
         last = beat.get("time", self.started_at) if beat else self.started_at
         return max(0.0, time.time() - last)
 
+    def descendants(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.pid).children(recursive=True)
+        except psutil.Error:
+            return []
+
     def signal_group(self, sig: int) -> None:
+        """The trainer's process group and every descendant (torchrun's workers have sessions
+        of their own)."""
+        below = self.descendants()
         try:
             os.killpg(self.pid, sig)
         except (ProcessLookupError, PermissionError):
             pass
+        for p in below:
+            try:
+                p.send_signal(sig)
+            except psutil.Error:
+                pass
 
     def kill(self) -> None:
         self.signal_group(signal.SIGKILL)
@@ -104,8 +126,33 @@ class TrainerProcess:
             return ""
 
 
-def classify(returncode: int, signalled_by_us: int | None, hung_for: float | None, log_tail: str) -> Outcome:
-    """How an attempt ended, in the supervisor's terms."""
+ROOT_CAUSE = re.compile(r"Root Cause \(first observed failure\):.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", re.S)
+
+
+def launcher_exit(returncode: int, log_tail: str, heartbeat: dict | None) -> tuple[int, str]:
+    """torchrun's exit code -> the trainers' (and which rank it was): the first failed rank's
+    from torchrun's error summary, else rank 0's own from its heartbeat."""
+    if returncode < 0:
+        return returncode, ""  # torchrun itself was killed
+    found = ROOT_CAUSE.findall(log_tail)
+    if found:
+        rank, code = found[-1]
+        return int(code), f"rank {rank}: "
+    reported = (heartbeat or {}).get("exit_code")
+    if returncode != 0 and isinstance(reported, int):
+        return reported, ""
+    return returncode, ""
+
+
+def classify(returncode: int, signalled_by_us: int | None, hung_for: float | None, log_tail: str,
+             launcher_heartbeat: dict | None = None, launcher: bool = False) -> Outcome:
+    """How an attempt ended, in the supervisor's terms (``launcher``: the trainer ran under
+    torchrun, whose last heartbeat from rank 0 is ``launcher_heartbeat``)."""
+    if launcher and hung_for is None:
+        returncode, rank = launcher_exit(returncode, log_tail, launcher_heartbeat)
+        outcome = classify(returncode, signalled_by_us, None, log_tail)
+        outcome.reason = rank + outcome.reason
+        return outcome
     if hung_for is not None:
         return Outcome(ExitClass.HUNG, returncode, "SIGKILL", f"hung: no heartbeat for {hung_for:.0f} s; killed")
     if returncode == 0:

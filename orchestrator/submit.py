@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from jobs import JobSpec, Phase, SpecError, load_spec, training_fields
-from jobs.spec import diff_fields, spec_to_yaml
+from jobs.spec import diff_fields, spec_to_yaml, without_new_defaults
 from orchestrator.jobstate import JobState
 from orchestrator.notice import NoticeWatcher
 from orchestrator.supervisor import (
@@ -49,6 +49,16 @@ class Prepared:
     spec: JobSpec
     job: Store
     workdir: Path
+
+
+def trainer_argv(spec: JobSpec, local_spec: Path, attempt: int) -> list[str]:
+    """The trainer's command: ``python -m trainer run``, under torchrun when ``train.nproc`` > 1
+    (one node, no restarts of its own: restarts are the supervisor's)."""
+    run = ["-m", "trainer", "run", str(local_spec), "--attempt", str(attempt)]
+    if spec.train.nproc == 1:
+        return [sys.executable, *run]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+            "--nproc-per-node", str(spec.train.nproc), "--max-restarts", "0", "--monitor-interval", "0.1", *run]
 
 
 def lease_ttl_s() -> float:
@@ -120,7 +130,8 @@ def prepare(spec_path: str, root: str | None, sets: tuple[str, ...]) -> Prepared
         pass
     if stored_text is not None:
         stored = yaml.safe_load(stored_text)
-        differences = diff_fields({k: stored.get(k) for k in ("data", "model", "train")}, training_fields(spec))
+        differences = diff_fields(without_new_defaults({k: stored.get(k) for k in ("data", "model", "train")}),
+                                  training_fields(spec))
         if differences:
             raise InputError("this job exists with another spec; a resume must train the same model. "
                              "Differences:\n  " + "\n  ".join(differences) +
@@ -162,7 +173,7 @@ def submit(spec_path: str, root: str | None, sets: tuple[str, ...], log=default_
         state.set_lease(lease)
         log(f"job {spec.name}: storage {job.url}, lease taken (pid {os.getpid()})")
         supervisor = Supervisor(spec, job, state, lease, lease_ttl_s(),
-                                lambda n: [sys.executable, "-m", "trainer", "run", str(local_spec), "--attempt", str(n)],
+                                lambda n: trainer_argv(spec, local_spec, n),
                                 prep.workdir, log)
         watcher = None
         if spec.run.preemption_notice is not None:

@@ -78,7 +78,7 @@ class Supervisor:
     # ------------------------------------------------------------------ one attempt
     def _start(self) -> TrainerProcess:
         attempt = len(self.state.status.attempts) + 1
-        proc = TrainerProcess(self.trainer_argv(attempt), self.workdir, attempt)
+        proc = TrainerProcess(self.trainer_argv(attempt), self.workdir, attempt, launcher=self.spec.train.nproc > 1)
         self.proc = proc
         self.state.begin_attempt(proc.pid, socket.gethostname(), proc.started_at)
         self.state.flush()
@@ -141,7 +141,7 @@ class Supervisor:
         proc.exited.wait()
         self.state.fold_heartbeat(proc.heartbeat())
         self._upload_log(proc)
-        return classify(proc.returncode, self.stop_signal, hung_for, proc.log_tail())
+        return classify(proc.returncode, self.stop_signal, hung_for, proc.log_tail(), proc.heartbeat(), proc.launcher)
 
     # ------------------------------------------------------------------ the loop
     def _crash_loop(self) -> bool:

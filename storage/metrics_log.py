@@ -18,20 +18,23 @@ SEGMENT_LINES = 2000
 
 
 class MetricsLog:
-    def __init__(self, job: Store, attempt: int):
-        self.job, self.attempt = job, attempt
+    def __init__(self, job: Store, attempt: int, enabled: bool = True):
+        """``enabled=False``: records are dropped (a process that is not the job's writer)."""
+        self.job, self.attempt, self.enabled = job, attempt, enabled
         self.lines: list[str] = []
         self.segment = 0
         self.dirty = False
 
     def add(self, **record: Any) -> None:
+        if not self.enabled:
+            return
         record.setdefault("time", time.time())
         record["attempt"] = self.attempt
         self.lines.append(json.dumps(record, sort_keys=True))
         self.dirty = True
 
     def flush(self) -> None:
-        if not self.dirty:
+        if not self.dirty or not self.enabled:
             return
         rel = f"{METRICS}/attempt-{self.attempt:03d}-{self.segment:04d}.jsonl"
         self.job.replace(rel, ("\n".join(self.lines) + "\n").encode())

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import http.client
 import http.server
+import socket
 import socketserver
 import threading
 from urllib.parse import urlsplit
 
 
 class FaultyProxy:
-    """Forwards to ``upstream``; request n fails when ``n % every == 0`` (503 or a dropped socket)."""
+    """Forwards to ``upstream``; request n fails when ``n % every == 0``: a 503, a dropped socket,
+    or (``mixed``) the two in turn."""
 
     def __init__(self, upstream: str, every: int = 3, mode: str = "503"):
         self.upstream = urlsplit(upstream)
@@ -21,6 +23,10 @@ class FaultyProxy:
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+
+            def setup(self):
+                super().setup()  # no Nagle: headers and body go out as separate writes
+                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
             def log_message(self, *args):
                 pass
@@ -33,7 +39,8 @@ class FaultyProxy:
                     fail = proxy.every > 0 and proxy.count % proxy.every == 0
                     if fail:
                         proxy.failed += 1
-                if fail and proxy.mode == "drop":
+                    drop = proxy.mode == "drop" or (proxy.mode == "mixed" and proxy.failed % 2 == 0)
+                if fail and drop:
                     self.close_connection = True
                     self.connection.shutdown(2)
                     return

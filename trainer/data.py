@@ -154,15 +154,29 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=gen)
 
 
-def train_batches(windows: WindowSet, batch_size: int, seed: int, epoch: int, start: int = 0):
-    """Yield (index, batch) from batch ``start`` of the epoch on; full batches only (drop_last)."""
+def train_batches(windows: WindowSet, batch_size: int, seed: int, epoch: int, start: int = 0,
+                  rank: int = 0, world: int = 1):
+    """Yield (index, batch) from batch ``start`` of the epoch on; full batches only (drop_last).
+
+    ``batch_size`` is the global batch; with ``world`` processes, rank r gets the r-th of
+    ``world`` equal slices of each global batch (so the processes together see exactly the
+    batches one process would, and resuming at any batch costs the same as at the first)."""
     order = epoch_order(len(windows), seed, epoch)
     n_batches = len(windows) // batch_size
+    per = batch_size // world
     for b in range(start, n_batches):
-        yield b, windows.batch(order[b * batch_size:(b + 1) * batch_size])
+        first = b * batch_size + rank * per
+        yield b, windows.batch(order[first:first + per])
 
 
-def eval_batches(windows: WindowSet, batch_size: int):
-    """Every sample once, in order, the last batch possibly short (no dropped samples)."""
-    for s in range(0, len(windows), batch_size):
+def eval_batches(windows: WindowSet, batch_size: int, rank: int = 0, world: int = 1):
+    """Every sample once, in order, the last batch possibly short (no dropped samples); with
+    ``world`` processes, rank r gets batches r, r + world, ..."""
+    for s in range(rank * batch_size, len(windows), batch_size * world):
         yield windows.batch(torch.arange(s, min(s + batch_size, len(windows))))
+
+
+def eval_rounds(windows: WindowSet, batch_size: int, world: int = 1) -> int:
+    """How many batches the busiest of ``world`` processes evaluates."""
+    n_batches = -(-len(windows) // batch_size)
+    return -(-n_batches // world)

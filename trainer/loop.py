@@ -13,6 +13,11 @@ Invariants:
   is a function of (seed, epoch): resuming from any checkpoint continues the same computation.
 - Validation and test use no randomness (eval mode, fixed order), so replaying them is exact.
 - A job whose ``results.json`` exists (same spec hash) is complete: the trainer exits 0 at once.
+- Under torchrun (``train.nproc`` > 1, trainer.distributed) every rank runs this same loop on
+  its slice of each global batch; stop decisions and losses are agreed between ranks; rank 0
+  alone builds the backbone cache, commits checkpoints (holding every rank's RNG state) and
+  writes the heartbeat, metrics and results; all ranks resume from the checkpoint rank 0 chose
+  and verified, each verifying it again as it reads.
 """
 
 from __future__ import annotations
@@ -30,18 +35,38 @@ import torch
 
 from jobs import JobSpec, spec_hash
 from storage import job_store, list_checkpoints, load_newest
-from storage.checkpoints import CorruptCheckpoint, load
+from storage.checkpoints import CorruptCheckpoint, Loaded, load
 from storage.documents import read_json, write_json
 from storage.layout import RESULTS
+from trainer import distributed
 from trainer import state as ckpt_state
-from trainer.backbone import default_device, load_backbone
+from trainer.backbone import BackboneError, default_device, load_backbone
 from trainer.backbone_cache import load_cached
-from trainer.data import DataError, Splits, data_options, eval_batches, load_splits, train_batches
+from trainer.data import (
+    DataError,
+    Splits,
+    data_options,
+    eval_batches,
+    eval_rounds,
+    load_splits,
+    train_batches,
+)
 from trainer.model import TimeLLM
 from trainer.reporting import Heartbeat, MetricsLog, ProgressLine
 from trainer.saver import CheckpointSaver
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_SIGTERM, EXIT_SIGINT = 0, 2, 143, 130
+DOWNLOAD_LIMIT_S = 4 * 3600  # downloading 16 GB on a slow link; after it, silence reads as a hang
+
+
+def process_start_time() -> float:
+    """When this process started (the clock of time.time()), for the start-up breakdown."""
+    try:
+        import psutil
+
+        return psutil.Process().create_time()
+    except Exception:  # noqa: BLE001 - a breakdown without its first mark is still useful
+        return time.time()
 
 
 class Preempted(Exception):
@@ -50,10 +75,12 @@ class Preempted(Exception):
 
 
 class StopFlag:
-    """Set by SIGTERM/SIGINT; checked between steps, so the current step always finishes."""
+    """Set by SIGTERM/SIGINT; checked between steps, so the current step always finishes. With
+    several processes the check is collective: all stop at the same step if any was signalled."""
 
-    def __init__(self):
+    def __init__(self, world: distributed.World = distributed.World()):
         self.signum: int | None = None
+        self.world, self.device = world, "cpu"
 
     def install(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -63,15 +90,18 @@ class StopFlag:
         self.signum = signum
 
     def check(self) -> None:
-        if self.signum is not None:
-            raise Preempted(self.signum)
+        if distributed.any_true(self.world, self.signum is not None, self.device):
+            raise Preempted(self.signum or signal.SIGTERM)
 
 
 def watch_parent() -> None:
-    """Exit when the orchestrator that started us dies (belt to PR_SET_PDEATHSIG's braces)."""
+    """Exit when the orchestrator that started us dies (belt to PR_SET_PDEATHSIG's braces); under
+    torchrun, when torchrun dies (it dies with the orchestrator)."""
     parent = os.environ.get("TIMELLM_JOB_PARENT_PID")
     if not parent:
         return
+    if distributed.under_launcher():
+        parent = str(os.getppid())
 
     def run():
         while True:
@@ -97,13 +127,20 @@ def _target(out: torch.Tensor, features: str) -> torch.Tensor:
 
 def evaluate(model, windows, batch_size: int, device: str, features: str, stop: StopFlag,
              splits: Splits | None = None, on_batch=None) -> Evaluation:
-    """MSE/MAE over every sample (no dropped batch); in the data's units too when ``splits``."""
+    """MSE/MAE over every sample (no dropped batch); in the data's units too when ``splits``.
+    With several processes each evaluates its share of the batches and the sums are added."""
+    world = stop.world
     model.eval()
     se = ae = se_raw = ae_raw = 0.0
     count = n = 0
+    batches = eval_batches(windows, batch_size, world.rank, world.size)
     with torch.no_grad():
-        for x, y, channel in eval_batches(windows, batch_size):
-            stop.check()
+        for _ in range(eval_rounds(windows, batch_size, world.size)):
+            stop.check()  # the same number of checks on every rank
+            batch = next(batches, None)
+            if batch is None:
+                continue
+            x, y, channel = batch
             if on_batch is not None:
                 on_batch()
             pred = _target(model(x.to(device)).float().cpu(), features)
@@ -118,6 +155,8 @@ def evaluate(model, windows, batch_size: int, device: str, features: str, stop: 
                 se_raw += float(((p_raw - y_raw) ** 2).sum())
                 ae_raw += float((p_raw - y_raw).abs().sum())
     model.train()
+    se, ae, se_raw, ae_raw, count, n = distributed.sums(world, [se, ae, se_raw, ae_raw, count, n], device)
+    count, n = int(count), int(n)
     if splits is None:
         return Evaluation(se / count, ae / count, samples=n)
     return Evaluation(se / count, ae / count, se_raw / count, ae_raw / count, n)
@@ -128,17 +167,22 @@ class Trainer:
         self.spec, self.attempt = spec, attempt
         self.hash = spec_hash(spec)
         self.job = job_store(spec.storage.root, spec.name, spec.storage.options)
-        self.stop = StopFlag()
-        self.heartbeat = Heartbeat(os.environ.get("TIMELLM_JOB_HEARTBEAT"))
-        self.metrics = MetricsLog(self.job, attempt)
+        self.world = distributed.from_env()
+        self.stop = StopFlag(self.world)
+        main = self.world.main  # the other ranks write nothing
+        self.heartbeat = Heartbeat(os.environ.get("TIMELLM_JOB_HEARTBEAT") if main else None)
+        self.metrics = MetricsLog(self.job, attempt, enabled=main)
         self.background_saves = background_saves
+        self.startup = {"process": process_start_time(), "imported": time.time()}  # -> the heartbeat
         self.fail_at = int(os.environ.get("TIMELLM_JOB_TEST_FAIL_AT_STEP", "0") or 0)
         self.step_delay = float(os.environ.get("TIMELLM_JOB_TEST_STEP_DELAY_S", "0") or 0)
 
     # ------------------------------------------------------------------ setup
     def build(self) -> None:
         spec = self.spec
-        self.device = default_device(spec.train.device)
+        world = self.world
+        self.device = distributed.init(world, default_device(spec.train.device))
+        self.stop.device = self.device
         torch.manual_seed(spec.train.seed)
         torch.use_deterministic_algorithms(True, warn_only=True)
         self.heartbeat.beat(force=True, phase="loading", host=socket.gethostname(), attempt=self.attempt)
@@ -151,14 +195,22 @@ class Trainer:
         sc = self.splits.scaler
         self.scaling = {"columns": self.splits.columns, "mean": sc.mean.tolist(), "std": sc.std.tolist(),
                         "target": spec.data.target, "features": spec.data.features}
-        if spec.run.backbone_cache:
-            self.backbone = load_cached(spec.model, self.device, self.job)
-        else:
-            self.backbone = load_backbone(spec.model, self.device)
+        for turn in ([0, 1] if world.distributed else [0]):  # rank 0 first: it alone writes the cache
+            if (turn == 0) == world.main:
+                with self.heartbeat.keepalive(DOWNLOAD_LIMIT_S, "loading the backbone"):  # a download
+                    if spec.run.backbone_cache:
+                        self.backbone = load_cached(spec.model, self.device, self.job)
+                    else:
+                        self.backbone = load_backbone(spec.model, self.device)
+            distributed.barrier(world)
+        self.startup["backbone"] = time.time()
         self.heartbeat.beat(force=True, backbone_source=self.backbone.source)
         torch.manual_seed(spec.train.seed)  # trainable weights do not depend on how the backbone was built
         self.model = TimeLLM(spec.model, spec.data, self.backbone).to(self.device)
         self.model.train()
+        self.train_model = distributed.wrap(world, self.model, self.device)
+        if world.rank > 0:  # rank 0 continues the stream of a single process; the others differ
+            torch.manual_seed(spec.train.seed + world.rank)
         params = list(self.model.trainable_state().values())
         self.optimizer = torch.optim.Adam(params, lr=spec.train.learning_rate)
         self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
@@ -166,43 +218,62 @@ class Trainer:
         self.progress = ckpt_state.Progress()
         self.host_buffers = ckpt_state.HostBuffers()
         self.saver = CheckpointSaver(self.job, self.hash, spec.storage.save_total_limit,
-                                     background=self.background_saves)
+                                     background=self.background_saves) if world.main else None
+        self.startup["built"] = time.time()
 
     def resume(self) -> None:
         """Continue from the newest checkpoint that verifies, reporting the ones skipped."""
         skipped: list[str] = []
-        loaded = load_newest(self.job, spec_hash=self.hash, skipped=skipped)  # never mix specs
-        for line in skipped:
-            print(f"skipping checkpoint {line}", file=sys.stderr, flush=True)
+        loaded = None
+        if self.world.main:
+            with self.heartbeat.keepalive(DOWNLOAD_LIMIT_S, "reading the checkpoint"):
+                loaded = load_newest(self.job, spec_hash=self.hash, skipped=skipped)  # never mix specs
+            for line in skipped:
+                print(f"skipping checkpoint {line}", file=sys.stderr, flush=True)
+        chosen = distributed.broadcast(self.world, loaded.manifest.id if loaded else None)
+        if chosen is not None and loaded is None:  # another rank: the same checkpoint, verified again
+            manifest = next(m for m in list_checkpoints(self.job).committed if m.id == chosen)
+            loaded = Loaded(manifest, load(self.job, manifest), [])
         resumed = None
         if loaded is not None:
             snap = ckpt_state.read_files(loaded.files)
-            self.progress = ckpt_state.restore(snap, self.model, self.optimizer, self.scheduler)
+            self.progress = ckpt_state.restore(snap, self.model, self.optimizer, self.scheduler, self.world.rank)
             resumed = {"id": loaded.manifest.id, "step": loaded.manifest.step}
-            print(f"resumed from checkpoint {loaded.manifest.id} (step {loaded.manifest.step}, "
-                  f"epoch {self.progress.epoch}, batch {self.progress.batch})", file=sys.stderr, flush=True)
+            if self.world.main:
+                print(f"resumed from checkpoint {loaded.manifest.id} (step {loaded.manifest.step}, "
+                      f"epoch {self.progress.epoch}, batch {self.progress.batch})", file=sys.stderr, flush=True)
         p = self.progress
+        self.startup["resumed"] = time.time()
         self.heartbeat.beat(force=True, phase="training", resumed_from=resumed, skipped=skipped, step=p.global_step,
                             start_step=p.global_step, epoch=p.epoch, total_steps=self.total_steps)
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, kind: str, wait: bool = False) -> None:
+        """Every rank calls it (their RNG states are gathered); rank 0 commits. With ``wait``
+        the checkpoint is committed on return, on every rank."""
         p = self.progress
-        self.saver.wait()  # the host buffers are reused: the previous write must be done
-        snap = ckpt_state.capture(self.model, self.optimizer, self.scheduler, p, self.host_buffers)
-        meta = {"epoch": p.epoch, "batch": p.batch, "best_val": p.best_val, "attempt": self.attempt,
-                "scaling": self.scaling}
-        if kind == "best":
-            meta["val_loss"] = p.best_val
-        self.saver.submit(snap, p.global_step, kind, p.order(), meta, wait=wait)
-        self.metrics.flush()
+        rng = distributed.gather(self.world, ckpt_state.rng_capture())
+        if self.saver is not None:
+            # a slow store is not a hang: beat while waiting on a write, for one heartbeat timeout
+            with self.heartbeat.keepalive(self.spec.run.heartbeat_timeout_s, "checkpoint write"):
+                self.saver.wait()  # the host buffers are reused: the previous write must be done
+                snap = ckpt_state.capture(self.model, self.optimizer, self.scheduler, p, self.host_buffers, rng)
+                meta = {"epoch": p.epoch, "batch": p.batch, "best_val": p.best_val, "attempt": self.attempt,
+                        "scaling": self.scaling}
+                if kind == "best":
+                    meta["val_loss"] = p.best_val
+                self.saver.submit(snap, p.global_step, kind, p.order(), meta, wait=wait)
+                self.metrics.flush()
+        if wait:
+            distributed.barrier(self.world)
 
     # ------------------------------------------------------------------ the loop
     def train_epoch(self, progress_line: ProgressLine) -> None:
-        spec, p = self.spec, self.progress
-        for b, (x, y, _) in train_batches(self.splits.train, spec.train.batch_size, spec.train.seed, p.epoch, p.batch):
+        spec, p, world = self.spec, self.progress, self.world
+        for b, (x, y, _) in train_batches(self.splits.train, spec.train.batch_size, spec.train.seed, p.epoch, p.batch,
+                                          world.rank, world.size):
             x, y = x.to(self.device), y.to(self.device)
-            out = self.model(x)
+            out = self.train_model(x)
             loss = torch.nn.functional.mse_loss(_target(out, spec.data.features), _target(y, spec.data.features))
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -211,12 +282,15 @@ class Trainer:
             p.global_step += 1
             p.batch = b + 1
             lr = self.scheduler.get_last_lr()[0]
-            loss_v = float(loss.detach())
+            loss_v = distributed.mean(world, float(loss.detach()), self.device)  # the global batch's loss
             if not math.isfinite(loss_v):
                 raise FloatingPointError(f"loss became {loss_v} at step {p.global_step}")
             self.metrics.add(step=p.global_step, epoch=p.epoch, loss=loss_v, lr=lr)
             progress_line.update(p.global_step, p.epoch, loss_v, lr)
             self.heartbeat.beat(step=p.global_step, epoch=p.epoch, loss=loss_v, lr=lr)
+            if "first_step" not in self.startup:
+                self.startup["first_step"] = time.time()
+                self.heartbeat.beat(force=True, startup=self.startup)
             if self.fail_at and p.global_step == self.fail_at:
                 raise RuntimeError(f"test-only failure injected at step {p.global_step}")
             if self.step_delay:
@@ -237,8 +311,9 @@ class Trainer:
             p.bad_epochs += 1
         p.history.append({"epoch": p.epoch, "step": p.global_step, "val_mse": ev.mse, "val_mae": ev.mae})
         self.metrics.add(step=p.global_step, epoch=p.epoch, val_loss=ev.mse, val_mae=ev.mae)
-        print(f"epoch {p.epoch} validation mse {ev.mse:.6f} mae {ev.mae:.6f}"
-              f"{' (best)' if improved else f' (no improvement for {p.bad_epochs})'}", file=sys.stderr, flush=True)
+        if self.world.main:
+            print(f"epoch {p.epoch} validation mse {ev.mse:.6f} mae {ev.mae:.6f}"
+                  f"{' (best)' if improved else f' (no improvement for {p.bad_epochs})'}", file=sys.stderr, flush=True)
         p.epoch, p.batch = p.epoch + 1, 0  # validated: the next checkpoint resumes after it
         p.stopped_early = p.bad_epochs >= spec.train.patience
         self.heartbeat.beat(force=True, phase="training", epoch=p.epoch, best_val=p.best_val, best_step=p.best_step)
@@ -248,10 +323,11 @@ class Trainer:
     def finish(self) -> dict:
         """Final checkpoint, the best model reloaded (verified) and tested; results written."""
         p = self.progress
-        self.saver.wait()
         self.save("step", wait=True)
         self.heartbeat.beat(force=True, phase="testing", step=p.global_step)
         best = [m for m in list_checkpoints(self.job).committed if m.kind == "best"]
+        best_id = distributed.broadcast(self.world, best[0].id if best else None)
+        best = [m for m in best if m.id == best_id]
         if not best:
             raise CorruptCheckpoint("best", ["no best checkpoint was committed"])
         files = load(self.job, best[0], [ckpt_state.MODEL_FILE])
@@ -265,12 +341,20 @@ class Trainer:
                        "mae_data_units": test.mae_raw, "samples": test.samples}}
         self.metrics.add(step=p.global_step, test_mse=test.mse, test_mae=test.mae)
         self.metrics.flush()
+        if not self.world.main:
+            return results
         write_json(self.job, RESULTS, results)
         print(f"test mse {test.mse:.6f} mae {test.mae:.6f} (data units: mse {test.mse_raw:.4f} "
               f"mae {test.mae_raw:.4f}) from {best[0].id}", file=sys.stderr, flush=True)
         return results
 
     def run(self) -> int:
+        code = self._run()
+        self.heartbeat.beat(force=True, exit_code=code)  # what torchrun's own exit code hides
+        distributed.close(self.world)
+        return code
+
+    def _run(self) -> int:
         self.stop.install()
         done = read_json(self.job, RESULTS)
         if done and done.get("spec_hash") == self.hash:
@@ -281,7 +365,7 @@ class Trainer:
             self.stop.check()
             self.resume()
             spec, p = self.spec, self.progress
-            line = ProgressLine(self.total_steps, p.global_step)
+            line = ProgressLine(self.total_steps, p.global_step, quiet=not self.world.main)
             while p.epoch < spec.train.epochs and not p.stopped_early:
                 self.train_epoch(line)
                 self.validate_epoch()
@@ -293,17 +377,19 @@ class Trainer:
             return self._preempted(pre.signum)
         except BaseException as exc:
             p = getattr(self, "progress", None)
+            bad_input = isinstance(exc, (DataError, BackboneError))
             self.heartbeat.beat(force=True, phase="crashed", error=f"{type(exc).__name__}: {exc}"[:500],
+                                exit_code=EXIT_BAD_INPUT if bad_input else 1,
                                 **({"step": p.global_step, "epoch": p.epoch} if p else {}))
             raise
 
     def _preempted(self, signum: int) -> int:
         p = getattr(self, "progress", None)
         if p is not None and hasattr(self, "saver"):
-            self.saver.wait()
             self.save("preempt", wait=True)
-            print(f"preempted by signal {signum}: committed a preempt checkpoint at step {p.global_step}",
-                  file=sys.stderr, flush=True)
+            if self.world.main:
+                print(f"preempted by signal {signum}: committed a preempt checkpoint at step {p.global_step}",
+                      file=sys.stderr, flush=True)
         self.metrics.flush()
         self.heartbeat.beat(force=True, phase="preempted")
         return EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM

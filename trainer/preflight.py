@@ -6,6 +6,8 @@ on this machine is left to the run (checking it would mean downloading it).
 
 from __future__ import annotations
 
+import torch
+
 from jobs import JobSpec
 from trainer.backbone import BackboneError, default_device
 from trainer.data import DataError, data_options, load_splits
@@ -14,7 +16,10 @@ from trainer.data import DataError, data_options, load_splits
 def preflight(spec: JobSpec) -> list[str]:
     problems = []
     try:
-        default_device(spec.train.device)
+        device = default_device(spec.train.device)
+        if device == "cuda" and spec.train.nproc > torch.cuda.device_count():
+            problems.append(f"train.nproc: {spec.train.nproc} processes need as many GPUs; this machine has "
+                            f"{torch.cuda.device_count()}")
     except BackboneError as err:
         problems.append(str(err))
     try:

@@ -5,10 +5,11 @@ Files of a training checkpoint:
 - ``optimizer-<key>.safetensors``: the optimizer's tensors (``state.<i>.<key>``), one file per
   state key (Adam: ``exp_avg``, ``exp_avg_sq``, ``step``), so that files of similar size are
   hashed in parallel on save and load.
-- ``rng.safetensors``: the torch RNG states (``rng.torch``, ``rng.cuda.<d>``).
+- ``rng.safetensors``: the torch RNG states (``rng.torch``, ``rng.cuda.<d>``); in a run of
+  several processes, rank r > 0's as ``rng.rank<r>.torch`` and ``rng.rank<r>.cuda.<d>``.
 - ``trainer_state.json``: progress (epoch, batch in epoch, global step, stage), the optimizer's
   non-tensor state and param groups, the LR scheduler, early stopping, the python and numpy
-  RNG states, the validation history.
+  RNG states (rank r > 0's under ``rng_ranks.<r>``), the validation history.
 
 Invariants: ``capture`` copies every tensor to host memory (after it, training may mutate the
 live tensors); ``restore`` puts back exactly what ``capture`` saw, bit for bit.
@@ -130,20 +131,27 @@ class HostBuffers:
         return buf
 
 
-def capture(model, optimizer, scheduler, progress: Progress, buffers: HostBuffers | None = None) -> Snapshot:
+def capture(model, optimizer, scheduler, progress: Progress, buffers: HostBuffers | None = None,
+            rng: list[tuple[dict[str, torch.Tensor], dict[str, Any]]] | None = None) -> Snapshot:
     """Copy the training state to host memory (the only part of a save on the training path).
 
     With ``buffers``, the copies land in reused host tensors: the caller must not capture again
-    before the previous snapshot has been written.
+    before the previous snapshot has been written. ``rng``: every rank's ``rng_capture()`` in
+    rank order (default: this process's only).
     """
     copy = (lambda _, t: t.detach().to("cpu", copy=True).contiguous()) if buffers is None else \
         (lambda name, t: buffers.copy(name, t))
     params = {k: copy(f"model.{k}", v) for k, v in model.trainable_state().items()}
     opt_tensors, opt_doc = _split_optimizer(optimizer.state_dict(), copy)
-    rng_tensors, rng_doc = rng_capture()
+    ranks = rng if rng is not None else [rng_capture()]
+    rng_tensors, rng_doc = dict(ranks[0][0]), ranks[0][1]
+    for r, (tensors, _) in enumerate(ranks[1:], start=1):
+        rng_tensors.update({f"rng.rank{r}.{k[len('rng.'):]}": v for k, v in tensors.items()})
     if torch.cuda.is_available():
         torch.cuda.synchronize()  # the non-blocking copies have landed
     doc = {"progress": asdict(progress), "optimizer": opt_doc, "scheduler": scheduler.state_dict(), "rng": rng_doc}
+    if len(ranks) > 1:
+        doc["rng_ranks"] = {str(r): d for r, (_, d) in enumerate(ranks[1:], start=1)}
     doc = json.loads(json.dumps(doc))  # a deep copy, and proof that it is plain JSON
     return Snapshot(params, {**opt_tensors, **rng_tensors}, doc)
 
@@ -161,13 +169,26 @@ def read_files(files: dict[str, bytes]) -> Snapshot:
     return Snapshot(tensors_from(files[MODEL_FILE]), optimizer, json.loads(files[STATE_FILE]))
 
 
-def restore(snapshot: Snapshot, model, optimizer, scheduler) -> Progress:
-    """Put a snapshot back into live objects; returns the progress to continue from."""
+def _rank_rng(snapshot: Snapshot, rank: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    if rank == 0:
+        return {k: v for k, v in snapshot.optimizer.items() if k.startswith("rng.") and not k.startswith("rng.rank")}, \
+            snapshot.doc["rng"]
+    prefix = f"rng.rank{rank}."
+    tensors = {"rng." + k[len(prefix):]: v for k, v in snapshot.optimizer.items() if k.startswith(prefix)}
+    doc = snapshot.doc.get("rng_ranks", {}).get(str(rank))
+    if not tensors or doc is None:
+        raise ValueError(f"the checkpoint holds no RNG state for rank {rank}")
+    return tensors, doc
+
+
+def restore(snapshot: Snapshot, model, optimizer, scheduler, rank: int = 0) -> Progress:
+    """Put a snapshot back into live objects (the RNG state of ``rank``); returns the progress
+    to continue from."""
     load_trainable(model, snapshot.model)
     opt_tensors = {k: v for k, v in snapshot.optimizer.items() if k.startswith("state.")}
     optimizer.load_state_dict(_join_optimizer(opt_tensors, snapshot.doc["optimizer"]))
     scheduler.load_state_dict(snapshot.doc["scheduler"])
-    rng_restore({k: v for k, v in snapshot.optimizer.items() if k.startswith("rng.")}, snapshot.doc["rng"])
+    rng_restore(*_rank_rng(snapshot, rank))
     return Progress(**snapshot.doc["progress"])
 
 

@@ -1,0 +1,289 @@
+"""Chaos: one job on the GCS emulator, behind a proxy that answers 503 or drops the connection for
+a share of requests, through random SIGKILLs of the trainer (many inside a checkpoint write),
+kills of the whole process group with a resubmit, SIGTERMs, SIGSTOP hangs and flipped bytes in
+the newest checkpoint. It must end bit-identical to an uninterrupted run, and no attempt may
+resume from a checkpoint whose bytes were corrupted.
+
+    python benchmarks/chaos.py [--events 120] [--seed 1] [--epochs 24]     # the long run
+
+tests/test_chaos.py runs the same engine with a CI-sized plan. Everything runs on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+for extra in (REPO, REPO / "tests", REPO / "benchmarks"):
+    if str(extra) not in sys.path:
+        sys.path.insert(0, str(extra))
+
+import psutil  # noqa: E402
+import servers  # noqa: E402
+from faulty_proxy import FaultyProxy  # noqa: E402
+from jobfiles import quick_spec  # noqa: E402
+
+from storage import job_store, list_checkpoints  # noqa: E402
+from storage.documents import read_json  # noqa: E402
+
+KINDS = ("kill", "group", "sigterm", "sigstop", "corrupt")
+SAVE_STEPS = 5
+HEARTBEAT_TIMEOUT_S = 8
+
+
+def random_plan(events: int, seed: int) -> list[str]:
+    """Mostly trainer kills; group kills, SIGTERMs, hangs and corruptions among them."""
+    rng = random.Random(seed)
+    return rng.choices(KINDS, weights=(70, 10, 8, 6, 6), k=events)
+
+
+def final_state(store) -> dict:
+    """The trained result (final step checkpoint's and best's hashes, test results) of a store."""
+    committed = list_checkpoints(store).committed
+    final = max((m for m in committed if m.kind == "step"), key=lambda m: m.progress)
+    best = max((m for m in committed if m.kind == "best"), key=lambda m: m.progress)
+    results = read_json(store, "results.json")
+    for k in ("best_checkpoint", "spec_hash"):
+        results.pop(k, None)
+    return {"final_model": final.files["model.safetensors"].sha256, "final_step": final.step,
+            "final_optimizer": {k: v.sha256 for k, v in final.files.items() if k.startswith("optimizer-")},
+            "best_model": best.files["model.safetensors"].sha256, "best_step": best.step, "results": results}
+
+
+@dataclass
+class Chaos:
+    folder: Path
+    epochs: int
+    step_delay: float = 0.08
+    write_delay: float = 0.05
+    fault_every: int = 20  # gcsfs backs off 1-2 s on each fault it retries itself
+    seed: int = 1
+    log: list[dict] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.rng = random.Random(self.seed)
+        self.gcs = servers.start_gcs()
+        self.proxy = FaultyProxy(self.gcs.url, every=self.fault_every, mode="mixed")
+        self.root = f"gs://{servers.GCS_BUCKET}/chaos-{time.time_ns()}"
+        faulty = {"token": "anon", "endpoint_url": self.proxy.url}
+        self.spec = quick_spec(self.folder, name="chaos", storage={"root": self.root, "options": faulty,
+                                                                   "save_steps": SAVE_STEPS},
+                               train={"epochs": self.epochs, "patience": 1000},
+                               run={"max_restarts": 10_000, "heartbeat_timeout_s": HEARTBEAT_TIMEOUT_S,
+                                    "backoff_max_s": 2.0, "crash_loop_limit": 5})
+        os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"  # else gcsfs waits 60 s per call here
+        self.store = job_store(self.root, "chaos", servers.gcs_options(self.gcs))  # observer: no faults
+        self.env = {**os.environ, **servers.gcs_env(self.gcs), "STORAGE_EMULATOR_HOST": self.proxy.url,
+                    "PYTHONUNBUFFERED": "1",
+                    "TIMELLM_JOB_WORKDIR": str(self.folder / "work"), "TIMELLM_JOB_LEASE_TTL_S": "6",
+                    "TIMELLM_JOB_BACKBONE_CACHE": str(self.folder / "backbones"),
+                    "TIMELLM_JOB_HEARTBEAT_INTERVAL_S": "0",
+                    "TIMELLM_JOB_TEST_STEP_DELAY_S": str(self.step_delay),
+                    "TIMELLM_JOB_TEST_WRITE_DELAY_S": str(self.write_delay)}
+        self.submit: subprocess.Popen | None = None
+        self.submits = 0
+        self.corrupted: dict[str, float] = {}  # checkpoint id -> when its bytes were flipped
+        self.torn_seen: set[str] = set()
+
+    # ------------------------------------------------------------------ processes
+    def start_submit(self) -> None:
+        self.submits += 1
+        out = open(self.folder / f"submit-{self.submits:03d}.log", "w")  # noqa: SIM115
+        self.submit = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "submit", str(self.spec)],
+                                       cwd=REPO, env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                                       start_new_session=True)
+
+    def state(self) -> dict:
+        try:
+            return read_json(self.store, "state.json") or {}
+        except Exception:  # noqa: BLE001 - a half-written document is read again next time
+            return {}
+
+    def heartbeat(self, attempt: int) -> dict:
+        for path in (self.folder / "work").glob(f"chaos-*/heartbeat-{attempt:03d}.json"):
+            try:
+                return json.loads(path.read_text())
+            except (OSError, ValueError):
+                pass
+        return {}
+
+    def running_attempt(self, after: int, timeout: float = 180) -> dict | None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.submit.poll() is not None:
+                return None
+            attempts = self.state().get("attempts") or []
+            if attempts and attempts[-1]["number"] > after and attempts[-1].get("ended_at") is None \
+                    and psutil.pid_exists(attempts[-1]["pid"]):
+                return attempts[-1]
+            time.sleep(0.1)
+        raise TimeoutError("no running trainer")
+
+    def wait_progress(self, attempt: int, steps: int, timeout: float = 180) -> bool:
+        deadline = time.time() + timeout
+        while time.time() < deadline and self.submit.poll() is None:
+            beat = self.heartbeat(attempt)
+            if "start_step" in beat and beat.get("step", 0) >= beat["start_step"] + steps:
+                return True
+            time.sleep(0.05)
+        return False
+
+    def wait_gone(self, pid: int, timeout: float = 30) -> None:
+        deadline = time.time() + timeout
+        while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+            if time.time() > deadline:
+                raise AssertionError(f"process {pid} outlived its orchestrator")
+            time.sleep(0.05)
+
+    def kill_group(self, pid: int) -> None:
+        os.killpg(self.submit.pid, signal.SIGKILL)
+        self.submit.wait()
+        self.wait_gone(pid)
+
+    # ------------------------------------------------------------------ events
+    def torn_now(self) -> set[str]:
+        return set(list_checkpoints(self.store).uncommitted)
+
+    def flip_newest(self) -> str | None:
+        """Flip a byte of the newest checkpoint's model file (never the best's: the job keeps
+        one best, and a job whose only best is corrupt cannot finish)."""
+        committed = list_checkpoints(self.store).committed
+        if not committed or committed[0].kind == "best":
+            return None
+        target = committed[0]
+        path = f"checkpoints/{target.id}/model.safetensors"
+        data = bytearray(self.store.read_bytes(path))
+        data[len(data) // 2] ^= 0xFF
+        self.store.replace(path, bytes(data))  # a flipped byte in place: the manifest no longer matches
+        self.corrupted[target.id] = time.time()
+        return target.id
+
+    def event(self, kind: str) -> bool:
+        """Run one event; False when the job ended first."""
+        last = len(self.state().get("attempts") or [])
+        attempt = self.running_attempt(after=last - 1)
+        if attempt is None or not self.wait_progress(attempt["number"], 2):
+            return False
+        time.sleep(self.rng.uniform(0.0, 1.0))
+        if self.submit.poll() is not None:
+            return False
+        pid, record = attempt["pid"], {"kind": kind, "attempt": attempt["number"], "time": time.time()}
+        if kind == "kill":
+            os.kill(pid, signal.SIGKILL)
+            torn = self.torn_now()
+            record["mid_write"] = bool(torn - self.torn_seen)
+            self.torn_seen = torn
+        elif kind == "sigstop":
+            os.kill(pid, signal.SIGSTOP)
+        elif kind == "sigterm":
+            self.submit.send_signal(signal.SIGTERM)
+            record["exit"] = self.submit.wait(timeout=60)
+            self.start_submit()
+        else:  # group, corrupt: everything dies at once, then a new submit
+            if kind == "corrupt":  # the newest must be a checkpoint to resume from, not the best
+                deadline = time.time() + 60
+                while time.time() < deadline and self.submit.poll() is None:
+                    committed = list_checkpoints(self.store).committed
+                    if committed and committed[0].kind != "best":
+                        break
+                    time.sleep(0.05)
+            self.kill_group(pid)
+            if kind == "corrupt":
+                record["corrupted"] = self.flip_newest()
+            self.start_submit()
+        self.log.append(record)
+        self.running_attempt(after=attempt["number"])  # the next attempt is running (or the job ended)
+        return True
+
+    def run(self, plan: list[str]) -> None:
+        self.start_submit()
+        for kind in plan:
+            if not self.event(kind):
+                break
+        self.submit.wait(timeout=1800)
+
+    def stop(self) -> None:
+        if self.submit is not None and self.submit.poll() is None:
+            os.killpg(self.submit.pid, signal.SIGKILL)
+        self.proxy.stop()
+        self.gcs.stop()
+
+    # ------------------------------------------------------------------ what happened
+    def summary(self) -> dict:
+        state = self.state()
+        attempts = state.get("attempts") or []
+        lost: dict[str, list[int]] = {"kill": [], "sigterm": [], "group": [], "sigstop": [], "corrupt": []}
+        for record in self.log:  # the step the attempt reached -> where the next one started
+            reached, resumed = self.heartbeat(record["attempt"]).get("step"), \
+                self.heartbeat(record["attempt"] + 1).get("start_step")
+            if reached is not None and resumed is not None:
+                lost[record["kind"]].append(reached - resumed)
+        resumed_corrupt = [a["number"] for a in attempts if a.get("resumed_from")
+                           and a["resumed_from"]["id"] in self.corrupted
+                           and a["started_at"] > self.corrupted[a["resumed_from"]["id"]]]
+        skipped_corrupt = sum(1 for a in attempts for s in a.get("skipped_checkpoints") or []
+                              if s.split(":")[0] in self.corrupted)
+        return {"events": dict(Counter(r["kind"] for r in self.log)),
+                "kills_mid_write": sum(1 for r in self.log if r.get("mid_write")),
+                "sigterm_exits": [r["exit"] for r in self.log if "exit" in r],
+                "attempts": len(attempts), "submits": self.submits, "phase": state.get("phase"),
+                "requests": self.proxy.count, "faults_injected": self.proxy.failed,
+                "corrupted": sorted(self.corrupted), "skipped_corrupted": skipped_corrupt,
+                "resumed_from_corrupted": resumed_corrupt, "steps_lost": lost,
+                "reasons": dict(Counter((a.get("reason") or "").split(" (")[0].split(":")[0] for a in attempts))}
+
+
+def reference(folder: Path, epochs: int) -> dict:
+    """The same job trained once, uninterrupted, on local disk by the trainer alone."""
+    spec = quick_spec(folder, name="chaos", storage={"root": str(folder / "ref-root"), "save_steps": SAVE_STEPS},
+                      train={"epochs": epochs, "patience": 1000})
+    subprocess.run([sys.executable, "-m", "trainer", "run", str(spec)], cwd=REPO, check=True,
+                   capture_output=True, timeout=1800)
+    return final_state(job_store(str(folder / "ref-root"), "chaos"))
+
+
+def main() -> None:
+    import tempfile
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--events", type=int, default=120)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--epochs", type=int, default=24)
+    a = ap.parse_args()
+    from common import machine
+
+    folder = Path(tempfile.mkdtemp(prefix="chaos-", dir="/var/tmp"))
+    (folder / "ref").mkdir()
+    start = time.time()
+    expected = reference(folder / "ref", a.epochs)
+    chaos = Chaos(folder, a.epochs, seed=a.seed)
+    try:
+        chaos.run(random_plan(a.events, a.seed))
+        got = final_state(chaos.store)
+        summary = chaos.summary()
+    finally:
+        chaos.stop()
+    summary["bit_identical"] = got == expected
+    summary["final_step"] = got["final_step"]
+    summary["wall_s"] = round(time.time() - start)
+    summary["machine"] = machine()
+    lost = summary["steps_lost"]
+    summary["steps_lost_summary"] = {k: {"n": len(v), "max": max(v), "median": statistics.median(v)}
+                                     for k, v in lost.items() if v}
+    print(json.dumps(summary, indent=1))
+    print(f"folder: {folder}")
+
+
+if __name__ == "__main__":
+    main()

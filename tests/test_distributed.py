@@ -1,0 +1,176 @@
+"""Two processes under torchrun (gloo on CPU) through ``timellm-job submit``: random SIGKILLs of
+one rank, a SIGTERM to everything, a stopped rank. Every interrupted run must end bit-identical
+to an uninterrupted two-process run."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import time
+
+import psutil
+import pytest
+import torch
+from cli import run, running_trainer, start, state, wait_for_progress, wait_for_step
+from jobfiles import final_state, job_dir, quick_spec
+from safetensors.torch import load_file
+
+from trainer.data import eval_batches, eval_rounds, load_splits, train_batches
+
+pytestmark = pytest.mark.slow
+SLOW = {"TIMELLM_JOB_TEST_STEP_DELAY_S": "0.08", "TIMELLM_JOB_TEST_WRITE_DELAY_S": "0.03"}
+TWO = {"nproc": 2}
+
+
+def ranks(torchrun_pid: int, timeout: float = 60) -> dict[int, psutil.Process]:
+    """The trainer processes torchrun started, by rank (from their environment)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = {}
+        try:
+            for p in psutil.Process(torchrun_pid).children(recursive=True):
+                cmd = p.cmdline()  # python -u -m trainer run ...
+                if "-m" in cmd and cmd[cmd.index("-m") + 1:cmd.index("-m") + 3] == ["trainer", "run"]:
+                    found[int(p.environ()["RANK"])] = p
+        except psutil.Error:
+            pass
+        if len(found) == 2:
+            return found
+        time.sleep(0.1)
+    raise TimeoutError("torchrun did not start two trainers")
+
+
+@pytest.fixture(scope="module")
+def reference2_job(tmp_path_factory):
+    """The job trained once, uninterrupted, by two processes: its folder."""
+    tmp = tmp_path_factory.mktemp("reference2")
+    spec = quick_spec(tmp, train=TWO)
+    result = run(tmp, "submit", str(spec))
+    assert result.returncode == 0, result.stderr
+    return job_dir(spec)
+
+
+@pytest.fixture(scope="module")
+def reference2(reference2_job):
+    return final_state(reference2_job)
+
+
+def test_the_data_order_is_split_across_ranks_and_resumes_in_place(tmp_path):
+    from jobs import load_spec
+    from trainer.data import data_options
+
+    spec = load_spec(quick_spec(tmp_path))
+    train = load_splits(spec.data, data_options(spec)).train
+    whole = list(train_batches(train, 16, seed=3, epoch=1))
+    halves = [list(train_batches(train, 16, seed=3, epoch=1, rank=r, world=2)) for r in (0, 1)]
+    for (b, (x, y, _c)), (b0, (x0, y0, _)), (b1, (x1, y1, _)) in zip(whole, *halves, strict=True):
+        assert b == b0 == b1 and x0.shape[0] == x1.shape[0] == 8
+        assert (x == torch.cat([x0, x1])).all() and (y == torch.cat([y0, y1])).all()
+    resumed = list(train_batches(train, 16, seed=3, epoch=1, start=5, rank=1, world=2))
+    assert [b for b, _ in resumed] == [b for b, _ in halves[1][5:]]
+    assert all((a[1][0] == b[1][0]).all() for a, b in zip(resumed, halves[1][5:], strict=True))
+    # evaluation: every sample exactly once over the ranks, with the same number of rounds each
+    val = load_splits(spec.data, data_options(spec)).val
+    seen = [x for r in (0, 1) for x, _, _ in eval_batches(val, 64, r, 2)]
+    assert sum(x.shape[0] for x in seen) == len(val)
+    assert eval_rounds(val, 64, 2) == -(-len(list(eval_batches(val, 64))) // 2)
+
+
+def test_nproc_must_split_the_batch(tmp_path):
+    spec = quick_spec(tmp_path, train={"nproc": 3})
+    result = run(tmp_path, "submit", str(spec))
+    assert result.returncode == 2
+    assert "train.batch_size" in result.stderr and "train.nproc" in result.stderr
+    assert not (tmp_path / "root").exists()
+
+
+def test_every_ranks_rng_is_in_the_checkpoint(reference2_job):
+    last = max((reference2_job / "checkpoints").iterdir())
+    rng = load_file(str(last / "rng.safetensors"))
+    assert set(rng) == {"rng.torch", "rng.rank1.torch"}
+    assert not (rng["rng.torch"] == rng["rng.rank1.torch"]).all()  # each rank has its own stream
+    assert "rng_ranks" in json.loads((last / "trainer_state.json").read_text())
+
+
+def test_random_kills_of_one_rank_restart_the_group_bit_identical(reference2, tmp_path):
+    spec = quick_spec(tmp_path, train=TWO)
+    job = job_dir(spec)
+    proc = start(tmp_path, "submit", str(spec), **SLOW)
+    rng = random.Random(11)
+    killed = []
+    for _ in range(3):
+        attempt = running_trainer(job, after=len(state(job).get("attempts") or []) - 1, submit=proc)
+        if attempt is None:
+            break
+        wait_for_progress(tmp_path, attempt["number"], 2)
+        time.sleep(rng.uniform(0.0, 1.2))
+        rank = rng.choice([0, 1])
+        try:
+            ranks(attempt["pid"], timeout=5)[rank].kill()
+        except (TimeoutError, psutil.Error):
+            break  # the job finished first
+        killed.append(rank)
+        running_trainer(job, after=attempt["number"], submit=proc)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert len(killed) >= 2
+    doc = state(job)
+    assert doc["phase"] == "completed"
+    for a, rank in zip(doc["attempts"][:-1], killed, strict=False):
+        assert "SIGKILL" in a["reason"] and f"rank {rank}" in a["reason"], a["reason"]
+    assert final_state(job) == reference2
+
+
+def test_sigterm_reaches_every_rank_and_one_preempt_checkpoint_is_committed(reference2, tmp_path):
+    spec = quick_spec(tmp_path, train=TWO)
+    job = job_dir(spec)
+    proc = start(tmp_path, "submit", str(spec), **SLOW)
+    running_trainer(job)
+    wait_for_step(job, 12)
+    os.killpg(proc.pid, signal.SIGTERM)  # the orchestrator forwards it to torchrun and both ranks
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 143, out
+    doc = state(job)
+    assert doc["phase"] == "preempted" and "preempt" in doc["attempts"][-1]["reason"], doc["attempts"][-1]
+    status = json.loads(run(tmp_path, "status", str(spec), "--json", "--verify").stdout)
+    preempts = [c for c in status["checkpoints"] if c["kind"] == "preempt"]
+    assert len(preempts) == 1 and preempts[0]["valid"] is True
+    assert preempts[0]["step"] == doc["attempts"][-1]["end_step"]
+    result = run(tmp_path, "submit", str(spec))
+    assert result.returncode == 0, result.stderr
+    assert state(job)["attempts"][-1]["resumed_from"]["id"] == preempts[0]["id"]
+    assert final_state(job) == reference2
+
+
+def test_a_stopped_rank_hangs_the_group_which_is_killed_and_restarted(reference2, tmp_path):
+    spec = quick_spec(tmp_path, train=TWO, run={"heartbeat_timeout_s": 4})
+    job = job_dir(spec)
+    proc = start(tmp_path, "submit", str(spec), **SLOW)
+    attempt = running_trainer(job)
+    wait_for_progress(tmp_path, attempt["number"], 3)
+    stopped = ranks(attempt["pid"])[1]
+    stopped.send_signal(signal.SIGSTOP)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    first = state(job)["attempts"][0]
+    assert first["reason"].startswith("hung"), first
+    assert not psutil.pid_exists(stopped.pid) or stopped.status() == psutil.STATUS_ZOMBIE
+    # a different heartbeat timeout is not a training field: the result is the reference's
+    assert final_state(job) == reference2
+
+
+def test_nproc_is_a_training_field_and_old_jobs_keep_their_hash(reference, tmp_path):
+    import yaml
+
+    spec = quick_spec(tmp_path)
+    assert run(tmp_path, "submit", str(spec)).returncode == 0
+    stored = job_dir(spec) / "job.yaml"
+    raw = yaml.safe_load(stored.read_text())
+    del raw["train"]["nproc"]  # as a version before train.nproc stored it
+    stored.write_text(yaml.safe_dump(raw))
+    again = run(tmp_path, "submit", str(spec))
+    assert again.returncode == 0 and "completed already" in again.stderr, again.stderr
+    other = run(tmp_path, "submit", str(spec), "--set", "train.nproc=2")
+    assert other.returncode == 2 and "train.nproc" in other.stderr, other.stderr

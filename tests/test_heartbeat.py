@@ -1,0 +1,31 @@
+"""The heartbeat's keepalive: a long blocking call beats, but only for a bounded time."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from trainer.reporting import Heartbeat
+
+
+def _age(path) -> float:
+    return time.time() - json.loads(path.read_text())["time"]
+
+
+def test_keepalive_beats_during_a_long_call_then_falls_silent_after_its_limit(tmp_path):
+    path = tmp_path / "heartbeat.json"
+    beat = Heartbeat(str(path), interval=0.5)
+    beat.beat(force=True, phase="training")
+    with beat.keepalive(limit_s=2.5, what="checkpoint write"):
+        time.sleep(2.2)
+        assert _age(path) < 1.5  # still beating, saying why
+        assert json.loads(path.read_text())["busy"] == "checkpoint write"
+        time.sleep(2.5)
+        assert _age(path) > 1.5  # past the limit: silence, so a call stuck for good reads as a hang
+    doc = json.loads(path.read_text())
+    assert doc["busy"] is None and doc["phase"] == "training" and _age(path) < 0.5
+
+
+def test_without_a_heartbeat_file_keepalive_does_nothing():
+    with Heartbeat(None).keepalive(limit_s=1, what="x"):
+        pass
