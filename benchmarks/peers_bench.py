@@ -98,8 +98,8 @@ def stall(runs: int, steps: int, every: int) -> None:
         m = statistics.median(times[mode])
         size = sizes.get(mode)
         target = {"timellm-job background": "<= 1.03", "timellm-job sync": ">= 1.20 (saves matter)"}.get(mode, "")
-        print(f"| {mode} | {m:.1f} | {m / base:.3f} | {size or '':,} | "
-              f"{(size / (n_params * 12)) if size else 0:.3f} | {target} |".replace("| 0.000 |", "| |"))
+        size_cols = f"{size:,} | {size / (n_params * 12):.3f}" if size else " | "
+        print(f"| {mode} | {m:.1f} | {m / base:.3f} | {size_cols} | {target} |")
 
 
 # ---------------------------------------------------------------------------------------- resume
@@ -168,7 +168,8 @@ def _run_timellm(root: Path, global_step: int) -> float:
     """The real trainer resuming from the checkpoint written here; it stops itself after its
     first step (a test-only switch) and leaves its start-up marks in its heartbeat."""
     spec = root / "spec.yaml"
-    from jobs import load_spec, spec_to_yaml
+    from jobs import load_spec
+    from jobs.spec import spec_to_yaml
 
     spec.write_text(spec_to_yaml(load_spec(TINY, root=str(root), sets=_sets(FULL_EPOCH))))
     beat = root / "heartbeat.json"

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from jobfiles import final_state, job_dir, quick_spec
 
 from storage import job_store, list_checkpoints, verify
@@ -106,3 +107,35 @@ def test_completed_job_is_not_trained_again(reference, tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0 and "complete already" in err
     assert json.loads((job_dir(spec) / "results.json").read_text()) == before
+
+
+def test_safetensors_views_read_what_the_zero_copy_writer_wrote_and_refuse_bad_offsets():
+
+    import struct
+
+    import torch
+    from safetensors.torch import load as st_load
+
+    from trainer import safetensors_parts
+
+    g = torch.Generator().manual_seed(0)
+    src = {"a": torch.randn(3, 5, generator=g), "b": torch.arange(7, dtype=torch.int64),
+           "c": torch.randint(0, 255, (13,), dtype=torch.uint8, generator=g), "d": torch.randn(4, generator=g).bfloat16(),
+           "e": torch.empty(0, 3), "f": torch.randn(2, generator=g).double()}
+    buf = bytearray(b"".join(bytes(p) for p in safetensors_parts.parts(src)))
+    got = safetensors_parts.tensors(buf)
+    ref = st_load(bytes(buf))
+    assert set(got) == set(src) == set(ref)
+    for k in src:
+        assert got[k].dtype == src[k].dtype and torch.equal(got[k], src[k]) and torch.equal(ref[k], src[k])
+    got["a"][0, 0] = 42.0  # a view of the buffer, not a copy
+    assert safetensors_parts.tensors(buf)["a"][0, 0] == 42.0
+    (n,) = struct.unpack_from("<Q", buf, 0)
+    header = json.loads(bytes(buf[8:8 + n]))
+    header["a"]["data_offsets"][1] += 4  # no longer matches its shape
+    bad_header = json.dumps(header).encode()
+    bad = bytearray(struct.pack("<Q", len(bad_header)) + bad_header + buf[8 + n:])
+    with pytest.raises(ValueError, match="data offsets"):
+        safetensors_parts.tensors(bad)
+    with pytest.raises(ValueError):
+        safetensors_parts.tensors(bytearray(b"\x01\x00"))
