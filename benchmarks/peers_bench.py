@@ -128,7 +128,6 @@ def _child_accelerate(root: str, position: int, iterable: bool) -> None:
     from accelerate import Accelerator
 
     from trainer.data import epoch_order
-    from trainer.loop import process_start_time
 
     t = trainer_for(root, background=False, sets=LLAMA3_VOCAB + FULL_EPOCH)
     windows, bs, seed = t.splits.train, t.spec.train.batch_size, t.spec.train.seed
@@ -161,7 +160,7 @@ def _child_accelerate(root: str, position: int, iterable: bool) -> None:
     loss.backward()
     opt.step()
     sched.step()
-    print(json.dumps({"seconds": time.time() - process_start_time()}))
+    print(json.dumps({"first_step_done": time.time()}))
 
 
 def _run_timellm(root: Path, global_step: int) -> float:
@@ -174,12 +173,13 @@ def _run_timellm(root: Path, global_step: int) -> float:
     spec.write_text(spec_to_yaml(load_spec(TINY, root=str(root), sets=_sets(FULL_EPOCH))))
     beat = root / "heartbeat.json"
     env = {**os.environ, "TIMELLM_JOB_HEARTBEAT": str(beat), "TIMELLM_JOB_TEST_FAIL_AT_STEP": str(global_step + 1)}
+    launched = time.time()
     subprocess.run([sys.executable, "-m", "trainer", "run", str(spec), "--sync-saves"], cwd=REPO, env=env,
                    capture_output=True, timeout=600)
     doc = json.loads(beat.read_text())
     if (doc.get("resumed_from") or {}).get("step") != global_step:
         raise RuntimeError(f"the trainer did not resume from step {global_step}: {doc}")
-    return doc["startup"]["first_step"] - doc["startup"]["process"]
+    return doc["startup"]["first_step"] - launched
 
 
 def resume(runs: int) -> None:
@@ -197,11 +197,12 @@ def resume(runs: int) -> None:
             for _ in range(runs):
                 results.setdefault(("timellm-job", label), []).append(_run_timellm(root, gstep))
                 for kind in ("map-style", "iterable"):
+                    launched = time.time()
                     out = subprocess.run([sys.executable, __file__, "_accelerate", str(root), str(position), kind],
                                          cwd=REPO, capture_output=True, text=True, timeout=900)
                     if out.returncode != 0:
                         raise RuntimeError(out.stderr[-3000:])
-                    seconds = json.loads(out.stdout.strip().splitlines()[-1])["seconds"]
+                    seconds = json.loads(out.stdout.strip().splitlines()[-1])["first_step_done"] - launched
                     results.setdefault((f"accelerate load_state + skip_first_batches, {kind}", label), []).append(seconds)
         finally:
             shutil.rmtree(root, ignore_errors=True)
@@ -216,14 +217,14 @@ def resume(runs: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------- recovery
-PARTS = (("process start + imports", "process", "imported"), ("data + backbone", "imported", "backbone"),
+PARTS = (("data + backbone", "imported", "backbone"),
          ("model build", "backbone", "built"), ("checkpoint read + verify + restore", "built", "resumed"),
          ("first step", "resumed", "first_step"))
 
 
 def _breakdown(attempt: dict, beat: dict) -> dict[str, float]:
     marks = beat["startup"]
-    out = {"exec (fork to interpreter)": marks["process"] - attempt["started_at"]}
+    out = {"process start + imports": marks["imported"] - attempt["started_at"]}
     for name, a, b in PARTS:
         out[name] = marks[b] - marks[a]
     return out

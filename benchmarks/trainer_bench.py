@@ -1,13 +1,12 @@
 """Trainer benchmarks on the Llama-3-sized trainable state (vocabulary 128,256 -> 1,000 prototypes;
 a small random backbone, so it runs on a CPU).
 
-    python benchmarks/trainer_bench.py saves   [--runs 3] [--steps 24] [--every 6]
     python benchmarks/trainer_bench.py resume  [--runs 5]
     python benchmarks/trainer_bench.py baseline          # the tiny job vs repeat-the-last-value
 
-saves: training wall time with synchronous saves and with background saves, each divided by the
-time without saves. resume: time to the first step after resuming at the last batch of an epoch
-divided by at its first batch. baseline: the tiny job's test MSE/MAE (a fresh run) beside the
+(Saves against no saves, and against accelerate's: benchmarks/peers_bench.py stall.)
+resume: time to the first step after resuming at the last batch of an epoch divided by at its
+first batch. baseline: the tiny job's test MSE/MAE (a fresh run) beside the
 naive forecast on the same test windows.
 """
 
@@ -57,38 +56,6 @@ def step(t, batches) -> None:
     t.scheduler.step()
     t.progress.global_step += 1
     t.progress.batch = b + 1
-
-
-def saves(runs: int, steps: int, every: int) -> None:
-    from trainer.data import train_batches
-
-    results: dict[str, list[float]] = {"none": [], "sync": [], "background": []}
-    n_params = None
-    for _ in range(runs):
-        for mode in results:
-            root = tempfile.mkdtemp(prefix="save-bench-", dir="/var/tmp")
-            try:
-                t = trainer_for(root, background=(mode == "background"), sets=LLAMA3_VOCAB)
-                n_params = sum(p.numel() for p in t.model.trainable_state().values())
-                batches = train_batches(t.splits.train, t.spec.train.batch_size, 1, 0)
-                step(t, batches)  # warm-up
-                start = time.perf_counter()
-                for i in range(1, steps + 1):
-                    step(t, batches)
-                    if mode != "none" and i % every == 0:
-                        t.save("step")
-                t.saver.wait()
-                results[mode].append(time.perf_counter() - start)
-            finally:
-                shutil.rmtree(root, ignore_errors=True)
-    base = statistics.median(results["none"])
-    print(f"\nmachine: {machine()}; trainable parameters: {n_params / 1e6:.1f}M (+ Adam); "
-          f"{steps} steps, a save every {every}; median of {runs} runs\n")
-    print("| saves | wall time (s) | / no saves | target |")
-    print("| --- | ---: | ---: | --- |")
-    for mode, target in (("none", ""), ("sync", ">= 1.20 (so saves matter)"), ("background", "<= 1.03")):
-        m = statistics.median(results[mode])
-        print(f"| {mode} | {m:.1f} | {m / base:.3f} | {target} |")
 
 
 def resume(runs: int) -> None:
@@ -167,14 +134,10 @@ def baseline() -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["saves", "resume", "baseline"])
+    ap.add_argument("what", choices=["resume", "baseline"])
     ap.add_argument("--runs", type=int, default=None)
-    ap.add_argument("--steps", type=int, default=24)
-    ap.add_argument("--every", type=int, default=6)
     a = ap.parse_args()
-    if a.what == "saves":
-        saves(a.runs or 3, a.steps, a.every)
-    elif a.what == "resume":
+    if a.what == "resume":
         resume(a.runs or 5)
     else:
         baseline()

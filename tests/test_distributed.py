@@ -145,7 +145,7 @@ def test_sigterm_reaches_every_rank_and_one_preempt_checkpoint_is_committed(refe
 
 
 def test_a_stopped_rank_hangs_the_group_which_is_killed_and_restarted(reference2, tmp_path):
-    spec = quick_spec(tmp_path, train=TWO, run={"heartbeat_timeout_s": 4})
+    spec = quick_spec(tmp_path, train=TWO, run={"heartbeat_timeout_s": 8})
     job = job_dir(spec)
     proc = start(tmp_path, "submit", str(spec), **SLOW)
     attempt = running_trainer(job)

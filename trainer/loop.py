@@ -59,16 +59,6 @@ EXIT_OK, EXIT_BAD_INPUT, EXIT_SIGTERM, EXIT_SIGINT = 0, 2, 143, 130
 DOWNLOAD_LIMIT_S = 4 * 3600  # downloading 16 GB on a slow link; after it, silence reads as a hang
 
 
-def process_start_time() -> float:
-    """When this process started (the clock of time.time()), for the start-up breakdown."""
-    try:
-        import psutil
-
-        return psutil.Process().create_time()
-    except Exception:  # noqa: BLE001 - a breakdown without its first mark is still useful
-        return time.time()
-
-
 class Preempted(Exception):
     def __init__(self, signum: int):
         self.signum = signum
@@ -173,7 +163,7 @@ class Trainer:
         self.heartbeat = Heartbeat(os.environ.get("TIMELLM_JOB_HEARTBEAT") if main else None)
         self.metrics = MetricsLog(self.job, attempt, enabled=main)
         self.background_saves = background_saves
-        self.startup = {"process": process_start_time(), "imported": time.time()}  # -> the heartbeat
+        self.startup = {"imported": time.time()}  # start-up marks, to the heartbeat
         self.fail_at = int(os.environ.get("TIMELLM_JOB_TEST_FAIL_AT_STEP", "0") or 0)
         self.step_delay = float(os.environ.get("TIMELLM_JOB_TEST_STEP_DELAY_S", "0") or 0)
 
