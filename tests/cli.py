@@ -89,3 +89,19 @@ def trainer_pids() -> set[int]:
         if len(cmd) > 3 and cmd[1:4] == ["-m", "trainer", "run"]:
             out.add(p.pid)
     return out
+
+
+def resume_after_preemption(tmp: Path, spec: Path, job: Path) -> dict:
+    """After ``submit`` exited 143: exactly one preempt checkpoint, verified, at the step the
+    attempt reached; a new ``submit`` resumes from it and completes. Returns the state."""
+    doc = state(job)
+    assert doc["phase"] == "preempted", doc
+    status = json.loads(run(tmp, "status", str(spec), "--json", "--verify").stdout)
+    preempts = [c for c in status["checkpoints"] if c["kind"] == "preempt"]
+    assert len(preempts) == 1 and preempts[0]["valid"] is True, preempts
+    assert preempts[0]["step"] == doc["attempts"][-1]["end_step"]
+    result = run(tmp, "submit", str(spec))
+    assert result.returncode == 0, result.stderr
+    doc = state(job)
+    assert doc["attempts"][-1]["resumed_from"]["id"] == preempts[0]["id"]
+    return doc

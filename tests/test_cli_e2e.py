@@ -13,7 +13,7 @@ import time
 import numpy as np
 import psutil
 import pytest
-from cli import run, running_trainer, start, state, wait_for_progress, wait_for_step
+from cli import resume_after_preemption, run, running_trainer, start, state, wait_for_progress, wait_for_step
 from jobfiles import final_state, job_dir, quick_spec
 
 pytestmark = pytest.mark.slow
@@ -80,16 +80,7 @@ def test_sigterm_preempts_with_a_verified_checkpoint_and_resumes_bit_identical(r
         os.killpg(attempt["pid"], signal.SIGTERM)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 143, out
-    doc = state(job)
-    assert doc["phase"] == "preempted"
-    status = json.loads(run(tmp_path, "status", str(spec), "--json", "--verify").stdout)
-    preempts = [c for c in status["checkpoints"] if c["kind"] == "preempt"]
-    assert len(preempts) == 1 and preempts[0]["valid"] is True
-    assert preempts[0]["step"] == doc["attempts"][-1]["end_step"]
-    result = run(tmp_path, "submit", str(spec))
-    assert result.returncode == 0, result.stderr
-    doc = state(job)
-    assert doc["attempts"][-1]["resumed_from"]["id"] == preempts[0]["id"]
+    doc = resume_after_preemption(tmp_path, spec, job)
     assert doc["attempts"][-1]["backbone_source"].startswith("local-cache:")  # not built again
     assert final_state(job) == reference
 
