@@ -34,7 +34,7 @@ class MetricsLog:
         self.dirty = True
 
     def flush(self) -> None:
-        if not self.dirty or not self.enabled:
+        if not self.dirty:  # (a disabled log never is)
             return
         rel = f"{METRICS}/attempt-{self.attempt:03d}-{self.segment:04d}.jsonl"
         self.job.replace(rel, ("\n".join(self.lines) + "\n").encode())

@@ -62,15 +62,13 @@ class CheckpointSaver:
     def submit(self, snapshot: Snapshot, step: int, kind: str, progress: list[int], metadata: dict,
                wait: bool = False) -> None:
         self.wait()
-        if not self.background:
+        if not self.background or wait:
             self._write(snapshot, step, kind, progress, metadata)
             self._raise()
             return
         self._thread = threading.Thread(target=self._write, args=(snapshot, step, kind, progress, metadata),
                                         name=f"checkpoint-{step}-{kind}", daemon=True)
         self._thread.start()
-        if wait:
-            self.wait()
 
     def wait(self) -> None:
         if self._thread is not None:
