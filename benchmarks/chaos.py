@@ -32,6 +32,7 @@ for extra in (REPO, REPO / "tests", REPO / "benchmarks"):
 import psutil  # noqa: E402
 import servers  # noqa: E402
 from faulty_proxy import FaultyProxy  # noqa: E402
+from jobfiles import final_state_of as final_state  # noqa: E402
 from jobfiles import quick_spec  # noqa: E402
 
 from storage import job_store, list_checkpoints  # noqa: E402
@@ -46,19 +47,6 @@ def random_plan(events: int, seed: int) -> list[str]:
     """Mostly trainer kills; group kills, SIGTERMs, hangs and corruptions among them."""
     rng = random.Random(seed)
     return rng.choices(KINDS, weights=(70, 10, 8, 6, 6), k=events)
-
-
-def final_state(store) -> dict:
-    """The trained result (final step checkpoint's and best's hashes, test results) of a store."""
-    committed = list_checkpoints(store).committed
-    final = max((m for m in committed if m.kind == "step"), key=lambda m: m.progress)
-    best = max((m for m in committed if m.kind == "best"), key=lambda m: m.progress)
-    results = read_json(store, "results.json")
-    for k in ("best_checkpoint", "spec_hash"):
-        results.pop(k, None)
-    return {"final_model": final.files["model.safetensors"].sha256, "final_step": final.step,
-            "final_optimizer": {k: v.sha256 for k, v in final.files.items() if k.startswith("optimizer-")},
-            "best_model": best.files["model.safetensors"].sha256, "best_step": best.step, "results": results}
 
 
 @dataclass

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
 import yaml
@@ -51,15 +50,25 @@ def job_dir(spec_path: Path) -> Path:
 
 
 def final_state(job: Path) -> dict:
-    """The trained result: final step checkpoint's and best's bytes, and the results document."""
-    ckpts = sorted((job / "checkpoints").iterdir())
-    manifests = [json.loads((c / "manifest.json").read_text()) for c in ckpts if (c / "manifest.json").exists()]
-    final = max((m for m in manifests if m["kind"] == "step"), key=lambda m: m["progress"])
-    best = max((m for m in manifests if m["kind"] == "best"), key=lambda m: m["progress"])
-    results = json.loads((job / "results.json").read_text())
+    """The trained result of the job folder ``job`` (see ``final_state_of``)."""
+    from storage import job_store
+
+    return final_state_of(job_store(str(job.parent), job.name))
+
+
+def final_state_of(store) -> dict:
+    """The trained result in a job's store (any backend): the final step checkpoint's and the
+    best's hashes, and the results document."""
+    from storage import list_checkpoints
+    from storage.documents import read_json
+
+    committed = list_checkpoints(store).committed
+    final = max((m for m in committed if m.kind == "step"), key=lambda m: m.progress)
+    best = max((m for m in committed if m.kind == "best"), key=lambda m: m.progress)
+    results = read_json(store, "results.json")
     results.pop("best_checkpoint", None)
     results.pop("spec_hash", None)  # it covers data.path, which differs between tmp folders
-    return {"final_model": final["files"]["model.safetensors"]["sha256"],
-            "final_optimizer": {k: v["sha256"] for k, v in final["files"].items() if k.startswith("optimizer-")},
-            "final_step": final["step"], "best_model": best["files"]["model.safetensors"]["sha256"],
-            "best_step": best["step"], "results": results}
+    return {"final_model": final.files["model.safetensors"].sha256,
+            "final_optimizer": {k: v.sha256 for k, v in final.files.items() if k.startswith("optimizer-")},
+            "final_step": final.step, "best_model": best.files["model.safetensors"].sha256,
+            "best_step": best.step, "results": results}
