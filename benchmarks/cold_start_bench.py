@@ -1,13 +1,24 @@
-"""Cold start: time from ``submit`` to the first training step on a fresh machine state (no local
-backbone cache), without and with the job's backbone cache, on local storage and on GCS.
+"""Cold restarts: time from ``submit`` to the first training step when a job is resubmitted on a
+fresh machine (empty HF cache, empty local backbone cache), without and with the job's backbone
+cache, through local storage and the GCS emulator.
 
     python benchmarks/cold_start_bench.py [--runs 3]
+    python benchmarks/cold_start_bench.py --shape llama-3-8b --device cuda --only hub-local --runs 1
 
-A random Llama-shaped model of a few hundred MB written to a local folder stands in for the
-hub (nothing can be downloaded here); the job quantizes it to NF4. "Without": the backbone
-cache is off, so every start loads the full-precision folder and quantizes it. "With": the
-job's storage holds the cached NF4 backbone (written by an earlier start) and the machine's
-local cache is empty, as on a new Colab runtime.
+Nothing can be downloaded here, so a random Llama-shaped model written to a local folder stands
+in for the hub, reached two ways:
+
+- ``hub on 127.0.0.1``: the folder served by tests/hub_server.py (the Hugging Face Hub's file
+  protocol) and loaded by repo id with ``HF_ENDPOINT`` pointing at it, into an empty HF cache:
+  the real download path at loopback speed, the cheapest a download can be;
+- ``local folder``: ``model.backbone.pretrained`` is the folder's path: nothing to download.
+
+Every start is a resubmit of the same job after the previous one was preempted (SIGINT), so each
+resumes from a checkpoint; "without" has ``run.backbone_cache: false`` (download, or read, and
+quantize to NF4 every time), "with" has the job's cache (written by the untimed first start),
+read from the job's storage on the fresh machine. The job's step is kept small
+(``features: S``, batch 1) so start-up, not the step's compute, is measured. The breakdown columns come
+from the trainer's start-up marks in its heartbeat.
 """
 
 from __future__ import annotations
@@ -33,33 +44,47 @@ sys.path.insert(0, str(REPO / "tests"))
 from common import machine  # noqa: E402
 
 TINY = REPO.parent / "shared" / "spec" / "jobs" / "tiny-cpu.yaml"
-SHAPE = {"family": "llama", "hidden_size": 1024, "num_layers": 8, "num_heads": 16, "num_kv_heads": 4,
-         "intermediate_size": 2816, "vocab_size": 32000}
+REPO_ID = "stand-in/llama"
 
 
-def make_hub_folder(folder: Path) -> int:
+SHAPES = {  # Llama-shaped stand-ins for the hub's model ("tiny": to try the benchmark itself)
+    "tiny": {"hidden_size": 256, "num_layers": 2, "num_heads": 4, "num_kv_heads": 1,
+             "intermediate_size": 704, "vocab_size": 32000},
+    "small": {"hidden_size": 2048, "num_layers": 16, "num_heads": 32, "num_kv_heads": 8,
+              "intermediate_size": 5632, "vocab_size": 32000},
+    "llama-3-8b": {"hidden_size": 4096, "num_layers": 32, "num_heads": 32, "num_kv_heads": 8,
+                   "intermediate_size": 14336, "vocab_size": 128256},
+}
+
+
+def make_hub_folder(folder: Path, shape: str, device: str) -> int:
+    """The stand-in written as hub checkpoints are: bf16 safetensors shards, config, tokenizer."""
+    import torch
+
     from jobs.spec import RandomBackbone
     from trainer.backbone import build_random_weights, random_tokenizer
 
-    r = RandomBackbone.model_validate(SHAPE)
-    model = build_random_weights(r, r.num_layers)
-    model.save_pretrained(folder)
+    r = RandomBackbone.model_validate({"family": "llama", **SHAPES[shape]})
+    model = build_random_weights(r, r.num_layers, device, torch.bfloat16)
+    model.save_pretrained(folder, max_shard_size="5GB")
+    del model
     random_tokenizer(r.vocab_size).save_pretrained(folder)
     return sum(p.stat().st_size for p in folder.iterdir())
 
 
-def first_step_time(root: str, options: dict, hub: Path, cache: bool, env: dict) -> float:
-    """Seconds from starting ``submit`` to the first optimizer step its trainer takes (read from
-    the trainer's heartbeat, written at most every 0.5 s: that is the resolution)."""
-    name = f"cold-{uuid.uuid4().hex[:6]}" if not cache else "cold-cached"
-    sets = [f"name={name}", f"model.backbone={{pretrained: {hub}}}", "model.quantization=nf4", "model.d_ff=32",
-            f"run.backbone_cache={str(cache).lower()}", f"storage.options={json.dumps(options)}", "data.percent=5"]
+def start(root: str, options: dict, name: str, backbone: str, cache: bool, env: dict, device: str) -> dict:
+    """One submit, preempted (SIGINT) after its trainer's first step: seconds from the start of
+    ``submit`` to each of the trainer's start-up marks (``first_step``: the first optimizer step
+    done; same machine, same clock)."""
+    sets = [f"name={name}", f"model.backbone={{pretrained: {backbone}}}", "model.quantization=nf4",
+            "model.d_ff=32", f"run.backbone_cache={str(cache).lower()}", f"storage.options={json.dumps(options)}",
+            "data.percent=5", "data.features=S", "train.batch_size=1", f"train.device={device}"]
     argv = [sys.executable, "-m", "orchestrator.cli", "submit", str(TINY), "--root", root]
     for s in sets:
         argv += ["--set", s]
     work = Path(env["TIMELLM_JOB_WORKDIR"])
-    start = time.perf_counter()
-    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    t0 = time.time()
+    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
         while True:
@@ -68,52 +93,94 @@ def first_step_time(root: str, options: dict, hub: Path, cache: bool, env: dict)
                     doc = json.loads(beat.read_text())
                 except (OSError, ValueError):
                     continue
-                if "start_step" in doc and doc.get("step", 0) > doc["start_step"]:
-                    return time.perf_counter() - start
+                if "first_step" in doc.get("startup", {}):
+                    marks = {k: v - t0 for k, v in doc["startup"].items()}
+                    return {**marks, "source": doc.get("backbone_source", "")}
             if proc.poll() is not None:
-                raise RuntimeError(f"submit exited {proc.returncode}")
+                raise RuntimeError(f"submit exited {proc.returncode}: {proc.stderr.read()[-2000:]}")
             time.sleep(0.05)
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        proc.wait()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)  # preempted: the next start resumes from its checkpoint
+        proc.communicate()
+
+
+def gpu_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="small")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--only", choices=["hub-local", "folder-local", "all"], default="all",
+                    help="one stand-in with local storage (hub-local: the GPU run)")
+    ap.add_argument("--quick", action="store_true",
+                    help="no untimed first start without the cache (then a timed start has no checkpoint to read, "
+                         "which favours 'without')")
     a = ap.parse_args()
     import servers
+    from hub_server import HubServer
 
     tmp = Path(tempfile.mkdtemp(prefix="cold-", dir="/var/tmp"))
-    gcs = servers.start_gcs()
-    os.environ.update(servers.gcs_env(gcs))
+    gcs = servers.start_gcs() if a.only == "all" else None
+    if gcs:
+        os.environ.update(servers.gcs_env(gcs))
+    hub = None
     try:
-        hub_bytes = make_hub_folder(tmp / "hub")
+        hub_bytes = make_hub_folder(tmp / "hub", a.shape, a.device)
+        hub = HubServer({REPO_ID: tmp / "hub"}).start()
+        hubs = [("hub on 127.0.0.1", REPO_ID), ("local folder", str(tmp / "hub"))]
+        stores = [("local disk", str(tmp / "root"), {})]
+        if gcs:
+            stores.append(("GCS emulator", f"gs://{servers.GCS_BUCKET}/cold", servers.gcs_options(gcs)))
         rows = []
-        for label, root, options in (("local disk", str(tmp / "root"), {}),
-                                     ("GCS emulator", f"gs://{servers.GCS_BUCKET}/cold", servers.gcs_options(gcs))):
-            results = {}
-            for cache in (False, True):
-                samples = []
-                for i in range(a.runs + (1 if cache else 0)):
-                    work = tmp / f"work-{uuid.uuid4().hex[:6]}"
-                    env = {**os.environ, "TIMELLM_JOB_WORKDIR": str(work),
-                           "TIMELLM_JOB_BACKBONE_CACHE": str(tmp / f"local-{uuid.uuid4().hex[:6]}")}
-                    t = first_step_time(root, options, tmp / "hub", cache, env)
-                    if cache and i == 0:
-                        continue  # the first cached start builds and writes the cache
-                    samples.append(t)
-                results[cache] = statistics.median(samples)
-            rows.append((label, results[False], results[True]))
-        print(f"\nmachine: {machine()}; stand-in hub model: {hub_bytes / 1e6:.0f} MB fp32 "
-              f"({SHAPE['num_layers']} layers, hidden {SHAPE['hidden_size']}), quantized to NF4; "
-              f"median of {a.runs} fresh starts each\n")
-        print("| storage | submit -> first step, no cache (s) | with the job's backbone cache (s) | ratio | target |")
-        print("| --- | ---: | ---: | ---: | --- |")
-        for label, without, with_cache in rows:
-            print(f"| {label} | {without:.1f} | {with_cache:.1f} | {with_cache / without:.2f} | <= 0.5 |")
+        for hub_label, backbone in {"hub-local": hubs[:1], "folder-local": hubs[1:]}.get(a.only, hubs):
+            for label, root, options in stores:
+                for cache in (False, True):
+                    name = f"cold-{uuid.uuid4().hex[:6]}"
+                    samples = []
+                    first = 0 if a.quick and not cache else 1  # untimed: it builds (and writes the cache)
+                    for i in range(a.runs + first):
+                        fresh = tmp / f"machine-{uuid.uuid4().hex[:6]}"
+                        env = {**os.environ, "TIMELLM_JOB_WORKDIR": str(fresh / "work"),
+                               "TIMELLM_JOB_BACKBONE_CACHE": str(fresh / "backbones"),
+                               "HF_HOME": str(fresh / "hf"), "HF_ENDPOINT": hub.endpoint,
+                               "HF_HUB_DISABLE_TELEMETRY": "1"}
+                        marks = start(root, options, name, backbone, cache, env, a.device)
+                        shutil.rmtree(fresh, ignore_errors=True)
+                        print(f"{hub_label} / {label} / cache={cache} #{i}: "
+                              f"{ {k: (round(v, 2) if isinstance(v, float) else v) for k, v in marks.items()} }",
+                              flush=True)
+                        if i >= first:
+                            samples.append(marks)
+                    rows.append((hub_label, label, cache, {k: statistics.median(s[k] for s in samples)
+                                                           for k in ("imported", "backbone", "resumed", "first_step")},
+                                 samples[-1]["source"]))
+        shape = SHAPES[a.shape]
+        print(f"\nmachine: {machine()}{'; ' + gpu_name() if a.device == 'cuda' else ''}; stand-in hub model "
+              f"{a.shape!r}: {hub_bytes / 1e9:.2f} GB bf16 ({shape['num_layers']} layers, hidden "
+              f"{shape['hidden_size']}, vocab {shape['vocab_size']}), quantized to NF4 on the {a.device}; "
+              f"median of {a.runs} resubmits on a fresh machine each\n")
+        print("| hub stand-in | job storage | backbone cache | trainer imported (s) | backbone ready (s) "
+              "| resumed (s) | first step done (s) | ratio | target |")
+        print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |")
+        without = {}
+        for hub_label, label, cache, m, source in rows:
+            if not cache:
+                without[(hub_label, label)] = m["first_step"]
+            ratio = f"{m['first_step'] / without[(hub_label, label)]:.2f}" if cache else ""
+            print(f"| {hub_label} | {label} | {'on (' + source.split(':')[0] + ')' if cache else 'off'} "
+                  f"| {m['imported']:.1f} | {m['backbone']:.1f} | {m['resumed']:.1f} | {m['first_step']:.1f} "
+                  f"| {ratio} | {'<= 0.5' if cache else ''} |")
     finally:
-        gcs.stop()
+        if hub is not None:
+            hub.stop()
+        if gcs:
+            gcs.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -13,6 +13,9 @@ Invariants (tests/test_commit.py is named after them):
   first, so a committed folder holds exactly its manifest's files.
 - A crash at any point leaves earlier commits untouched; what it leaves behind has no manifest
   and is never loaded (storage.checkpoints), and is cleaned up later (storage.retention).
+- ``durable=False`` skips the files' fsyncs (the folder still appears whole or not at all to
+  running processes, but a power cut may tear it): only for copies that are verified before every use
+  and can be fetched again (a machine's copy of the backbone cache), never for checkpoints.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ def _test_pause() -> None:
 
 def commit_checkpoint(job: Store, step: int, kind: Kind, files: dict[str, Buffers], spec_hash: str,
                       progress: list[int] | None = None, metadata: dict[str, Any] | None = None,
-                      ckpt_id: str | None = None, base: str = CHECKPOINTS) -> Manifest:
+                      ckpt_id: str | None = None, base: str = CHECKPOINTS, durable: bool = True) -> Manifest:
     """Write ``files`` as ``<base>/<step>-<kind>`` (or ``<base>/<ckpt_id>``) and commit it.
 
     ``base`` is the folder of committed folders: ``checkpoints`` for training checkpoints; the
@@ -62,7 +65,7 @@ def commit_checkpoint(job: Store, step: int, kind: Kind, files: dict[str, Buffer
         work = final
         job.remove(final, recursive=True)  # leftovers of an uncommitted try
     def write(name: str) -> FileEntry:
-        written = job.write_file(f"{work}/{name}", files[name])
+        written = job.write_file(f"{work}/{name}", files[name], fsync=durable)
         _test_pause()
         return FileEntry(size=written.size, sha256=written.sha256)
 
@@ -72,7 +75,7 @@ def commit_checkpoint(job: Store, step: int, kind: Kind, files: dict[str, Buffer
                         created_at=time.time(), spec_hash=spec_hash, progress=list(progress or [step]),
                         files=entries, metadata=dict(metadata or {}))
     if job.is_local:
-        job.write_file(f"{work}/{MANIFEST}", manifest.to_bytes())
+        job.write_file(f"{work}/{MANIFEST}", manifest.to_bytes(), fsync=durable)
         job.remove(final, recursive=True)  # an uncommitted leftover (e.g. a half-done deletion)
         job.rename_dir(work, final)  # the commit point
     else:

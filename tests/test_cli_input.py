@@ -71,6 +71,21 @@ def test_malformed_spec_exits_2_naming_the_field_and_writes_nothing(tmp_path, se
     assert not (tmp_path / "root").exists() and not (tmp_path / "work").exists()
 
 
+def test_quantization_without_bitsandbytes_exits_2_naming_the_field(tmp_path):
+    """The pre-flight finds bitsandbytes without importing it (it runs before every start);
+    a machine without it is told so before anything is written."""
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text("import sys\nsys.modules['bitsandbytes'] = None\n")
+    spec = quick_spec(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = run(tmp_path, "submit", str(spec), "--set", "model.quantization=nf4", timeout=120,
+                 PYTHONPATH=str(hide))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "model.quantization: nf4 needs bitsandbytes, which is not installed" in result.stderr, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
 @pytest.mark.parametrize("text, needle", [
     ("name: [unclosed", "not valid YAML"),
     ("- a\n- b\n", "mapping"),

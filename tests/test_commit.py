@@ -90,6 +90,25 @@ def test_local_commit_leaves_no_temporary_folder(tmp_path):
     assert sorted(os.listdir(tmp_path / "job" / CHECKPOINTS / "000000001-best")) == sorted([*FILES, MANIFEST])
 
 
+def test_a_copy_committed_without_durability_skips_only_the_file_fsyncs(tmp_path, monkeypatch):
+    """durable=False (a machine's copy of the backbone cache): no file is fsynced, the folder
+    still appears by one rename and verifies; a checkpoint (the default) fsyncs every file."""
+    import storage.store as store_module
+
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(store_module.os, "fsync", lambda fd: (synced.append(fd), real(fd)))
+    job = job_store(str(tmp_path), "job")
+    copy = commit_checkpoint(job, 0, "backbone", FILES, spec_hash="x", ckpt_id="key", base="backbone", durable=False)
+    files_synced = len(synced)
+    assert load(job, copy, base="backbone") == FILES
+    assert sorted(os.listdir(tmp_path / "job" / "backbone")) == ["key"]
+    synced.clear()
+    commit_checkpoint(job, 1, "step", FILES, spec_hash="x")
+    assert files_synced == 1  # the folder's rename alone
+    assert len(synced) == len(FILES) + 1 + 1  # every file, the manifest, the folder's rename
+
+
 def test_newest_is_ordered_by_progress_not_name(backend):
     job = _job(backend)
     commit_checkpoint(job, 40, "step", FILES, spec_hash="x", progress=[40, 0])

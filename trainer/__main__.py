@@ -38,10 +38,10 @@ def main(argv=None) -> int:
         return 2
     from trainer.backbone import BackboneError
     from trainer.data import DataError
-    from trainer.loop import Trainer, watch_parent
-    from trainer.preflight import preflight
 
-    if a.command == "check":
+    if a.command == "check":  # before every start: it imports no more than it needs
+        from trainer.preflight import preflight
+
         problems = preflight(spec)
         for p in problems:
             print(p, file=sys.stderr)
@@ -61,6 +61,8 @@ def main(argv=None) -> int:
         except JobBusy as err:
             print(f"error: {err}", file=sys.stderr)
             return 3
+    from trainer.loop import Trainer, watch_parent
+
     watch_parent()
     try:
         return Trainer(spec, attempt=a.attempt, background_saves=not a.sync_saves).run()

@@ -5,7 +5,10 @@ tokenizer (transformers serializes bitsandbytes 4- and 8-bit models) and committ
 ``<job>/backbone/<key>/`` with storage's commit protocol: files first, manifest last, sizes and
 sha256. Every later start loads it instead of building again: first from a verified copy on the
 machine's disk (``~/.cache/timellm-job/backbones``, or ``TIMELLM_JOB_BACKBONE_CACHE``), else from
-the job's storage (then copied to the machine's disk).
+the job's storage (then copied to the machine's disk, from the bytes that verified, without
+fsync: the copy is verified before every use, a torn one is fetched again). The model
+is saved in shards of at most 1 GB, so reads, copies and their sha256 run on several cores.
+The trainer starts that fetch (:func:`prefetch`) before its imports and data, which it overlaps.
 
 Invariants:
 - The key covers the backbone (id or path, revision, or the random spec), ``llm_layers``, the
@@ -24,6 +27,10 @@ import json
 import os
 import sys
 import tempfile
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -35,17 +42,20 @@ from storage.retention import delete_checkpoint
 from trainer.backbone import Backbone, finish, load_backbone
 
 FORMAT = 1
+SHARD = "1GB"  # safetensors shards: verifying and copying hash (up to 4) files in parallel
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)  # without importing it (bitsandbytes takes seconds)
+    except metadata.PackageNotFoundError:
+        return "absent"
 
 
 def cache_key(model_spec, device: str) -> str:
-    versions = {"torch": torch.__version__.split("+")[0]}
-    import transformers
-
-    versions["transformers"] = transformers.__version__
+    versions = {"torch": torch.__version__.split("+")[0], "transformers": _version("transformers")}
     if model_spec.quantization != "none":
-        import bitsandbytes
-
-        versions["bitsandbytes"] = bitsandbytes.__version__
+        versions["bitsandbytes"] = _version("bitsandbytes")
     doc = {"format": FORMAT, "backbone": model_spec.backbone.model_dump(mode="json"),
            "llm_layers": model_spec.llm_layers, "quantization": model_spec.quantization,
            "device": torch.device(device).type, "versions": versions}
@@ -93,35 +103,77 @@ def _verified(store: Store, key: str) -> dict[str, bytes] | None:
         return None
 
 
-def _commit(store: Store, key: str, files: dict[str, bytes]) -> None:
+def _commit(store: Store, key: str, files: dict[str, bytes], durable: bool = True) -> bool:
+    """Commit ``files`` as the cache ``key``: True when this call wrote them."""
     try:
-        commit_checkpoint(store, 0, "backbone", files, key, ckpt_id=key, base=BACKBONE)
+        commit_checkpoint(store, 0, "backbone", files, key, ckpt_id=key, base=BACKBONE, durable=durable)
+        return True
     except FileExistsError:
-        pass  # committed meanwhile: the same bytes by construction of the key
+        return False  # committed meanwhile: the same bytes by construction of the key
 
 
-def load_cached(model_spec, device: str, job: Store) -> Backbone:
-    """The backbone from the nearest verified cache, or built (and then cached)."""
+@dataclass
+class Fetched:
+    folder: Path  # a verified copy on this machine's disk
+    source: str  # local-cache:<dir> or job-cache:<url>
+
+
+def fetch(model_spec, device: str, job: Store) -> Fetched | None:
+    """The nearest verified cache as a folder on this machine's disk (copied there from the job's
+    storage when only the job has it), or None. Storage and sha256 only, no transformers: it
+    runs on a thread while the trainer imports and reads its data (reads and sha256 release the
+    GIL)."""
     key = cache_key(model_spec, device)
+    folder = local_root() / BACKBONE / key
     local = open_store(str(local_root()))
-    files = _verified(local, key)
-    if files is not None:
-        return _load_from_folder(str(local_root() / BACKBONE / key), model_spec, device,
-                                 f"local-cache:{local_root() / BACKBONE / key}")
+    if _verified(local, key) is not None:  # (the verified bytes are let go before loading)
+        return Fetched(folder, f"local-cache:{folder}")
     files = _verified(job, key)
     if files is not None:
-        _commit(local, key, files)
-        if _verified(local, key) is not None:
-            return _load_from_folder(str(local_root() / BACKBONE / key), model_spec, device,
-                                     f"job-cache:{job.url_of(f'{BACKBONE}/{key}')}")
+        # the local copy is written from bytes that verified: it needs no second check, unless
+        # another process committed it meanwhile
+        written = _commit(local, key, files, durable=False)
+        del files
+        if written or _verified(local, key) is not None:
+            return Fetched(folder, f"job-cache:{job.url_of(f'{BACKBONE}/{key}')}")
+    return None
+
+
+def prefetch(model_spec, device: str, job: Store) -> Future:
+    """:func:`fetch` started on a daemon thread (a trainer failing meanwhile does not wait on it)."""
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(fetch(model_spec, device, job))
+        except BaseException as exc:  # raised again where the result is asked for
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name="backbone-prefetch", daemon=True).start()
+    return future
+
+
+def load_cached(model_spec, device: str, job: Store, prefetched: Future | None = None) -> Backbone:
+    """The backbone from the nearest verified cache, or built (and then cached)."""
+    import transformers  # noqa: F401  (seconds of imports, needed either way, while the prefetch reads)
+
+    if model_spec.quantization != "none":
+        import bitsandbytes  # noqa: F401
+    found = prefetched.result() if prefetched is not None else None
+    if found is None:  # (again after a prefetch: another process may have cached it since)
+        found = fetch(model_spec, device, job)
+    if found is not None:
+        return _load_from_folder(str(found.folder), model_spec, device, found.source)
+    key = cache_key(model_spec, device)
+    local = open_store(str(local_root()))
     backbone = load_backbone(model_spec, device)
     try:
         with tempfile.TemporaryDirectory(prefix="backbone-") as folder:
-            backbone.model.save_pretrained(folder)
+            backbone.model.save_pretrained(folder, max_shard_size=SHARD)
             backbone.tokenizer.save_pretrained(folder)
             files = _read_folder(Path(folder))
         _commit(job, key, files)
-        _commit(local, key, files)
+        _commit(local, key, files, durable=False)
         _say(f"backbone cached as {job.url_of(f'{BACKBONE}/{key}')} ({sum(map(len, files.values())) / 1e6:.1f} MB)")
     except (OSError, ValueError, NotImplementedError) as exc:  # a model transformers cannot serialize
         _say(f"warning: the backbone could not be cached ({exc}); later starts will build it again")
@@ -129,7 +181,7 @@ def load_cached(model_spec, device: str, job: Store) -> Backbone:
         return backbone
     # every start loads the same serialized bytes the same way, the first one included, so a
     # resumed attempt computes exactly what the first one did
-    del backbone
+    del backbone, files
     return _load_from_folder(str(local_root() / BACKBONE / key), model_spec, device, "built")
 
 

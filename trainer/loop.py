@@ -41,7 +41,7 @@ from storage.layout import RESULTS
 from trainer import distributed
 from trainer import state as ckpt_state
 from trainer.backbone import BackboneError, default_device, load_backbone
-from trainer.backbone_cache import load_cached
+from trainer.backbone_cache import load_cached, prefetch
 from trainer.data import (
     DataError,
     Splits,
@@ -172,6 +172,8 @@ class Trainer:
         spec = self.spec
         world = self.world
         self.device = distributed.init(world, default_device(spec.train.device))
+        # the cached backbone is read and verified while the rest starts (imports, data)
+        fetching = prefetch(spec.model, self.device, self.job) if spec.run.backbone_cache else None
         self.stop.device = self.device
         torch.manual_seed(spec.train.seed)
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -189,7 +191,7 @@ class Trainer:
             if (turn == 0) == world.main:
                 with self.heartbeat.keepalive(DOWNLOAD_LIMIT_S, "loading the backbone"):  # a download
                     if spec.run.backbone_cache:
-                        self.backbone = load_cached(spec.model, self.device, self.job)
+                        self.backbone = load_cached(spec.model, self.device, self.job, fetching)
                     else:
                         self.backbone = load_backbone(spec.model, self.device)
             distributed.barrier(world)
