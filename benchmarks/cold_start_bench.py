@@ -83,9 +83,12 @@ def start(root: str, options: dict, name: str, backbone: str, cache: bool, env: 
     for s in sets:
         argv += ["--set", s]
     work = Path(env["TIMELLM_JOB_WORKDIR"])
+    log = work.parent / "submit.log"  # a file, not a pipe nobody reads while it runs
+    log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
     try:
         while True:
             for beat in work.glob("*/heartbeat-*.json"):
@@ -97,12 +100,12 @@ def start(root: str, options: dict, name: str, backbone: str, cache: bool, env: 
                     marks = {k: v - t0 for k, v in doc["startup"].items()}
                     return {**marks, "source": doc.get("backbone_source", "")}
             if proc.poll() is not None:
-                raise RuntimeError(f"submit exited {proc.returncode}: {proc.stderr.read()[-2000:]}")
+                raise RuntimeError(f"submit exited {proc.returncode}: {log.read_text(errors='replace')[-2000:]}")
             time.sleep(0.05)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGINT)  # preempted: the next start resumes from its checkpoint
-        proc.communicate()
+        proc.wait()
 
 
 def gpu_name() -> str:
