@@ -79,8 +79,11 @@ def verify(job: Store, manifest: Manifest, hashes: bool = True, base: str = CHEC
     if problems or not hashes:
         return problems
     folder = f"{base}/{manifest.id}"
-    for name, entry in manifest.files.items():
-        _, digest = job.hash_file(f"{folder}/{name}")
+    names = list(manifest.files)
+    with ThreadPoolExecutor(max_workers=max(1, min(4, len(names)))) as pool:  # files in parallel, as load
+        digests = list(pool.map(lambda name: job.hash_file(f"{folder}/{name}")[1], names))
+    for name, digest in zip(names, digests, strict=True):
+        entry = manifest.files[name]
         if digest != entry.sha256:
             problems.append(f"{name}: sha256 {digest[:12]}… does not match the manifest's {entry.sha256[:12]}…")
     return problems

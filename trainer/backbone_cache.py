@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from storage import CorruptCheckpoint, Store, commit_checkpoint, load, open_store
-from storage.checkpoints import list_checkpoints, summaries
+from storage.checkpoints import list_checkpoints, summaries, verify
 from storage.layout import BACKBONE
 from storage.retention import delete_checkpoint
 from trainer.backbone import Backbone, finish, load_backbone
@@ -89,17 +89,37 @@ def _load_from_folder(folder: str, model_spec, device: str, source: str) -> Back
     return finish(model, tokenizer, model_spec, layers, source)
 
 
+def _manifest(store: Store, key: str):
+    return next((m for m in list_checkpoints(store, BACKBONE).committed if m.id == key), None)
+
+
+def _discard(store: Store, key: str, problems: list[str]) -> None:
+    _say(f"backbone cache {store.url_of(f'{BACKBONE}/{key}')} does not verify ({'; '.join(problems)}): "
+         "removing it and building again")
+    delete_checkpoint(store, key, base=BACKBONE)
+
+
+def _whole(store: Store, key: str) -> bool:
+    """The cache is committed and whole (hashed as it streams: nothing kept); a corrupt one is
+    removed (and False)."""
+    manifest = _manifest(store, key)
+    if manifest is None:
+        return False
+    problems = verify(store, manifest, base=BACKBONE)
+    if problems:
+        _discard(store, key, problems)
+    return not problems
+
+
 def _verified(store: Store, key: str) -> dict[str, bytes] | None:
     """The cache's files when committed and whole; a corrupt one is removed (and None)."""
-    manifest = next((m for m in list_checkpoints(store, BACKBONE).committed if m.id == key), None)
+    manifest = _manifest(store, key)
     if manifest is None:
         return None
     try:
         return load(store, manifest, base=BACKBONE)
     except CorruptCheckpoint as err:
-        _say(f"backbone cache {store.url_of(f'{BACKBONE}/{key}')} does not verify ({'; '.join(err.problems)}): "
-             "removing it and building again")
-        delete_checkpoint(store, key, base=BACKBONE)
+        _discard(store, key, err.problems)
         return None
 
 
@@ -126,7 +146,7 @@ def fetch(model_spec, device: str, job: Store) -> Fetched | None:
     key = cache_key(model_spec, device)
     folder = local_root() / BACKBONE / key
     local = open_store(str(local_root()))
-    if _verified(local, key) is not None:  # (the verified bytes are let go before loading)
+    if _whole(local, key):
         return Fetched(folder, f"local-cache:{folder}")
     files = _verified(job, key)
     if files is not None:
@@ -134,7 +154,7 @@ def fetch(model_spec, device: str, job: Store) -> Fetched | None:
         # another process committed it meanwhile
         written = _commit(local, key, files, durable=False)
         del files
-        if written or _verified(local, key) is not None:
+        if written or _whole(local, key):
             return Fetched(folder, f"job-cache:{job.url_of(f'{BACKBONE}/{key}')}")
     return None
 
