@@ -9,7 +9,8 @@ Invariants:
 - Nothing here touches the network, the storage or torch: checks that need them (data length,
   device, a hub backbone) belong to the trainer's pre-flight check.
 - The ``data``, ``model`` and ``train`` sections define the trained model; :func:`training_fields`
-  gives them so a resumed job can be compared with the stored one.
+  gives them so a resumed job can be compared with the stored one. The memory plan's fields
+  (``MEMORY_FIELDS``) say how a step is computed, not what is trained: they may change on resume.
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 TRAINING_SECTIONS = ("data", "model", "train")
+# How a step is computed, not what is trained: the memory plan's fields may change between
+# submits of one job (after an out-of-memory diagnosis, on another card) and are left out of
+# the spec hash and of the comparison with the stored spec.
+MEMORY_FIELDS = {"model": ("compute_dtype",), "train": ("micro_batch_size", "gradient_checkpointing")}
 
 
 class SpecError(ValueError):
@@ -123,6 +128,10 @@ class ModelSpec(_Section):
     num_tokens: int = Field(default=1000, ge=1)
     dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
     description: str | None = None
+    # the backbone's compute dtype (bitsandbytes' compute dtype and its activations; the trainable
+    # layers stay fp32). auto: bf16 on a GPU with native bf16 (compute capability >= 8.0), fp16
+    # on older GPUs (T4, V100; with dynamic loss scaling), fp32 on a CPU.
+    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
 
     @model_validator(mode="after")
     def _layers_exist(self) -> ModelSpec:
@@ -143,6 +152,20 @@ class TrainSpec(_Section):
     # processes under torchrun (DDP; one per GPU, gloo on CPU). batch_size is the global batch:
     # each process trains on batch_size / nproc samples of it.
     nproc: int = Field(default=1, ge=1, le=64)
+    # samples per forward/backward pass in each process; gradients of the micro-batches of a
+    # batch are accumulated into one optimizer step. None: the whole batch; auto: planned on
+    # the card once (trainer.memory) and reused by every resume on it.
+    micro_batch_size: int | Literal["auto"] | None = Field(default=None)
+    # recompute the frozen backbone's activations in the backward pass (non-reentrant).
+    # auto: on for GPUs with less than 40 GiB.
+    gradient_checkpointing: bool | Literal["auto"] = "auto"
+
+    @field_validator("micro_batch_size")
+    @classmethod
+    def _micro_positive(cls, v):
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be a positive number of samples, or auto")
+        return v
 
 
 class PreemptionNotice(_Section):
@@ -195,6 +218,13 @@ class JobSpec(_Section):
         if self.train.batch_size % self.train.nproc:
             problems.append(f"train.batch_size: {self.train.batch_size} does not split evenly across "
                             f"train.nproc ({self.train.nproc}) processes")
+        micro = self.train.micro_batch_size
+        per_process = self.train.batch_size // self.train.nproc
+        if isinstance(micro, int) and per_process % micro:
+            where = f"the {per_process} samples each of train.nproc ({self.train.nproc}) processes takes of " \
+                if self.train.nproc > 1 else ""
+            problems.append(f"train.micro_batch_size: {micro} does not divide {where}train.batch_size "
+                            f"({self.train.batch_size}); use a divisor, or auto")
         if problems:
             raise SpecError(problems)
         return self
@@ -308,10 +338,14 @@ def training_fields(spec: JobSpec) -> dict[str, Any]:
 
 def without_new_defaults(fields: dict[str, Any]) -> dict[str, Any]:
     """Training sections (of a spec, or as stored by an earlier submit) without the fields that
-    are at a default added after jobs existed."""
+    are at a default added after jobs existed, and without the memory plan's fields."""
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in fields.items()}
     if isinstance(out.get("train"), dict) and out["train"].get("nproc") == 1:
         del out["train"]["nproc"]
+    for section, names in MEMORY_FIELDS.items():
+        if isinstance(out.get(section), dict):
+            for name in names:
+                out[section].pop(name, None)
     return out
 
 

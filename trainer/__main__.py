@@ -2,7 +2,7 @@
 
 import: commit an upstream Time-LLM checkpoint as the job's (exit 2 when it does not fit).
 run: train the job (resuming from its newest verified checkpoint); exit 0 done, 2 bad input,
-143/130 preempted by SIGTERM/SIGINT, 1 anything else.
+4 out of memory (the diagnosis is the last line), 143/130 preempted by SIGTERM/SIGINT, 1 anything else.
 check: the pre-flight checks that need torch or the data (device, data length, backbone folder);
 prints nothing and exits 0 when all is well, else one line per problem and exit 2.
 """
@@ -10,6 +10,7 @@ prints nothing and exits 0 when all is well, else one line per problem and exit 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from jobs import SpecError, load_spec
@@ -26,6 +27,8 @@ def _args(argv):
     ap.add_argument("--set", dest="sets", action="append", default=[])
     ap.add_argument("--attempt", type=int, default=1)
     ap.add_argument("--sync-saves", action="store_true", help="save checkpoints on the training thread")
+    ap.add_argument("--memory-plan", type=json.loads, default=None,
+                    help="run: the memory plan of the job's last attempt (JSON), with 'oom' if it ran out")
     return ap.parse_args(argv)
 
 
@@ -65,7 +68,8 @@ def main(argv=None) -> int:
 
     watch_parent()
     try:
-        return Trainer(spec, attempt=a.attempt, background_saves=not a.sync_saves).run()
+        return Trainer(spec, attempt=a.attempt, background_saves=not a.sync_saves,
+                       previous_plan=a.memory_plan).run()
     except (DataError, BackboneError) as err:
         print(f"bad input: {err}", file=sys.stderr, flush=True)
         return 2

@@ -6,8 +6,9 @@ Invariants:
 - A random backbone is a pure function of its spec (seeded, no download); its tokenizer is
   built locally from a fixed word list, so prompts tokenize the same everywhere.
 - Quantization goes through transformers' BitsAndBytesConfig: nf4 with double quantization,
-  compute in bf16 on GPU and fp32 on CPU; int8 through LLM.int8. ``none`` keeps fp32 on CPU,
-  bf16 on GPU.
+  int8 through LLM.int8. The compute dtype (bitsandbytes' and the dtype of every weight left
+  unquantized, hence of the activations) is ``model.compute_dtype`` resolved for the device by
+  trainer.memory: by default bf16 on a GPU with native bf16, fp16 on older GPUs, fp32 on CPU.
 - Every backbone parameter is frozen (requires_grad False) and the module is in eval mode.
 - The global RNG is left untouched (random weights come from a forked RNG).
 """
@@ -71,15 +72,22 @@ def random_tokenizer(vocab_size: int):
                                    additional_special_tokens=_SPECIALS[4:])
 
 
-def quantization_config(quantization: str, on_gpu: bool):
+def quantization_config(quantization: str, compute: torch.dtype):
     if quantization == "none":
         return None
     from transformers import BitsAndBytesConfig
 
     if quantization == "nf4":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=torch.bfloat16 if on_gpu else torch.float32)
+                                  bnb_4bit_compute_dtype=compute)
     return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def compute_dtype_of(model_spec, device: str) -> torch.dtype:
+    """The backbone's compute dtype on ``device``: ``model.compute_dtype`` resolved for its card."""
+    from trainer.memory import DTYPES, card_of, compute_dtype
+
+    return DTYPES[compute_dtype(model_spec.compute_dtype, card_of(device))]
 
 
 def _random_config(r, layers: int):
@@ -126,8 +134,8 @@ def load_backbone(model_spec, device: str) -> Backbone:
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     on_gpu = device.startswith("cuda")
-    quant = quantization_config(model_spec.quantization, on_gpu)
-    dtype = torch.bfloat16 if on_gpu else torch.float32
+    dtype = compute_dtype_of(model_spec, device)
+    quant = quantization_config(model_spec.quantization, dtype)
     spec = model_spec.backbone
     if spec.random is not None:
         depth = spec.random.num_layers

@@ -12,7 +12,7 @@ The trainer starts that fetch (:func:`prefetch`) before its imports and data, wh
 
 Invariants:
 - The key covers the backbone (id or path, revision, or the random spec), ``llm_layers``, the
-  quantization, the device type and the torch / transformers / bitsandbytes versions: a cache
+  quantization, the compute dtype (when not the device's old default), the device type and the torch / transformers / bitsandbytes versions: a cache
   built for anything else is never used.
 - A cache is used only after its files verify against its manifest; a corrupt or partial one
   is reported, removed and rebuilt.
@@ -39,7 +39,7 @@ from storage import CorruptCheckpoint, Store, commit_checkpoint, load, open_stor
 from storage.checkpoints import list_checkpoints, summaries, verify
 from storage.layout import BACKBONE
 from storage.retention import delete_checkpoint
-from trainer.backbone import Backbone, finish, load_backbone
+from trainer.backbone import Backbone, compute_dtype_of, finish, load_backbone
 
 FORMAT = 1
 SHARD = "1GB"  # safetensors shards: verifying and copying hash (up to 4) files in parallel
@@ -59,6 +59,9 @@ def cache_key(model_spec, device: str) -> str:
     doc = {"format": FORMAT, "backbone": model_spec.backbone.model_dump(mode="json"),
            "llm_layers": model_spec.llm_layers, "quantization": model_spec.quantization,
            "device": torch.device(device).type, "versions": versions}
+    dtype = compute_dtype_of(model_spec, device)
+    if dtype != (torch.bfloat16 if device.startswith("cuda") else torch.float32):  # keys made before it stay
+        doc["compute_dtype"] = str(dtype)
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -78,8 +81,7 @@ def _read_folder(folder: Path) -> dict[str, bytes]:
 def _load_from_folder(folder: str, model_spec, device: str, source: str) -> Backbone:
     from transformers import AutoModel, AutoTokenizer
 
-    on_gpu = device.startswith("cuda")
-    dtype = torch.bfloat16 if on_gpu else torch.float32
+    dtype = compute_dtype_of(model_spec, device)
     kwargs = {"device_map": device} if model_spec.quantization != "none" else {}
     model = AutoModel.from_pretrained(folder, dtype=dtype, **kwargs)
     if model_spec.quantization == "none":

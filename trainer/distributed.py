@@ -71,6 +71,14 @@ def wrap(world: World, model: torch.nn.Module, device: str) -> torch.nn.Module:
     return DistributedDataParallel(model, device_ids=ids)
 
 
+def no_sync(world: World, model: torch.nn.Module, last: bool):
+    """Around a micro-batch's backward pass: gradients are averaged across ranks only with the
+    last micro-batch of a step (DDP's ``no_sync`` before it)."""
+    import contextlib
+
+    return model.no_sync() if world.distributed and not last else contextlib.nullcontext()
+
+
 def _tensor(values: list[float], device: str) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float64, device=device if device.startswith("cuda") else "cpu")
 

@@ -7,6 +7,14 @@ Lifecycle of one trainer process (it knows nothing of restarts; it only resumes)
                      -> validate -> early stopping [best checkpoint at a new low]
           -> final step checkpoint -> reload best (verified) -> test -> results.json -> exit 0
     SIGTERM/SIGINT at any point: finish the step, commit a preempt checkpoint, exit 143/130.
+    Out of memory (CUDA, or no memory plan fits): report the diagnosis, exit 4.
+
+One optimizer step sees the global ``train.batch_size``, however it is computed: the memory
+plan (trainer.memory, decided after resuming and before the first step) splits each process's
+share into micro-batches whose losses, weighted by their share, are backpropagated one after
+the other into the same gradients; fp16 compute scales the loss (torch.amp.GradScaler, its
+state in every checkpoint); the backbone's blocks may be recomputed in the backward pass
+(trainer.grad_checkpointing). Checkpoints are taken between optimizer steps only.
 
 Invariants:
 - Everything that influences the result is in the checkpoint (trainer.state), and the data order
@@ -38,10 +46,11 @@ from storage import job_store, list_checkpoints, load_newest
 from storage.checkpoints import CorruptCheckpoint, Loaded, load
 from storage.documents import read_json, write_json
 from storage.layout import RESULTS
-from trainer import distributed
+from trainer import distributed, memory
 from trainer import state as ckpt_state
 from trainer.backbone import BackboneError, default_device, load_backbone
 from trainer.backbone_cache import load_cached, prefetch
+from trainer.grad_checkpointing import set_gradient_checkpointing
 from trainer.data import (
     DataError,
     Splits,
@@ -55,7 +64,7 @@ from trainer.model import TimeLLM
 from trainer.reporting import Heartbeat, MetricsLog, ProgressLine
 from trainer.saver import CheckpointSaver
 
-EXIT_OK, EXIT_BAD_INPUT, EXIT_SIGTERM, EXIT_SIGINT = 0, 2, 143, 130
+EXIT_OK, EXIT_BAD_INPUT, EXIT_OUT_OF_MEMORY, EXIT_SIGTERM, EXIT_SIGINT = 0, 2, 4, 143, 130
 DOWNLOAD_LIMIT_S = 4 * 3600  # downloading 16 GB on a slow link; after it, silence reads as a hang
 
 
@@ -153,8 +162,11 @@ def evaluate(model, windows, batch_size: int, device: str, features: str, stop: 
 
 
 class Trainer:
-    def __init__(self, spec: JobSpec, attempt: int = 1, background_saves: bool = True):
+    def __init__(self, spec: JobSpec, attempt: int = 1, background_saves: bool = True,
+                 previous_plan: dict | None = None):
         self.spec, self.attempt = spec, attempt
+        self.previous_plan = previous_plan  # the memory plan of the job's last attempt (its state)
+        self.plan: memory.MemoryPlan | None = None
         self.hash = spec_hash(spec)
         self.job = job_store(spec.storage.root, spec.name, spec.storage.options)
         self.world = distributed.from_env()
@@ -172,6 +184,8 @@ class Trainer:
         spec = self.spec
         world = self.world
         self.device = distributed.init(world, default_device(spec.train.device))
+        self.card = memory.card_of(self.device)
+        self.compute_dtype = memory.compute_dtype(spec.model.compute_dtype, self.card)
         # the cached backbone is read and verified while the rest starts (imports, data)
         fetching = prefetch(spec.model, self.device, self.job) if spec.run.backbone_cache else None
         self.stop.device = self.device
@@ -207,6 +221,9 @@ class Trainer:
         self.optimizer = torch.optim.Adam(params, lr=spec.train.learning_rate)
         self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
             self.optimizer, max_lr=spec.train.learning_rate, total_steps=self.total_steps, pct_start=0.2)
+        # dynamic loss scaling for fp16 compute (disabled, it is the identity)
+        self.scaler = torch.amp.GradScaler(torch.device(self.device).type, enabled=self.compute_dtype == "fp16")
+        self.batch_per_process = spec.train.batch_size // world.size
         self.progress = ckpt_state.Progress()
         self.host_buffers = ckpt_state.HostBuffers()
         self.saver = CheckpointSaver(self.job, self.hash, spec.storage.save_total_limit,
@@ -229,7 +246,8 @@ class Trainer:
         resumed = None
         if loaded is not None:
             snap = ckpt_state.read_files(loaded.files)
-            self.progress = ckpt_state.restore(snap, self.model, self.optimizer, self.scheduler, self.world.rank)
+            self.progress = ckpt_state.restore(snap, self.model, self.optimizer, self.scheduler, self.world.rank,
+                                               self.scaler)
             resumed = {"id": loaded.manifest.id, "step": loaded.manifest.step}
             if self.world.main:
                 print(f"resumed from checkpoint {loaded.manifest.id} (step {loaded.manifest.step}, "
@@ -238,6 +256,43 @@ class Trainer:
         self.startup["resumed"] = time.time()
         self.heartbeat.beat(force=True, phase="training", resumed_from=resumed, skipped=skipped, step=p.global_step,
                             start_step=p.global_step, epoch=p.epoch, total_steps=self.total_steps)
+
+    # ------------------------------------------------------------------ memory
+    def plan_memory(self) -> None:
+        """Decide the memory plan (rank 0 decides, every rank follows) and put it in force."""
+        plan = None
+        if self.world.main:
+            probe = self._probe if self.card.gpu else None
+            checkpointing = memory.checkpointing(self.spec.train.gradient_checkpointing, self.card)
+            plan = memory.decide(self.spec, self.card, self.compute_dtype, checkpointing, self.batch_per_process,
+                                 self.previous_plan, probe)
+        self.plan = distributed.broadcast(self.world, plan)
+        set_gradient_checkpointing(self.backbone.model, self.plan.gradient_checkpointing)
+        if self.world.main:
+            print(f"memory plan: {self.plan.describe()}", file=sys.stderr, flush=True)
+        self.heartbeat.beat(force=True, memory_plan=self.plan.to_json())
+
+    def _probe(self, micro: int, checkpointing: bool) -> int:
+        """Peak GPU memory of one forward + backward at ``micro`` samples (plus the optimizer's
+        moments, when they do not exist yet); leaves no trace in the training state."""
+        set_gradient_checkpointing(self.backbone.model, checkpointing)
+        _, (x, y, _) = next(iter(train_batches(self.splits.train, micro, self.spec.train.seed, 0, 0)))
+        params = list(self.model.trainable_state().values())
+        with memory.no_trace(self.device):
+            torch.cuda.reset_peak_memory_stats(self.device)
+            try:
+                out = self.model(x.to(self.device))
+                loss = torch.nn.functional.mse_loss(_target(out, self.spec.data.features),
+                                                    _target(y.to(self.device), self.spec.data.features))
+                loss.backward()
+                del out, loss
+                peak = memory.peak_bytes(self.device)
+            finally:
+                for param in params:
+                    param.grad = None
+        if not self.optimizer.state:
+            peak += 2 * sum(param.numel() * param.element_size() for param in params)  # Adam's moments
+        return peak
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, kind: str, wait: bool = False) -> None:
@@ -249,9 +304,10 @@ class Trainer:
             # a slow store is not a hang: beat while waiting on a write, for one heartbeat timeout
             with self.heartbeat.keepalive(self.spec.run.heartbeat_timeout_s, "checkpoint write"):
                 self.saver.wait()  # the host buffers are reused: the previous write must be done
-                snap = ckpt_state.capture(self.model, self.optimizer, self.scheduler, p, self.host_buffers, rng)
+                extra = {"scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}
+                snap = ckpt_state.capture(self.model, self.optimizer, self.scheduler, p, self.host_buffers, rng, extra)
                 meta = {"epoch": p.epoch, "batch": p.batch, "best_val": p.best_val, "attempt": self.attempt,
-                        "scaling": self.scaling}
+                        "scaling": self.scaling, "memory_plan": self.plan.to_json() if self.plan else None}
                 if kind == "best":
                     meta["val_loss"] = p.best_val
                 self.saver.submit(snap, p.global_step, kind, p.order(), meta, wait=wait)
@@ -260,26 +316,47 @@ class Trainer:
             distributed.barrier(self.world)
 
     # ------------------------------------------------------------------ the loop
+    def optimizer_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """One optimizer step over this process's share of a batch, in micro-batches; returns
+        the share's loss and whether the loss scaler skipped the step (inf/nan gradients)."""
+        features, n, micro = self.spec.data.features, x.shape[0], self.plan.micro_batch_size
+        self.optimizer.zero_grad(set_to_none=True)
+        total = None
+        for start in range(0, n, micro):
+            xs, ys = x[start:start + micro].to(self.device), y[start:start + micro].to(self.device)
+            with distributed.no_sync(self.world, self.train_model, last=start + micro >= n):
+                loss = torch.nn.functional.mse_loss(_target(self.train_model(xs), features), _target(ys, features))
+                if micro < n:  # the batch's mean: every micro-batch holds the same number of values
+                    loss = loss * (xs.shape[0] / n)
+                self.scaler.scale(loss).backward()
+            total = loss.detach() if total is None else total + loss.detach()
+        if not self.scaler.is_enabled():
+            self.optimizer.step()
+            return total, False
+        scale = self.scaler.get_scale()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return total, self.scaler.get_scale() < scale
+
     def train_epoch(self, progress_line: ProgressLine) -> None:
         spec, p, world = self.spec, self.progress, self.world
         for b, (x, y, _) in train_batches(self.splits.train, spec.train.batch_size, spec.train.seed, p.epoch, p.batch,
                                           world.rank, world.size):
-            x, y = x.to(self.device), y.to(self.device)
-            out = self.train_model(x)
-            loss = torch.nn.functional.mse_loss(_target(out, spec.data.features), _target(y, spec.data.features))
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            self.scheduler.step()
+            loss, skipped = self.optimizer_step(x, y)
+            self.scheduler.step()  # the schedule follows the data, skipped steps included
             p.global_step += 1
             p.batch = b + 1
+            p.skipped_steps += skipped
             lr = self.scheduler.get_last_lr()[0]
-            loss_v = distributed.mean(world, float(loss.detach()), self.device)  # the global batch's loss
+            loss_v = distributed.mean(world, float(loss), self.device)  # the global batch's loss
             if not math.isfinite(loss_v):
                 raise FloatingPointError(f"loss became {loss_v} at step {p.global_step}")
-            self.metrics.add(step=p.global_step, epoch=p.epoch, loss=loss_v, lr=lr)
+            self.metrics.add(step=p.global_step, epoch=p.epoch, loss=loss_v, lr=lr,
+                             **({"skipped": True} if skipped else {}))
             progress_line.update(p.global_step, p.epoch, loss_v, lr)
-            self.heartbeat.beat(step=p.global_step, epoch=p.epoch, loss=loss_v, lr=lr)
+            self.heartbeat.beat(step=p.global_step, epoch=p.epoch, loss=loss_v, lr=lr,
+                                **({"peak_bytes": memory.peak_bytes(self.device)} if self.card.gpu else {}),
+                                **({"skipped_steps": p.skipped_steps} if skipped else {}))
             if "first_step" not in self.startup:
                 self.startup["first_step"] = time.time()
                 self.heartbeat.beat(force=True, startup=self.startup)
@@ -356,6 +433,7 @@ class Trainer:
             self.build()
             self.stop.check()
             self.resume()
+            self.plan_memory()
             spec, p = self.spec, self.progress
             line = ProgressLine(self.total_steps, p.global_step, quiet=not self.world.main)
             while p.epoch < spec.train.epochs and not p.stopped_early:
@@ -367,6 +445,8 @@ class Trainer:
             return EXIT_OK
         except Preempted as pre:
             return self._preempted(pre.signum)
+        except (torch.OutOfMemoryError, memory.OutOfPlans) as exc:
+            return self._out_of_memory(exc)
         except BaseException as exc:
             p = getattr(self, "progress", None)
             bad_input = isinstance(exc, (DataError, BackboneError))
@@ -374,6 +454,17 @@ class Trainer:
                                 exit_code=EXIT_BAD_INPUT if bad_input else 1,
                                 **({"step": p.global_step, "epoch": p.epoch} if p else {}))
             raise
+
+    def _out_of_memory(self, exc: BaseException) -> int:
+        """A diagnosis, not a crash: what ran out, at which plan, and what to change."""
+        card = getattr(self, "card", None) or memory.card_of(getattr(self, "device", "cpu"))
+        planning = str(exc) if isinstance(exc, memory.OutOfPlans) else None
+        diag = memory.diagnose(self.spec, self.plan, card, getattr(self, "device", "cpu"), planning)
+        p = getattr(self, "progress", None)
+        print(diag["reason"], file=sys.stderr, flush=True)
+        self.heartbeat.beat(force=True, phase="crashed", oom=diag, error=diag["reason"][:500],
+                            exit_code=EXIT_OUT_OF_MEMORY, **({"step": p.global_step, "epoch": p.epoch} if p else {}))
+        return EXIT_OUT_OF_MEMORY
 
     def _preempted(self, signum: int) -> int:
         p = getattr(self, "progress", None)

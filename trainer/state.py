@@ -8,8 +8,9 @@ Files of a training checkpoint:
 - ``rng.safetensors``: the torch RNG states (``rng.torch``, ``rng.cuda.<d>``); in a run of
   several processes, rank r > 0's as ``rng.rank<r>.torch`` and ``rng.rank<r>.cuda.<d>``.
 - ``trainer_state.json``: progress (epoch, batch in epoch, global step, stage), the optimizer's
-  non-tensor state and param groups, the LR scheduler, early stopping, the python and numpy
-  RNG states (rank r > 0's under ``rng_ranks.<r>``), the validation history.
+  non-tensor state and param groups, the LR scheduler, the fp16 loss scaler (``scaler``, when
+  one is in use), early stopping, the python and numpy RNG states (rank r > 0's under
+  ``rng_ranks.<r>``), the validation history, and the memory plan it was trained under.
 
 Invariants: ``capture`` copies every tensor to host memory (after it, training may mutate the
 live tensors); ``restore`` puts back exactly what ``capture`` saw, bit for bit.
@@ -43,6 +44,7 @@ class Progress:
     best_step: int | None = None
     bad_epochs: int = 0  # epochs since the best (early stopping)
     stopped_early: bool = False
+    skipped_steps: int = 0  # optimizer steps the fp16 loss scaler skipped (inf/nan gradients)
     history: list[dict] = field(default_factory=list)  # one entry per validated epoch
 
     def order(self) -> list[int]:
@@ -132,7 +134,8 @@ class HostBuffers:
 
 
 def capture(model, optimizer, scheduler, progress: Progress, buffers: HostBuffers | None = None,
-            rng: list[tuple[dict[str, torch.Tensor], dict[str, Any]]] | None = None) -> Snapshot:
+            rng: list[tuple[dict[str, torch.Tensor], dict[str, Any]]] | None = None,
+            extra: dict[str, Any] | None = None) -> Snapshot:
     """Copy the training state to host memory (the only part of a save on the training path).
 
     With ``buffers``, the copies land in reused host tensors: the caller must not capture again
@@ -149,7 +152,8 @@ def capture(model, optimizer, scheduler, progress: Progress, buffers: HostBuffer
         rng_tensors.update({f"rng.rank{r}.{k[len('rng.'):]}": v for k, v in tensors.items()})
     if torch.cuda.is_available():
         torch.cuda.synchronize()  # the non-blocking copies have landed
-    doc = {"progress": asdict(progress), "optimizer": opt_doc, "scheduler": scheduler.state_dict(), "rng": rng_doc}
+    doc = {"progress": asdict(progress), "optimizer": opt_doc, "scheduler": scheduler.state_dict(), "rng": rng_doc,
+           **(extra or {})}
     if len(ranks) > 1:
         doc["rng_ranks"] = {str(r): d for r, (_, d) in enumerate(ranks[1:], start=1)}
     doc = json.loads(json.dumps(doc))  # a deep copy, and proof that it is plain JSON
@@ -182,13 +186,15 @@ def _rank_rng(snapshot: Snapshot, rank: int) -> tuple[dict[str, torch.Tensor], d
     return tensors, doc
 
 
-def restore(snapshot: Snapshot, model, optimizer, scheduler, rank: int = 0) -> Progress:
-    """Put a snapshot back into live objects (the RNG state of ``rank``); returns the progress
-    to continue from."""
+def restore(snapshot: Snapshot, model, optimizer, scheduler, rank: int = 0, scaler=None) -> Progress:
+    """Put a snapshot back into live objects (the RNG state of ``rank``; the loss scaler's state
+    when both the checkpoint and this run scale the loss); returns the progress to continue from."""
     load_trainable(model, snapshot.model)
     opt_tensors = {k: v for k, v in snapshot.optimizer.items() if k.startswith("state.")}
     optimizer.load_state_dict(_join_optimizer(opt_tensors, snapshot.doc["optimizer"]))
     scheduler.load_state_dict(snapshot.doc["scheduler"])
+    if scaler is not None and scaler.is_enabled() and snapshot.doc.get("scaler"):
+        scaler.load_state_dict(snapshot.doc["scaler"])
     rng_restore(*_rank_rng(snapshot, rank))
     return Progress(**snapshot.doc["progress"])
 

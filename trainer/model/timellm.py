@@ -59,7 +59,8 @@ class TimeLLM(nn.Module):
         inputs = torch.cat([prompt_emb, reprogrammed.to(prompt_emb.dtype)], dim=1)
         full_mask = torch.cat([mask, torch.ones(b * n, self.n_patches, dtype=mask.dtype)], dim=1).to(device)
         positions = (full_mask.cumsum(dim=1) - 1).clamp(min=0)            # left padding keeps positions from 0
-        hidden = llm(inputs_embeds=inputs, attention_mask=full_mask, position_ids=positions).last_hidden_state
+        hidden = llm(inputs_embeds=inputs, attention_mask=full_mask, position_ids=positions,
+                     use_cache=False).last_hidden_state  # training keeps no key/value cache
         features = hidden[:, -self.n_patches:, : self.d_ff].float()       # [B*N, P, d_ff]
         features = features.reshape(b, n, self.n_patches, self.d_ff).permute(0, 1, 3, 2)  # [B, N, d_ff, P]
         forecast = self.output_projection(features).permute(0, 2, 1)       # [B, H, N]
