@@ -31,6 +31,7 @@ for extra in (REPO, REPO / "tests", REPO / "benchmarks"):
 
 import psutil  # noqa: E402
 import servers  # noqa: E402
+from common import with_faults  # noqa: E402
 from faulty_proxy import FaultyProxy  # noqa: E402
 from jobfiles import final_state_of as final_state  # noqa: E402
 from jobfiles import quick_spec  # noqa: E402
@@ -72,13 +73,13 @@ class Chaos:
                                     "backoff_max_s": 2.0, "crash_loop_limit": 5})
         os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"  # else gcsfs waits 60 s per call here
         self.store = job_store(self.root, "chaos", servers.gcs_options(self.gcs))  # observer: no faults
-        self.env = {**os.environ, **servers.gcs_env(self.gcs), "STORAGE_EMULATOR_HOST": self.proxy.url,
+        self.env = with_faults({**os.environ, **servers.gcs_env(self.gcs), "STORAGE_EMULATOR_HOST": self.proxy.url,
                     "PYTHONUNBUFFERED": "1",
                     "TIMELLM_JOB_WORKDIR": str(self.folder / "work"), "TIMELLM_JOB_LEASE_TTL_S": "6",
                     "TIMELLM_JOB_BACKBONE_CACHE": str(self.folder / "backbones"),
                     "TIMELLM_JOB_HEARTBEAT_INTERVAL_S": "0",
                     "TIMELLM_JOB_TEST_STEP_DELAY_S": str(self.step_delay),
-                    "TIMELLM_JOB_TEST_WRITE_DELAY_S": str(self.write_delay)}
+                    "TIMELLM_JOB_TEST_WRITE_DELAY_S": str(self.write_delay)})
         self.submit: subprocess.Popen | None = None
         self.submits = 0
         self.corrupted: dict[str, float] = {}  # checkpoint id -> when its bytes were flipped

@@ -8,6 +8,15 @@ import statistics
 import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
+
+FAULTS = Path(__file__).resolve().parents[1] / "tests" / "faults"
+
+
+def with_faults(env: dict[str, str]) -> dict[str, str]:
+    """``env`` with the test-only fault injection (tests/faults) loaded by every child process:
+    the TIMELLM_JOB_TEST_* variables act only then."""
+    return {**env, "PYTHONPATH": os.pathsep.join(p for p in (str(FAULTS), env.get("PYTHONPATH")) if p)}
 
 
 def machine() -> str:

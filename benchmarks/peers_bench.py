@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 for extra in (REPO, REPO / "benchmarks", REPO / "tests"):
     sys.path.insert(0, str(extra))
 
-from common import machine  # noqa: E402
+from common import machine, with_faults  # noqa: E402
 from trainer_bench import LLAMA3_VOCAB, TINY, step, trainer_for  # noqa: E402
 
 FULL_EPOCH = ["--set", "data.percent=100"]
@@ -172,7 +172,8 @@ def _run_timellm(root: Path, global_step: int) -> float:
 
     spec.write_text(spec_to_yaml(load_spec(TINY, root=str(root), sets=_sets(FULL_EPOCH))))
     beat = root / "heartbeat.json"
-    env = {**os.environ, "TIMELLM_JOB_HEARTBEAT": str(beat), "TIMELLM_JOB_TEST_FAIL_AT_STEP": str(global_step + 1)}
+    env = with_faults({**os.environ, "TIMELLM_JOB_HEARTBEAT": str(beat),
+                       "TIMELLM_JOB_TEST_FAIL_AT_STEP": str(global_step + 1)})
     launched = time.time()
     subprocess.run([sys.executable, "-m", "trainer", "run", str(spec), "--sync-saves"], cwd=REPO, env=env,
                    capture_output=True, timeout=600)
@@ -242,8 +243,9 @@ def recovery(runs: int) -> None:
                 "family": "llama", "hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 4,
                 "intermediate_size": 128, "vocab_size": 128256, "seed": 0}}, "num_tokens": 1000},
                 train={"epochs": 50, "patience": 1000}, storage={"save_steps": 5})
-            env = {**os.environ, "TIMELLM_JOB_WORKDIR": str(folder / "work"), "TIMELLM_JOB_HEARTBEAT_INTERVAL_S": "0",
-                   "TIMELLM_JOB_BACKBONE_CACHE": str(folder / "backbones"), "TIMELLM_JOB_TEST_STEP_DELAY_S": "0.05"}
+            env = with_faults({**os.environ, "TIMELLM_JOB_WORKDIR": str(folder / "work"),
+                               "TIMELLM_JOB_HEARTBEAT_INTERVAL_S": "0", "TIMELLM_JOB_BACKBONE_CACHE": str(folder / "backbones"),
+                               "TIMELLM_JOB_TEST_STEP_DELAY_S": "0.05"})
             proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "submit", str(spec)], cwd=REPO,
                                     env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                     start_new_session=True)

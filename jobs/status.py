@@ -50,6 +50,8 @@ class Attempt(BaseModel):
     end_step: int | None = None
     skipped_checkpoints: list[str] = Field(default_factory=list)
     backbone_source: str | None = None
+    memory_plan: dict[str, Any] | None = None  # the plan the trainer made (trainer.memory), with peak_bytes
+    oom: dict[str, Any] | None = None  # the trainer's out-of-memory diagnosis, when it ran out
 
 
 class Best(BaseModel):
@@ -94,6 +96,21 @@ class JobStatus(BaseModel):
     metrics: dict[str, Any] | None = None
     updated_at: float | None = None
     spec_hash: str | None = None
+    memory_plan: dict[str, Any] | None = None  # the plan in force: the newest attempt's
 
     def to_json_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+
+GiB = 1024**3
+
+
+def describe_plan(plan: dict[str, Any]) -> str:
+    """A memory plan (``memory_plan`` of the status and its attempts) in one line for people."""
+    mem = f" ({plan['total_bytes'] / GiB:.1f} GiB)" if plan.get("total_bytes") else ""
+    peaks = [f"{label} {plan[key] / GiB:.2f} GiB" for key, label in (("probe_peak_bytes", "probed peak"),
+                                                                     ("peak_bytes", "peak")) if plan.get(key)]
+    return (f"micro-batch {plan.get('micro_batch_size')} of {plan.get('batch_per_process')}, gradient checkpointing "
+            f"{'on' if plan.get('gradient_checkpointing') else 'off'}, {plan.get('compute_dtype')} on "
+            f"{plan.get('card')}{mem}" + (", " + ", ".join(peaks) if peaks else "") + f" [{plan.get('how')}]"
+            + (f": {plan['note']}" if plan.get("note") else ""))

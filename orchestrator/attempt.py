@@ -30,6 +30,8 @@ from pathlib import Path
 
 import psutil
 
+from orchestrator.oom_evidence import OomWatch
+
 PR_SET_PDEATHSIG = 1
 
 
@@ -39,7 +41,8 @@ class ExitClass(str, enum.Enum):
     PREEMPTED = "preempted"  # 143/130 after our own SIGTERM/SIGINT
     KILLED = "killed"  # by a signal (SIGKILL: an external kill or the OOM killer)
     HUNG = "hung"  # no heartbeat for heartbeat_timeout_s; we killed it
-    CRASHED = "crashed"  # any other non-zero exit (CUDA errors and OOM included)
+    OUT_OF_MEMORY = "out_of_memory"  # 4: the trainer's diagnosis (card, peak, plan, what to change)
+    CRASHED = "crashed"  # any other non-zero exit (CUDA errors included)
 
 
 @dataclass
@@ -73,6 +76,7 @@ class TrainerProcess:
                                      env=full_env, start_new_session=True,
                                      preexec_fn=_set_pdeathsig if sys.platform.startswith("linux") else None)
         self.pid = self.proc.pid
+        self.oom_watch = OomWatch(self.pid)
         self.exited = threading.Event()
         self.returncode: int | None = None
         threading.Thread(target=self._wait, name=f"wait-trainer-{self.pid}", daemon=True).start()
@@ -144,13 +148,17 @@ def launcher_exit(returncode: int, log_tail: str, heartbeat: dict | None) -> tup
     return returncode, ""
 
 
+EXIT_OUT_OF_MEMORY = 4  # the trainer's own code for "out of memory, diagnosed"
+
+
 def classify(returncode: int, signalled_by_us: int | None, hung_for: float | None, log_tail: str,
-             launcher_heartbeat: dict | None = None, launcher: bool = False) -> Outcome:
+             launcher_heartbeat: dict | None = None, launcher: bool = False, host_oom: str | None = None) -> Outcome:
     """How an attempt ended, in the supervisor's terms (``launcher``: the trainer ran under
-    torchrun, whose last heartbeat from rank 0 is ``launcher_heartbeat``)."""
+    torchrun, whose last heartbeat from rank 0 is ``launcher_heartbeat``; ``host_oom``: the
+    kernel's traces of an out-of-memory kill, see oom_evidence)."""
     if launcher and hung_for is None:
         returncode, rank = launcher_exit(returncode, log_tail, launcher_heartbeat)
-        outcome = classify(returncode, signalled_by_us, None, log_tail)
+        outcome = classify(returncode, signalled_by_us, None, log_tail, host_oom=host_oom)
         outcome.reason = rank + outcome.reason
         return outcome
     if hung_for is not None:
@@ -164,7 +172,10 @@ def classify(returncode: int, signalled_by_us: int | None, hung_for: float | Non
         name = signal.Signals(-returncode).name
         if signalled_by_us is not None:
             return Outcome(ExitClass.PREEMPTED, None, name, f"stopped by {name} after the grace period")
-        why = {"SIGKILL": "killed by SIGKILL (an external kill or the out-of-memory killer)",
+        if name == "SIGKILL" and host_oom:
+            return Outcome(ExitClass.KILLED, None, name,
+                           f"killed by the kernel's out-of-memory killer (host RAM is exhausted): {host_oom}")
+        why = {"SIGKILL": "killed by SIGKILL (an external kill; no trace of the out-of-memory killer was seen)",
                "SIGSEGV": "segmentation fault", "SIGABRT": "aborted (SIGABRT)",
                "SIGBUS": "bus error"}.get(name, f"killed by {name}")
         return Outcome(ExitClass.KILLED, None, name, why)
@@ -172,6 +183,9 @@ def classify(returncode: int, signalled_by_us: int | None, hung_for: float | Non
         return Outcome(ExitClass.PREEMPTED, returncode, None, "preempted: committed a preempt checkpoint")
     if returncode in (143, 130):
         return Outcome(ExitClass.KILLED, returncode, None, "the trainer alone received SIGTERM/SIGINT")
+    if returncode == EXIT_OUT_OF_MEMORY:
+        said = [ln.strip() for ln in log_tail.splitlines() if ln.strip().startswith("out of memory")]
+        return Outcome(ExitClass.OUT_OF_MEMORY, returncode, None, said[-1] if said else "out of memory")
     lowered = log_tail.lower()
     if "out of memory" in lowered:
         kind = "CUDA out of memory" if "cuda" in lowered else "out of memory"

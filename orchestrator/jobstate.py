@@ -4,7 +4,8 @@ Invariants:
 - ``flush`` folds in the current attempt's heartbeat and the committed checkpoints, then
   replaces ``state.json`` atomically through storage.
 - Ended attempts are never rewritten; the document is reloaded from storage at start, so a
-  resubmitted job keeps its history.
+  resubmitted job keeps its history, and its memory plan (``memory_plan``: the newest attempt's),
+  which the next attempt reuses on the same card (``memory_hint``).
 """
 
 from __future__ import annotations
@@ -83,6 +84,21 @@ class JobState:
             a.end_step = s.global_step
             if beat.get("backbone_source"):
                 a.backbone_source = beat["backbone_source"]
+            if beat.get("memory_plan"):
+                a.memory_plan = {**beat["memory_plan"], "peak_bytes": beat.get("peak_bytes")}
+                s.memory_plan = a.memory_plan
+            if beat.get("oom"):
+                a.oom = beat["oom"]
+
+    def memory_hint(self) -> dict[str, Any] | None:
+        """For the next attempt: the plan in force (reused on the same card), with the last
+        attempt's out-of-memory diagnosis when it ran out (the next plan starts below it)."""
+        plan = dict(self.status.memory_plan) if self.status.memory_plan else None
+        last = self.attempt
+        if last is not None and last.oom:
+            plan = {**(plan or {}), "card": last.oom.get("card"), "total_bytes": last.oom.get("total_bytes"),
+                    "oom": last.oom}
+        return plan
 
     def end_attempt(self, exit_code: int | None, signal_name: str | None, reason: str) -> None:
         a = self.attempt

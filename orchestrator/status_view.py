@@ -13,6 +13,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from jobs.status import describe_plan
 from orchestrator.jobstate import checkpoint_infos, fold_results, load_status
 from storage import Store, list_checkpoints
 from storage import lease as leases
@@ -52,6 +53,14 @@ def _age(seconds: float | None) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
+def _short_plan(plan: dict | None) -> str:
+    if not plan:
+        return "-"
+    peak = f" {plan['peak_bytes'] / 2**30:.1f}G" if plan.get("peak_bytes") else ""
+    return (f"{plan['micro_batch_size']}/{plan['batch_per_process']} {plan['compute_dtype']}"
+            f"{' ckpt' if plan['gradient_checkpointing'] else ''}{peak}{' (new)' if plan.get('note') else ''}")
+
+
 def render(doc: dict[str, Any], console: Console | None = None) -> None:
     console = console or Console()
     head = Table(title=f"job {doc['name']}", show_header=False, box=None)
@@ -78,20 +87,22 @@ def render(doc: dict[str, Any], console: Console | None = None) -> None:
     head.add_row("lease", f"pid {lease['pid']} on {lease['host']}, expires "
                           f"{time.strftime('%H:%M:%S', time.localtime(lease['expires_at']))}" if lease else "free")
     head.add_row("restarts", str(doc.get("restarts", 0)))
+    plan = doc.get("memory_plan")
+    head.add_row("memory plan", describe_plan(plan) if plan else "-")
     caches = doc.get("backbone_cache") or []
     head.add_row("backbone cache", ", ".join(f"{c['key'][:12]}… {c['bytes'] / 1e6:.1f} MB" for c in caches)
                  if caches else "none")
     console.print(head)
     if attempts:
         t = Table(title="attempts")
-        for col in ("#", "started", "pid", "backbone", "resumed from", "steps", "exit", "reason"):
+        for col in ("#", "started", "pid", "backbone", "memory plan", "resumed from", "steps", "exit", "reason"):
             t.add_column(col)
         for a in attempts:
             rf = a.get("resumed_from")
             ex = a.get("signal") or (str(a["exit_code"]) if a.get("exit_code") is not None else
                                      ("running" if a.get("ended_at") is None else "-"))
             t.add_row(str(a["number"]), time.strftime("%H:%M:%S", time.localtime(a["started_at"])), str(a.get("pid")),
-                      (a.get("backbone_source") or "-").split(":", 1)[0],
+                      (a.get("backbone_source") or "-").split(":", 1)[0], _short_plan(a.get("memory_plan")),
                       f"{rf['id']}" if rf else "-", f"{a.get('start_step', '-')}→{a.get('end_step', '-')}", ex,
                       (a.get("reason") or "") + (f" [skipped {len(a['skipped_checkpoints'])} bad]"
                                                   if a.get("skipped_checkpoints") else ""))

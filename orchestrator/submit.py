@@ -11,6 +11,7 @@ Invariants:
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import subprocess
@@ -51,10 +52,13 @@ class Prepared:
     workdir: Path
 
 
-def trainer_argv(spec: JobSpec, local_spec: Path, attempt: int) -> list[str]:
+def trainer_argv(spec: JobSpec, local_spec: Path, attempt: int, memory_hint: dict | None = None) -> list[str]:
     """The trainer's command: ``python -m trainer run``, under torchrun when ``train.nproc`` > 1
-    (one node, no restarts of its own: restarts are the supervisor's)."""
+    (one node, no restarts of its own: restarts are the supervisor's); ``memory_hint``: the
+    job's memory plan so far (JobState.memory_hint)."""
     run = ["-m", "trainer", "run", str(local_spec), "--attempt", str(attempt)]
+    if memory_hint:
+        run += ["--memory-plan", json.dumps(memory_hint, sort_keys=True)]
     if spec.train.nproc == 1:
         return [sys.executable, *run]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
@@ -173,7 +177,7 @@ def submit(spec_path: str, root: str | None, sets: tuple[str, ...], log=default_
         state.set_lease(lease)
         log(f"job {spec.name}: storage {job.url}, lease taken (pid {os.getpid()})")
         supervisor = Supervisor(spec, job, state, lease, lease_ttl_s(),
-                                lambda n: trainer_argv(spec, local_spec, n),
+                                lambda n, hint: trainer_argv(spec, local_spec, n, hint),
                                 prep.workdir, log)
         watcher = None
         if spec.run.preemption_notice is not None:

@@ -4,6 +4,8 @@ Job phases (jobs.status.Phase) as the supervisor drives them::
 
     RUNNING --trainer exit 0-----------------------------> COMPLETED   (exit 0)
     RUNNING --exit 2 (bad input)-------------------------> FAILED      (exit 2)
+    RUNNING --out of memory, no smaller plan (or not auto)-> FAILED     (exit 1, the diagnosis)
+    RUNNING --out of memory, micro_batch_size auto--> RESTARTING (the next attempt plans smaller)
     RUNNING --killed / crashed / hung--> RESTARTING --backoff--> RUNNING (next attempt)
                   `-- restart budget spent, or a crash loop ----> FAILED (exit 1)
     RUNNING --SIGTERM/SIGINT to us: forward, grace, kill---> PREEMPTED (exit 143 / 130)
@@ -29,6 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from jobs import JobSpec, Phase
+from jobs.status import describe_plan
 from orchestrator.attempt import ExitClass, Outcome, TrainerProcess, classify
 from orchestrator.jobstate import JobState
 from storage import Store
@@ -42,7 +45,7 @@ EXIT_COMPLETED, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_HELD = 0, 1, 2, 3
 
 class Supervisor:
     def __init__(self, spec: JobSpec, job: Store, state: JobState, lease: leases.Lease, lease_ttl_s: float,
-                 trainer_argv: Callable[[int], list[str]], workdir: Path, log: Callable[[str], None]):
+                 trainer_argv: Callable[[int, dict | None], list[str]], workdir: Path, log: Callable[[str], None]):
         self.spec, self.job, self.state, self.lease = spec, job, state, lease
         self.lease_ttl_s, self.renew_every = lease_ttl_s, lease_ttl_s / 3
         self.trainer_argv, self.workdir, self.say = trainer_argv, workdir, log
@@ -52,6 +55,7 @@ class Supervisor:
         self.lease_renewed = time.time()
         self.proc: TrainerProcess | None = None
         self.log_uploaded = 0.0
+        self.plan_said = 0  # the attempt whose memory plan was printed
 
     # ------------------------------------------------------------------ signals
     def install_signals(self) -> None:
@@ -78,7 +82,9 @@ class Supervisor:
     # ------------------------------------------------------------------ one attempt
     def _start(self) -> TrainerProcess:
         attempt = len(self.state.status.attempts) + 1
-        proc = TrainerProcess(self.trainer_argv(attempt), self.workdir, attempt, launcher=self.spec.train.nproc > 1)
+        hint = self.state.memory_hint()
+        proc = TrainerProcess(self.trainer_argv(attempt, hint), self.workdir, attempt,
+                              launcher=self.spec.train.nproc > 1)
         self.proc = proc
         self.state.begin_attempt(proc.pid, socket.gethostname(), proc.started_at)
         self.state.flush()
@@ -113,7 +119,7 @@ class Supervisor:
         """Housekeeping while the trainer runs; returns the hang duration when it hung."""
         now = time.time()
         self._renew_lease_if_due()
-        self.state.fold_heartbeat(proc.heartbeat())
+        self._fold(proc)
         if self.stop_at is not None and now >= self.stop_at:
             proc.signal_group(signal.SIGKILL)
             return None
@@ -139,9 +145,21 @@ class Supervisor:
             if hung_for is not None:
                 break
         proc.exited.wait()
-        self.state.fold_heartbeat(proc.heartbeat())
+        self._fold(proc)
         self._upload_log(proc)
-        return classify(proc.returncode, self.stop_signal, hung_for, proc.log_tail(), proc.heartbeat(), proc.launcher)
+        host_oom = None
+        if hung_for is None and self.stop_signal is None and proc.returncode == -signal.SIGKILL:
+            host_oom = proc.oom_watch.evidence()
+        return classify(proc.returncode, self.stop_signal, hung_for, proc.log_tail(), proc.heartbeat(), proc.launcher,
+                        host_oom)
+
+    def _fold(self, proc: TrainerProcess) -> None:
+        """The heartbeat into the state; the memory plan said once, when the trainer made it."""
+        self.state.fold_heartbeat(proc.heartbeat())
+        plan = self.state.attempt.memory_plan if self.state.attempt else None
+        if plan and self.plan_said != proc.attempt:
+            self.plan_said = proc.attempt
+            self.say(f"attempt {proc.attempt}: memory plan: {describe_plan(plan)}")
 
     # ------------------------------------------------------------------ the loop
     def _crash_loop(self) -> bool:
@@ -186,6 +204,8 @@ class Supervisor:
                 return self._end(Phase.COMPLETED, None, EXIT_COMPLETED)
             if outcome.exit_class is ExitClass.BAD_INPUT:
                 return self._end(Phase.FAILED, outcome.reason, EXIT_BAD_INPUT)
+            if outcome.exit_class is ExitClass.OUT_OF_MEMORY and not (self.state.attempt.oom or {}).get("smaller_plan"):
+                return self._end(Phase.FAILED, outcome.reason, EXIT_FAILED)  # the same plan would fail again
             if self.stop_signal is not None:
                 return self._stopped()
             if self._crash_loop():

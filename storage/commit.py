@@ -20,7 +20,6 @@ Invariants (tests/test_commit.py is named after them):
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -35,13 +34,6 @@ TMP_PREFIX = ".tmp-"
 
 class AlreadyCommitted(FileExistsError):
     """The checkpoint id is committed already; committed checkpoints are never rewritten."""
-
-
-def _test_pause() -> None:
-    """Test-only: slow each file write so a kill can land inside a checkpoint write."""
-    delay = float(os.environ.get("TIMELLM_JOB_TEST_WRITE_DELAY_S", "0") or 0)
-    if delay > 0:
-        time.sleep(delay)
 
 
 def commit_checkpoint(job: Store, step: int, kind: Kind, files: dict[str, Buffers], spec_hash: str,
@@ -66,7 +58,6 @@ def commit_checkpoint(job: Store, step: int, kind: Kind, files: dict[str, Buffer
         job.remove(final, recursive=True)  # leftovers of an uncommitted try
     def write(name: str) -> FileEntry:
         written = job.write_file(f"{work}/{name}", files[name], fsync=durable)
-        _test_pause()
         return FileEntry(size=written.size, sha256=written.sha256)
 
     with ThreadPoolExecutor(max_workers=max(1, min(4, len(files)))) as pool:  # files in parallel

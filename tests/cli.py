@@ -72,6 +72,25 @@ def wait_for_progress(tmp: Path, attempt: int, steps: int, timeout: float = 120)
     raise TimeoutError(f"attempt {attempt} made no progress")
 
 
+def wait_for_new_ground(tmp: Path, job: Path, attempt: int, steps: int = 2, timeout: float = 300) -> None:
+    """Wait until the trainer of ``attempt`` has taken ``steps`` steps past where it started and
+    stands past the step where the attempt before it ended: a kill then never lands at the step
+    of the previous one (three kills at one step are, rightly, a crash loop)."""
+    previous = [a for a in state(job).get("attempts") or [] if a["number"] == attempt - 1]
+    beyond = (previous[0].get("end_step") or 0) if previous else 0
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for beat in (tmp / "work").glob(f"*/heartbeat-{attempt:03d}.json"):
+            try:
+                doc = json.loads(beat.read_text())
+            except (OSError, ValueError):
+                continue
+            if "start_step" in doc and doc.get("step", 0) >= max(doc["start_step"] + steps, beyond + 1):
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"attempt {attempt} made no progress past step {beyond}")
+
+
 def wait_for_step(job: Path, step: int, timeout: float = 120) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:

@@ -18,6 +18,10 @@ ETTH1 = SHARED / "data" / "ETT-small" / "ETTh1.csv"
 TINY_SPEC = SHARED / "spec" / "jobs" / "tiny-cpu.yaml"
 BIG_SPEC = SHARED / "spec" / "jobs" / "etth1-llama3-nf4.yaml"
 
+# Every process a test starts loads the test-only fault injection (tests/faults/sitecustomize.py).
+FAULTS = Path(__file__).parent / "faults"
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(FAULTS), os.environ.get("PYTHONPATH")) if p)
+
 # Never reach a cloud metadata server or a real endpoint from tests.
 os.environ.setdefault("NO_GCE_CHECK", "true")
 os.environ.update(servers.s3_env())

@@ -50,7 +50,6 @@ from trainer import distributed, memory
 from trainer import state as ckpt_state
 from trainer.backbone import BackboneError, default_device, load_backbone
 from trainer.backbone_cache import load_cached, prefetch
-from trainer.grad_checkpointing import set_gradient_checkpointing
 from trainer.data import (
     DataError,
     Splits,
@@ -60,6 +59,7 @@ from trainer.data import (
     load_splits,
     train_batches,
 )
+from trainer.grad_checkpointing import set_gradient_checkpointing
 from trainer.model import TimeLLM
 from trainer.reporting import Heartbeat, MetricsLog, ProgressLine
 from trainer.saver import CheckpointSaver
@@ -176,8 +176,6 @@ class Trainer:
         self.metrics = MetricsLog(self.job, attempt, enabled=main)
         self.background_saves = background_saves
         self.startup = {"imported": time.time()}  # start-up marks, to the heartbeat
-        self.fail_at = int(os.environ.get("TIMELLM_JOB_TEST_FAIL_AT_STEP", "0") or 0)
-        self.step_delay = float(os.environ.get("TIMELLM_JOB_TEST_STEP_DELAY_S", "0") or 0)
 
     # ------------------------------------------------------------------ setup
     def build(self) -> None:
@@ -360,10 +358,6 @@ class Trainer:
             if "first_step" not in self.startup:
                 self.startup["first_step"] = time.time()
                 self.heartbeat.beat(force=True, startup=self.startup)
-            if self.fail_at and p.global_step == self.fail_at:
-                raise RuntimeError(f"test-only failure injected at step {p.global_step}")
-            if self.step_delay:
-                time.sleep(self.step_delay)
             if p.global_step % spec.storage.save_steps == 0:
                 self.save("step")
             self.stop.check()

@@ -33,6 +33,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from jobs.status import describe_plan
+
 GiB = 1024**3
 HEADROOM = 0.10  # of the card's budget, for fragmentation and what the probe does not see
 CHECKPOINTING_BELOW = 40 * GiB
@@ -94,11 +96,7 @@ class MemoryPlan:
         return asdict(self)
 
     def describe(self) -> str:
-        mem = f" ({self.total_bytes / GiB:.1f} GiB)" if self.total_bytes else ""
-        peak = f", probed peak {self.probe_peak_bytes / GiB:.2f} GiB" if self.probe_peak_bytes else ""
-        return (f"micro-batch {self.micro_batch_size} of {self.batch_per_process}, gradient checkpointing "
-                f"{'on' if self.gradient_checkpointing else 'off'}, {self.compute_dtype} on {self.card}{mem}"
-                f"{peak} [{self.how}]" + (f": {self.note}" if self.note else ""))
+        return describe_plan(self.to_json())
 
 
 def divisors_desc(n: int) -> list[int]:

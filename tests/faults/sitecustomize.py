@@ -1,0 +1,102 @@
+"""Test-only fault injection for the processes that tests and benchmarks start.
+
+This folder is put on ``PYTHONPATH`` by tests/conftest.py (and by the benchmarks that inject
+faults), never by the product: Python imports this module at start-up, and it patches the
+product's modules as they are imported. Nothing in the product reads these variables.
+
+- ``TIMELLM_JOB_TEST_STEP_DELAY_S``: sleep after each training step (so kills land mid-run).
+- ``TIMELLM_JOB_TEST_FAIL_AT_STEP``: raise at that training step (a crash).
+- ``TIMELLM_JOB_TEST_WRITE_DELAY_S``: sleep after each file a checkpoint commit writes (so kills
+  land inside a checkpoint write).
+- ``TIMELLM_TEST_OOM_ABOVE_MICRO``: a training forward pass of more than N samples raises
+  torch.OutOfMemoryError, as CUDA does when a micro-batch does not fit.
+- ``TIMELLM_TEST_HOST_ALLOC_MB``: ``trainer run`` touches that much host memory as it starts (a
+  real allocation, for the kernel's OOM killer under a memory-limited cgroup).
+"""
+
+from __future__ import annotations
+
+import importlib.machinery
+import os
+import sys
+import time
+
+
+def _env(name: str) -> float:
+    return float(os.environ.get(name, "0") or 0)
+
+
+def _patch_loop(module) -> None:
+    fail_at, delay = int(_env("TIMELLM_JOB_TEST_FAIL_AT_STEP")), _env("TIMELLM_JOB_TEST_STEP_DELAY_S")
+    megabytes = int(_env("TIMELLM_TEST_HOST_ALLOC_MB"))
+    if megabytes:
+        module._test_ballast = b"\x01" * (megabytes << 20)
+    if not (fail_at or delay):
+        return
+    beat = module.Heartbeat.beat
+
+    def stepping_beat(self, force=False, **fields):
+        beat(self, force, **fields)
+        if "loss" in fields and "step" in fields:  # the beat of a finished training step
+            if fail_at and fields["step"] == fail_at:
+                raise RuntimeError(f"test-only failure injected at step {fields['step']}")
+            if delay:
+                time.sleep(delay)
+
+    module.Heartbeat.beat = stepping_beat
+
+
+def _patch_model(module) -> None:
+    limit = int(_env("TIMELLM_TEST_OOM_ABOVE_MICRO"))
+    if not limit:
+        return
+    import torch
+
+    forward = module.TimeLLM.forward
+
+    def forward_that_runs_out(self, x):
+        if torch.is_grad_enabled() and x.shape[0] > limit:
+            raise torch.OutOfMemoryError(f"CUDA out of memory (test-only: {x.shape[0]} samples > {limit})")
+        return forward(self, x)
+
+    module.TimeLLM.forward = forward_that_runs_out
+
+
+def _patch_store(module) -> None:
+    delay = _env("TIMELLM_JOB_TEST_WRITE_DELAY_S")
+    if not delay:
+        return
+    write_file = module.Store.write_file
+
+    def slow_write_file(self, path, *args, **kwargs):
+        out = write_file(self, path, *args, **kwargs)
+        if not path.endswith("manifest.json"):
+            time.sleep(delay)
+        return out
+
+    module.Store.write_file = slow_write_file
+
+
+PATCHES = {"trainer.loop": _patch_loop, "trainer.model.timellm": _patch_model, "storage.store": _patch_store}
+
+
+class _Finder:
+    """Finds the product's module as usual and patches it once it has run."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name not in PATCHES:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None or spec.loader is None:
+            return spec
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            PATCHES[name](module)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+sys.meta_path.insert(0, _Finder())
