@@ -1,15 +1,36 @@
-"""The NF4 Llama-3-8B-shaped Time-LLM training step on one GPU (and, with --tiny, on a CPU).
+"""The NF4 Llama-3-8B-shaped Time-LLM job on one GPU: memory plans under T4 / L4 memory caps,
+compute dtypes, gradient checkpointing, a real out-of-memory through the CLI, and the cost of
+background saves (and, with --tiny, all of it on a CPU at a tiny shape: the test suite runs it).
 
-    python benchmarks/gpu_bench.py            # on a GPU: Llama-3-8B's shape, random weights
-    python benchmarks/gpu_bench.py --tiny     # on a CPU, a tiny shape (the test suite runs this)
+    python benchmarks/gpu_bench.py                  # on a GPU: everything, about 6-8 minutes
+    python benchmarks/gpu_bench.py --parts plan     # plan | loss | oom | saves, comma-separated
+    python benchmarks/gpu_bench.py --tiny           # on a CPU, a tiny shape
 
-The backbone (hidden 4096, 32 layers, 32 heads, 8 KV heads, intermediate 14336, vocabulary
-128,256) gets random weights (nothing can be downloaded) and is quantized to NF4 by the
-trainer's own loader (trainer.backbone.load_backbone); Time-LLM runs at seq_len 512, pred_len
-96, batch 24, d_model 32, d_ff 128. Printed: build+quantize time, step time (median of >= 20
-steps after warm-up), samples/s, peak GPU memory, the checkpoint save stall and the resume time
-of the real trainable state, and the batch size and step time that fit in 15 GB (a Colab T4)
-with gradient checkpointing. A JSON summary goes to stdout's last line and to $OUT if set.
+Everything runs through the trainer's own code: ``trainer.loop.Trainer`` builds the job (data
+from a generated 7-column CSV, the backbone with random weights of Llama-3-8B's shape: hidden
+4096, 32 layers, 32 heads, 8 KV heads, intermediate 14336, vocabulary 128,256, quantized to NF4
+by the trainer's loader), plans memory with ``trainer.memory.decide`` and its real probe, and
+steps with ``Trainer.optimizer_step`` (micro-batches, loss scaling, checkpointing). Time-LLM at
+seq_len 512, pred_len 96, global batch 24, d_model 32, d_ff 128, 1,000 text prototypes.
+
+Parts:
+- plan: under memory caps of 15 GiB (a T4, fp16: no bf16 below compute capability 8.0) and 22 GiB
+  (an L4 / A10G, bf16), emulated with ``torch.cuda.set_per_process_memory_fraction``, and
+  uncapped (bf16): the plan ``micro_batch_size: auto`` chooses, its peak memory, step time and
+  samples/s; then bf16 and fp16 at the full batch with and without gradient checkpointing.
+- loss: 50 steps of fp16 against bf16 from the same weights on the same batches; loss per step
+  and the steps the fp16 loss scaler skipped.
+- oom: a short job through ``timellm-job submit`` under the 15 GiB cap (applied in the trainer by
+  the test-only wrapper tests/faults) with a plan forced too large (micro-batch 24, no
+  checkpointing, fp16): the attempt must end with the diagnosis and the job fail at once (exit
+  1); then the same job resubmitted with ``auto`` must plan and complete. On a CPU the
+  out-of-memory is injected instead (TIMELLM_TEST_OOM_ABOVE_MICRO).
+- saves: training with a checkpoint every 20 steps through the trainer's own save path,
+  background / synchronous / none; the save stall, commit and resume; and a torch.profiler
+  window of steps with a save in flight against one without (host syncs, copies, pinned
+  allocations, and each step's time), to find what background saves still cost.
+
+A JSON summary is printed as the last line and written to $OUT/gpu_bench.json when $OUT is set.
 """
 
 from __future__ import annotations
@@ -19,25 +40,48 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 import torch  # noqa: E402
+from common import with_faults  # noqa: E402
 
-from jobs.spec import DataSpec, ModelSpec  # noqa: E402
-from storage import commit_checkpoint, job_store, load_newest  # noqa: E402
+from jobs.spec import parse_spec  # noqa: E402
+from storage import load_newest  # noqa: E402
+from trainer import memory  # noqa: E402
 from trainer import state as ckpt_state  # noqa: E402
-from trainer.backbone import load_backbone  # noqa: E402
-from trainer.model import TimeLLM  # noqa: E402
+from trainer.data import train_batches  # noqa: E402
+from trainer.grad_checkpointing import set_gradient_checkpointing  # noqa: E402
+from trainer.loop import Trainer  # noqa: E402
+from trainer.saver import CheckpointSaver  # noqa: E402
 
+GiB = memory.GiB
 LLAMA3_8B = {"family": "llama", "hidden_size": 4096, "num_layers": 32, "num_heads": 32, "num_kv_heads": 8,
              "intermediate_size": 14336, "vocab_size": 128256}
 TINY = {"family": "llama", "hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
         "intermediate_size": 128, "vocab_size": 1000}
+COLUMNS = ["HUFL", "HULL", "MUFL", "MULL", "LUFL", "LULL", "OT"]
+
+
+class Size:
+    def __init__(self, tiny: bool):
+        self.tiny = tiny
+        self.shape, self.seq_len, self.pred_len, self.batch = (TINY, 64, 16, 4) if tiny else (LLAMA3_8B, 512, 96, 24)
+        self.num_tokens = 50 if tiny else 1000
+        self.rows = 400 if tiny else 1400  # custom split 70/10/20: > seq_len + pred_len in every split
+        self.timed = 3 if tiny else 10
+        self.warmup = 1 if tiny else 3
+        self.loss_steps = 5 if tiny else 50
+        self.save_steps, self.save_every = (6, 3) if tiny else (60, 20)
 
 
 def sync(device: str) -> None:
@@ -45,143 +89,274 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def build(shape: dict, quant: str, device: str, seq_len: int, pred_len: int, num_tokens: int):
-    ms = ModelSpec.model_validate({"backbone": {"random": shape}, "quantization": quant, "d_model": 32,
-                                   "d_ff": min(128, shape["hidden_size"]), "n_heads": 8, "patch_len": 16,
-                                   "stride": 8, "num_tokens": num_tokens, "dropout": 0.1})
-    ds = DataSpec.model_validate({"path": "synthetic", "seq_len": seq_len, "pred_len": pred_len,
-                                  "label_len": min(48, seq_len)})
+def make_csv(folder: Path, rows: int) -> Path:
+    """A 7-column series shaped like ETTh1 (daily and weekly cycles, noise, a trend), seeded."""
+    rng = np.random.default_rng(0)
+    t = np.arange(rows)
+    data = {"date": pd.date_range("2016-07-01", periods=rows, freq="h").strftime("%Y-%m-%d %H:%M:%S")}
+    for i, name in enumerate(COLUMNS):
+        data[name] = (np.sin(2 * np.pi * t / 24 + i) + 0.5 * np.sin(2 * np.pi * t / 168 + 2 * i)
+                      + 0.001 * t + 0.2 * rng.standard_normal(rows)).round(4)
+    path = folder / "series.csv"
+    pd.DataFrame(data).to_csv(path, index=False)
+    return path
+
+
+def spec_for(size: Size, folder: Path, csv: Path, device: str, **fields) -> object:
+    model = {"backbone": {"random": size.shape}, "quantization": "nf4", "d_model": 32,
+             "d_ff": min(128, size.shape["hidden_size"]), "n_heads": 8, "patch_len": 16, "stride": 8,
+             "num_tokens": size.num_tokens, "dropout": 0.1, "compute_dtype": fields.pop("compute_dtype", "auto")}
+    train = {"epochs": fields.pop("epochs", 100), "batch_size": size.batch, "eval_batch_size": 8,
+             "learning_rate": 0.001, "device": device, "micro_batch_size": "auto", "gradient_checkpointing": "auto",
+             **fields.pop("train", {})}
+    raw = {"name": fields.pop("name", "bench"), "storage": {"root": str(folder / "root"), "save_steps": 10**6},
+           "data": {"path": str(csv), "kind": "custom", "features": "M", "seq_len": size.seq_len,
+                    "label_len": min(48, size.seq_len), "pred_len": size.pred_len,
+                    "percent": fields.pop("percent", 100)},
+           "model": model, "train": train, "run": {"backbone_cache": False, **fields.pop("run", {})}}
+    return parse_spec(raw, folder)
+
+
+def build_trainer(spec, background: bool = True) -> tuple[Trainer, float]:
     start = time.perf_counter()
-    backbone = load_backbone(ms, device)
-    sync(device)
-    built = time.perf_counter() - start
-    torch.manual_seed(0)
-    model = TimeLLM(ms, ds, backbone).to(device)
-    return model, built
+    trainer = Trainer(spec, background_saves=background)
+    trainer.build()
+    trainer.resume()
+    sync(trainer.device)
+    return trainer, time.perf_counter() - start
 
 
-def steps(model, device: str, batch: int, seq_len: int, pred_len: int, n: int, warmup: int,
-          on_step=None) -> list[float]:
-    opt = torch.optim.Adam(list(model.trainable_state().values()), lr=1e-3)
-    g = torch.Generator().manual_seed(0)
+def batches(trainer: Trainer, n: int) -> list:
+    out, epoch = [], 0
+    while len(out) < n:
+        for _, (x, y, _) in train_batches(trainer.splits.train, trainer.spec.train.batch_size, 0, epoch):
+            out.append((x, y))
+            if len(out) == n:
+                break
+        epoch += 1
+    return out
+
+
+def put_plan(trainer: Trainer, micro: int, checkpointing: bool) -> None:
+    trainer.plan = memory.MemoryPlan(micro, checkpointing, trainer.compute_dtype, trainer.batch_per_process,
+                                     trainer.card.name, trainer.card.total_bytes, how="bench")
+    set_gradient_checkpointing(trainer.backbone.model, checkpointing)
+
+
+def time_steps(trainer: Trainer, size: Size) -> dict:
+    """Median step time of ``size.timed`` optimizer steps after warm-up, with the plan in force."""
+    device = trainer.device
+    data = batches(trainer, size.warmup + size.timed)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
     times = []
-    for i in range(warmup + n):
-        x = torch.randn(batch, seq_len, 1, generator=g).to(device)
-        y = torch.randn(batch, pred_len, 1, generator=g).to(device)
+    for i, (x, y) in enumerate(data):
         sync(device)
         t = time.perf_counter()
-        loss = torch.nn.functional.mse_loss(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if on_step is not None and i >= warmup:
-            on_step(i - warmup + 1, opt)
+        trainer.optimizer_step(x, y)
         sync(device)
-        if i >= warmup:
+        if i >= size.warmup:
             times.append(time.perf_counter() - t)
-    model._bench_opt = opt
-    return times
+    step = statistics.median(times)
+    return {"micro_batch_size": trainer.plan.micro_batch_size, "gradient_checkpointing": trainer.plan.gradient_checkpointing,
+            "compute_dtype": trainer.compute_dtype, "step_s": step, "samples_per_s": size.batch / step,
+            "peak_gib": memory.peak_bytes(device) / GiB if device.startswith("cuda") else None}
 
 
-def save_overhead(model, device: str, batch: int, seq_len: int, pred_len: int, n: int, every: int) -> dict:
-    """Training time with a save every ``every`` steps (synchronous / background) over none."""
-    from trainer.saver import CheckpointSaver
-
-    out = {}
-    for mode in ("none", "sync", "background"):
-        root = tempfile.mkdtemp(prefix="gpu-saves-")
-        try:
-            saver = CheckpointSaver(job_store(root, "job"), "bench", 2, background=mode == "background")
-            buffers = ckpt_state.HostBuffers()
-            sched_holder = {}
-
-            def on_step(i, opt, saver=saver, buffers=buffers, sched_holder=sched_holder, mode=mode):
-                if mode == "none" or i % every:
-                    return
-                sched = sched_holder.setdefault("s", torch.optim.lr_scheduler.OneCycleLR(
-                    opt, max_lr=1e-3, total_steps=10_000, pct_start=0.2))
-                saver.wait()
-                snap = ckpt_state.capture(model, opt, sched, ckpt_state.Progress(global_step=i), buffers)
-                saver.submit(snap, i, "step", [i], {})
-
-            t = time.perf_counter()
-            steps(model, device, batch, seq_len, pred_len, n, warmup=1, on_step=on_step)
-            saver.wait()
-            out[mode] = time.perf_counter() - t
-        finally:
-            shutil.rmtree(root, ignore_errors=True)
-    return {"steps": n, "every": every, "none_s": out["none"], "sync_ratio": out["sync"] / out["none"],
-            "background_ratio": out["background"] / out["none"]}
-
-
-def save_and_resume(model, device: str) -> dict:
-    opt = model._bench_opt
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=1000, pct_start=0.2)
-    progress = ckpt_state.Progress(global_step=1)
-    buffers = ckpt_state.HostBuffers()  # as the trainer does: reused from one save to the next
-    stalls = []
-    for _ in range(3):  # the first capture also allocates (pinned) host memory
-        sync(device)
-        t = time.perf_counter()
-        snap = ckpt_state.capture(model, opt, sched, progress, buffers)
-        stalls.append(time.perf_counter() - t)
-    first_stall, stall = stalls[0], statistics.median(stalls[1:])
-    root = tempfile.mkdtemp(prefix="gpu-bench-")
-    try:
-        job = job_store(root, "job")
-        t = time.perf_counter()
-        manifest = commit_checkpoint(job, 1, "step", snap.to_files(), "bench")
-        write = time.perf_counter() - t
-        size = manifest.bytes
-        t = time.perf_counter()
-        loaded = load_newest(job)
-        ckpt_state.restore(ckpt_state.read_files(loaded.files), model, opt, sched)
-        sync(device)
-        resume = time.perf_counter() - t
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-    return {"checkpoint_bytes": size, "save_stall_s": stall, "first_save_stall_s": first_stall,
-            "save_write_s": write, "resume_s": resume}
-
-
-def fit_15gb(model, device: str, seq_len: int, pred_len: int, n: int) -> dict:
-    """Largest batch (of 24, 16, 8, 4, 2) whose step fits in 15 GB, with gradient checkpointing."""
-    model._bench_opt = None  # drop the previous optimizer's state and gradients first
-    for p in model.trainable_state().values():
-        p.grad = None
+def set_cap(device: str, cap_gib: float | None) -> None:
+    if not device.startswith("cuda"):
+        return
     torch.cuda.empty_cache()
     total = torch.cuda.get_device_properties(0).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, 15 * 2**30 / total))
-    llm = model.backbone.model
-    llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    llm.train()  # checkpointing is active in training mode only (the frozen weights do not change)
-    out = {"batch": None}
-    for batch in (24, 16, 8, 4, 2):
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * GiB / total) if cap_gib else 1.0)
+
+
+def plan_under_cap(trainer: Trainer, size: Size, cap_gib: float | None) -> dict:
+    """The plan ``auto`` makes under the cap (the trainer's probe), then its measured steps."""
+    set_cap(trainer.device, cap_gib)
+    card = memory.card_of(trainer.device)
+    checkpointing = memory.checkpointing("auto", card)
+    start = time.perf_counter()
+    try:
+        plan = memory.decide(trainer.spec, card, trainer.compute_dtype, checkpointing, trainer.batch_per_process,
+                             None, trainer._probe if card.gpu else None)
+    except memory.OutOfPlans as exc:
+        set_cap(trainer.device, None)
+        return {"cap_gib": cap_gib, "error": str(exc)}
+    planning_s = time.perf_counter() - start
+    trainer.plan = plan
+    set_gradient_checkpointing(trainer.backbone.model, plan.gradient_checkpointing)
+    try:
+        measured = time_steps(trainer, size)
+    except torch.OutOfMemoryError as exc:
+        measured = {"error": f"out of memory while stepping: {str(exc)[:200]}"}
+    set_cap(trainer.device, None)
+    return {"cap_gib": cap_gib, "card_budget_gib": (card.total_bytes or 0) / GiB, "plan": plan.to_json(),
+            "planning_s": planning_s, **measured}
+
+
+def full_batch_configs(trainer: Trainer, size: Size) -> list[dict]:
+    out = []
+    for checkpointing in (False, True):
+        put_plan(trainer, size.batch, checkpointing)
         try:
+            out.append(time_steps(trainer, size))
+        except torch.OutOfMemoryError:
+            out.append({"compute_dtype": trainer.compute_dtype, "gradient_checkpointing": checkpointing,
+                        "error": "out of memory"})
+        if trainer.device.startswith("cuda"):
             torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            times = steps(model, device, batch, seq_len, pred_len, n, warmup=2)
-            out = {"batch": batch, "step_s": statistics.median(times), "samples_per_s": batch / statistics.median(times),
-                   "peak_gb": torch.cuda.max_memory_allocated() / 2**30}
-            break
-        except torch.cuda.OutOfMemoryError:
-            continue
-    llm.gradient_checkpointing_disable()
-    llm.eval()
-    torch.cuda.set_per_process_memory_fraction(1.0)
     return out
+
+
+def loss_curve(trainer: Trainer, size: Size) -> dict:
+    """``size.loss_steps`` optimizer steps from the freshly built weights, on fixed batches."""
+    put_plan(trainer, size.batch, True)
+    losses = []
+    skipped = 0
+    for x, y in batches(trainer, size.loss_steps):
+        loss, was_skipped = trainer.optimizer_step(x, y)
+        losses.append(float(loss))
+        skipped += was_skipped
+    return {"compute_dtype": trainer.compute_dtype, "losses": losses, "skipped_steps": skipped,
+            "final_scale": trainer.scaler.get_scale() if trainer.scaler.is_enabled() else None}
+
+
+def saves(trainer: Trainer, size: Size) -> dict:
+    """Training time with a checkpoint every ``save_every`` steps through Trainer.save, per mode."""
+    trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda s: 1.0)  # any number of steps
+    put_plan(trainer, size.batch, trainer.plan.gradient_checkpointing if trainer.plan else False)
+    data = batches(trainer, size.save_steps + 1)
+    out = {}
+    for mode in ("none", "sync", "background", "none"):  # "none" twice: the first run warms up
+        trainer.saver = CheckpointSaver(trainer.job, trainer.hash, 2, background=mode == "background")
+        sync(trainer.device)
+        start = time.perf_counter()
+        for i, (x, y) in enumerate(data[1:], start=1):
+            trainer.optimizer_step(x, y)
+            trainer.progress.global_step += 1
+            if mode != "none" and i % size.save_every == 0:
+                trainer.save("step")
+        trainer.saver.wait()
+        sync(trainer.device)
+        out[mode] = time.perf_counter() - start
+    return {"steps": size.save_steps, "every": size.save_every, "none_s": out["none"],
+            "sync_ratio": out["sync"] / out["none"], "background_ratio": out["background"] / out["none"]}
+
+
+def stall_and_resume(trainer: Trainer) -> dict:
+    """The save's stall on the training thread (a copy to reused host buffers), the commit of
+    that checkpoint, and a resume of it (load + verify + restore)."""
+    p, device = trainer.progress, trainer.device
+    stalls = []
+    for _ in range(3):  # the first capture allocates the (pinned) host buffers
+        sync(device)
+        t = time.perf_counter()
+        snap = ckpt_state.capture(trainer.model, trainer.optimizer, trainer.scheduler, p, trainer.host_buffers)
+        stalls.append(time.perf_counter() - t)
+    trainer.saver.wait()
+    t = time.perf_counter()
+    p.global_step += 1
+    trainer.save("step", wait=True)
+    write = time.perf_counter() - t
+    t = time.perf_counter()
+    loaded = load_newest(trainer.job, spec_hash=trainer.hash)
+    ckpt_state.restore(ckpt_state.read_files(loaded.files), trainer.model, trainer.optimizer, trainer.scheduler)
+    sync(device)
+    del snap
+    return {"checkpoint_bytes": loaded.manifest.bytes, "save_stall_s": statistics.median(stalls[1:]),
+            "first_save_stall_s": stalls[0], "save_write_s": write, "resume_s": time.perf_counter() - t}
+
+
+def _device_time(event) -> float:
+    return getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0))
+
+
+def profile_saves(trainer: Trainer, size: Size) -> dict:
+    """torch.profiler over a window of steps with a background save in flight, and over one
+    without: what the training thread waits on while a save runs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if trainer.device.startswith("cuda") else [])
+    trainer.saver = CheckpointSaver(trainer.job, trainer.hash, 2, background=True)
+    window = max(3, size.save_every // 2)
+    data = batches(trainer, window)
+    watch = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaHostAlloc", "cudaMallocHost",
+             "cudaMemcpyAsync", "Memcpy DtoH", "Memcpy HtoD", "aten::copy_", "aten::item",
+             "aten::_local_scalar_dense")
+    out = {}
+    for label in ("without_save", "with_save_in_flight"):
+        trainer.saver.wait()
+        sync(trainer.device)
+        step_times = []
+        with profile(activities=activities) as prof:
+            for i, (x, y) in enumerate(data):
+                if label == "with_save_in_flight" and i == 0:
+                    trainer.progress.global_step += 1
+                    trainer.save("step")  # the capture, then the write on the saver's thread
+                t = time.perf_counter()
+                trainer.optimizer_step(x, y)
+                sync(trainer.device)
+                step_times.append(time.perf_counter() - t)
+        events = prof.key_averages()
+        top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
+        out[label] = {
+            "step_s": step_times,
+            "watched": {e.key: {"count": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3,
+                                "device_ms": _device_time(e) / 1e3} for e in events if e.key in watch},
+            "top_self_cpu": [{"op": e.key, "count": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3}
+                             for e in top]}
+    trainer.saver.wait()
+    return out
+
+
+def submit(args: list[str], folder: Path, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=900, env=with_faults({**os.environ, **env,
+                                                                   "TIMELLM_JOB_WORKDIR": str(folder / "work")}))
+
+
+def oom_through_the_cli(size: Size, folder: Path, csv: Path, device: str) -> dict:
+    """A plan forced too large under a T4's memory: diagnosis and exit 1 at once; then ``auto``."""
+    spec = spec_for(size, folder, csv, device, name="oom", epochs=1, compute_dtype="fp16", percent=30,
+                    train={"micro_batch_size": size.batch, "gradient_checkpointing": False},
+                    run={"backbone_cache": True, "max_restarts": 5})
+    path = folder / "oom.yaml"
+    from jobs.spec import spec_to_yaml
+
+    path.write_text(spec_to_yaml(spec))
+    env = {"TIMELLM_JOB_BACKBONE_CACHE": str(folder / "backbones")}
+    env.update({"TIMELLM_TEST_CUDA_MEMORY_GIB": "15"} if device.startswith("cuda") else
+               {"TIMELLM_TEST_OOM_ABOVE_MICRO": str(size.batch // 2)})
+    start = time.perf_counter()
+    forced = submit(["submit", str(path)], folder, env)
+    forced_s = time.perf_counter() - start
+    first = json.loads(submit(["status", str(path), "--json"], folder, env).stdout)
+    start = time.perf_counter()
+    auto = submit(["submit", str(path), "--set", "train.micro_batch_size=auto",
+                   "--set", "train.gradient_checkpointing=auto"], folder, env)
+    auto_s = time.perf_counter() - start
+    after = json.loads(submit(["status", str(path), "--json"], folder, env).stdout)
+    return {"forced": {"exit": forced.returncode, "seconds": forced_s, "phase": first["phase"],
+                       "reason": first["reason"], "attempts": len(first["attempts"]),
+                       "stderr_tail": forced.stderr[-1500:]},
+            "auto": {"exit": auto.returncode, "seconds": auto_s, "phase": after["phase"],
+                     "attempts": [{k: a.get(k) for k in ("number", "reason", "memory_plan", "start_step", "end_step")}
+                                  for a in after["attempts"]],
+                     "stderr_tail": auto.stderr[-1500:]}}
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny", action="store_true", help="a tiny shape on the CPU (for the test suite)")
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--parts", default="plan,loss,oom,saves")
     a = ap.parse_args(argv)
+    parts = set(a.parts.split(","))
     device = "cpu" if a.tiny or not torch.cuda.is_available() else "cuda"
-    shape, seq_len, pred_len, batch = (TINY, 64, 16, 4) if a.tiny else (LLAMA3_8B, 512, 96, 24)
-    n = 3 if a.tiny else a.steps
+    size = Size(a.tiny)
     info = {"device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "torch": torch.__version__,
-            "shape": shape, "seq_len": seq_len, "pred_len": pred_len, "batch": batch}
+            "shape": size.shape, "seq_len": size.seq_len, "pred_len": size.pred_len, "batch": size.batch,
+            "features": "M (7 columns, one series per sample)"}
     try:
         import bitsandbytes
         import transformers
@@ -190,23 +365,45 @@ def main(argv=None) -> dict:
     except ImportError:
         pass
     print(json.dumps(info), flush=True)
-    model, built = build(shape, "nf4", device, seq_len, pred_len, 1000 if not a.tiny else 50)
-    info["build_and_quantize_s"] = built
-    info["trainable_params"] = sum(p.numel() for p in model.trainable_state().values())
-    if device == "cuda":
-        info["backbone_gb"] = torch.cuda.memory_allocated() / 2**30
-        torch.cuda.reset_peak_memory_stats()
-    times = steps(model, device, batch, seq_len, pred_len, n, warmup=1 if a.tiny else 3)
-    info["step_s_median"] = statistics.median(times)
-    info["samples_per_s"] = batch / info["step_s_median"]
-    info["steps_timed"] = len(times)
-    if device == "cuda":
-        info["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
-    info.update(save_and_resume(model, device))
-    info["saves"] = save_overhead(model, device, batch, seq_len, pred_len, n=6 if a.tiny else 60,
-                                  every=3 if a.tiny else 20)
-    if device == "cuda":
-        info["fit_15gb_grad_ckpt"] = fit_15gb(model, device, seq_len, pred_len, max(5, n // 2))
+    folder = Path(tempfile.mkdtemp(prefix="gpu-bench-"))
+    try:
+        csv = make_csv(folder, size.rows)
+        # a T4 computes in fp16 (no bf16); an L4, A100, H100 in bf16
+        caps = {"fp16": [15.0], "bf16": [22.0, None]} if device == "cuda" else {"fp16": [None], "bf16": [None]}
+        info["plans"], info["full_batch"], info["loss"] = [], [], {}
+        for dtype in ("fp16", "bf16"):
+            if not parts & {"plan", "loss", "saves"} or (dtype == "fp16" and not parts & {"plan", "loss"}):
+                continue
+            trainer, built = build_trainer(spec_for(size, folder, csv, device, compute_dtype=dtype, name=f"b-{dtype}"))
+            info[f"build_{dtype}_s"] = built
+            info["trainable_params"] = sum(p.numel() for p in trainer.model.trainable_state().values())
+            if device == "cuda":
+                info["backbone_gib"] = torch.cuda.memory_allocated() / GiB
+            if "loss" in parts:
+                info["loss"][dtype] = loss_curve(trainer, size)
+            if "plan" in parts:
+                for cap in caps[dtype]:
+                    info["plans"].append(plan_under_cap(trainer, size, cap))
+                    print(json.dumps(info["plans"][-1]), flush=True)
+                info["full_batch"] += full_batch_configs(trainer, size)
+            if dtype == "bf16" and "saves" in parts:
+                info.update(stall_and_resume(trainer))
+                info["saves"] = saves(trainer, size)
+                info["saves_profile"] = profile_saves(trainer, size)
+            del trainer
+            if device == "cuda":
+                torch.cuda.empty_cache()
+        if "plan" in parts and device == "cuda":
+            t4 = next((p for p in info["plans"] if p.get("cap_gib") == 15.0 and "step_s" in p), None)
+            bf16 = next((c for c in info["full_batch"] if c.get("compute_dtype") == "bf16"
+                         and not c.get("gradient_checkpointing") and "step_s" in c), None)
+            if t4 and bf16:
+                info["t4_target"] = {"peak_gib": t4["peak_gib"], "peak_target_gib": 14.5,
+                                     "step_over_uncapped_bf16": t4["step_s"] / bf16["step_s"], "step_target": 1.6}
+        if "oom" in parts:
+            info["oom"] = oom_through_the_cli(size, folder, csv, device)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
     line = json.dumps(info)
     print(line, flush=True)
     if os.environ.get("OUT"):

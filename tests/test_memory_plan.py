@@ -159,6 +159,9 @@ def test_the_diagnosis_names_the_card_the_plan_and_what_to_change():
     assert memory.diagnose(auto, plan, T4, "cpu")["smaller_plan"]
     smallest = memory.MemoryPlan(1, False, "fp16", 24, "Tesla T4", 15 * GiB)
     assert not memory.diagnose(auto, smallest, T4, "cpu")["smaller_plan"]
+    # in validation no micro-batch helps: the evaluation batch is named instead
+    evaluating = memory.diagnose(auto, plan, T4, "cpu", evaluating=True)
+    assert not evaluating["smaller_plan"] and "train.eval_batch_size 8" in evaluating["reason"]
 
 
 def test_the_colab_t4_example_is_accepted_and_a_bad_micro_batch_names_the_field(tmp_path):

@@ -52,6 +52,9 @@ def test_colab_notebook_parses_and_its_job_is_a_valid_spec(tmp_path):
 
     loaded = load_spec(spec)
     assert loaded.model.quantization == "nf4" and loaded.storage.root.startswith("/content/drive")
+    # it runs on a T4 as written: every memory field is planned on the card
+    assert (loaded.model.compute_dtype, loaded.train.micro_batch_size, loaded.train.gradient_checkpointing) == \
+        ("auto", "auto", "auto")
     for s in sources:
         for line in s.splitlines():
             if line.startswith("!timellm-job"):

@@ -453,7 +453,8 @@ class Trainer:
         """A diagnosis, not a crash: what ran out, at which plan, and what to change."""
         card = getattr(self, "card", None) or memory.card_of(getattr(self, "device", "cpu"))
         planning = str(exc) if isinstance(exc, memory.OutOfPlans) else None
-        diag = memory.diagnose(self.spec, self.plan, card, getattr(self, "device", "cpu"), planning)
+        evaluating = self.heartbeat.doc.get("phase") in ("validating", "testing")
+        diag = memory.diagnose(self.spec, self.plan, card, getattr(self, "device", "cpu"), planning, evaluating)
         p = getattr(self, "progress", None)
         print(diag["reason"], file=sys.stderr, flush=True)
         self.heartbeat.beat(force=True, phase="crashed", oom=diag, error=diag["reason"][:500],

@@ -184,9 +184,11 @@ def peak_bytes(device: str) -> int | None:
     return torch.cuda.max_memory_allocated(torch.device(device)) if device.startswith("cuda") else None
 
 
-def diagnose(spec, plan: MemoryPlan | None, card: Card, device: str, planning: str | None = None) -> dict:
+def diagnose(spec, plan: MemoryPlan | None, card: Card, device: str, planning: str | None = None,
+             evaluating: bool = False) -> dict:
     """What the attempt that ran out of memory reports: a one-line reason and the facts.
-    ``planning``: why no plan fits, when it was the planning that failed."""
+    ``planning``: why no plan fits, when it was the planning that failed; ``evaluating``: it ran
+    out in validation or test, whose batches are ``train.eval_batch_size`` (no plan changes them)."""
     peak = peak_bytes(device)
     mem = f" ({card.total_bytes / GiB:.1f} GiB)" if card.total_bytes else ""
     if planning:
@@ -196,10 +198,13 @@ def diagnose(spec, plan: MemoryPlan | None, card: Card, device: str, planning: s
               f"checkpointing {'on' if plan.gradient_checkpointing else 'off'}, {plan.compute_dtype}")
     else:
         at = "before the memory plan was made"
-    smaller = plan is not None and has_smaller(spec, plan, card)
+    smaller = plan is not None and not evaluating and has_smaller(spec, plan, card)
     advice = "planning a smaller micro-batch next" if smaller else (
         "set train.micro_batch_size: auto (or a smaller divisor of train.batch_size), "
         "train.gradient_checkpointing: true, or a shorter data.seq_len")
+    if evaluating:
+        at = f"while evaluating batches of train.eval_batch_size {spec.train.eval_batch_size}"
+        advice = "set a smaller train.eval_batch_size, or a shorter data.seq_len"
     reason = (f"out of memory on {card.name}{mem}: peak {peak / GiB:.2f} GiB " if peak is not None else
               f"out of memory on {card.name}{mem}: ") + f"{at}, data.seq_len {spec.data.seq_len}; {advice}"
     return {"reason": reason, "card": card.name, "total_bytes": card.total_bytes, "peak_bytes": peak,

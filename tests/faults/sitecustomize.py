@@ -10,6 +10,8 @@ product's modules as they are imported. Nothing in the product reads these varia
   land inside a checkpoint write).
 - ``TIMELLM_TEST_OOM_ABOVE_MICRO``: a training forward pass of more than N samples raises
   torch.OutOfMemoryError, as CUDA does when a micro-batch does not fit.
+- ``TIMELLM_TEST_CUDA_MEMORY_GIB``: ``trainer run`` may use only that much GPU memory
+  (``torch.cuda.set_per_process_memory_fraction``): a T4's or an L4's memory on a bigger card.
 - ``TIMELLM_TEST_HOST_ALLOC_MB``: ``trainer run`` touches that much host memory as it starts (a
   real allocation, for the kernel's OOM killer under a memory-limited cgroup).
 """
@@ -31,6 +33,10 @@ def _patch_loop(module) -> None:
     megabytes = int(_env("TIMELLM_TEST_HOST_ALLOC_MB"))
     if megabytes:
         module._test_ballast = b"\x01" * (megabytes << 20)
+    cap = _env("TIMELLM_TEST_CUDA_MEMORY_GIB")
+    if cap and module.torch.cuda.is_available():
+        total = module.torch.cuda.get_device_properties(0).total_memory
+        module.torch.cuda.set_per_process_memory_fraction(min(1.0, cap * 2**30 / total))
     if not (fail_at or delay):
         return
     beat = module.Heartbeat.beat
