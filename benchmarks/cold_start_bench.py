@@ -68,7 +68,7 @@ def make_hub_folder(folder: Path, shape: str, device: str) -> int:
     model = build_random_weights(r, r.num_layers, device, torch.bfloat16)
     model.save_pretrained(folder, max_shard_size="5GB")
     del model
-    random_tokenizer(r.vocab_size).save_pretrained(folder)
+    random_tokenizer(r.vocab_size, r.family).save_pretrained(folder)
     return sum(p.stat().st_size for p in folder.iterdir())
 
 

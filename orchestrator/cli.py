@@ -111,23 +111,37 @@ def export_best_cmd(spec: str, root: str | None, out: str) -> None:
 @click.argument("spec", type=click.Path(dir_okay=False))
 @click.argument("source")
 @click.option("--root", help=ROOT_HELP)
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE")
-@click.option("--as", "kind", type=click.Choice(["step", "best"]), default="step", show_default=True)
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a field, e.g. train.epochs=3.")
+@click.option("--as", "kind", type=click.Choice(["step", "best"]), default="step", show_default=True,
+              help="For a single file: commit it as a step checkpoint (resume from it) or as the best.")
 @click.option("--weights-only", is_flag=True, help="Import the parameters alone (fresh Adam and schedule).")
 def import_cmd(spec: str, source: str, root: str | None, sets: tuple[str, ...], kind: str, weights_only: bool) -> None:
-    """Import a checkpoint written by the upstream Time-LLM code, so `submit` resumes from it.
+    """Import a checkpoint or a whole run of the upstream Time-LLM code, so `submit` resumes from it.
 
     SOURCE is a torch.save file (a dict with model/optimizer/scheduler/epoch/global_step, or a bare
-    state dict), read with torch.load(weights_only=True): nothing is unpickled.
+    state dict), or a run folder as the upstream fork writes it (`checkpoint`, the best, beside
+    `checkpoint_step_N/checkpoint.pt`): its best and its newest step are both adopted. Files are
+    read with torch.load(weights_only=True) (numpy scalars allowed, nothing unpickled) and
+    memory-mapped. A job that exists with another spec is refused (exit 2), as by submit.
     """
-    _job_of(spec, root, sets)  # validates the spec (exit 2) before torch is loaded
+    from orchestrator.submit import InputError, adopt, check_stored_spec
+
+    job_spec, job = _job_of(spec, root, sets)  # validates the spec (exit 2) before torch is loaded
+    try:
+        check_stored_spec(job, job_spec)
+    except InputError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(2)
     argv = [sys.executable, "-m", "trainer", "import", spec, source, "--as", kind]
     argv += ["--root", root] if root else []
     for s in sets:
         argv += ["--set", s]
     if weights_only:
         argv.append("--weights-only")
-    sys.exit(subprocess.call(argv))
+    code = subprocess.call(argv)
+    if code == 0:
+        adopt(job, job_spec)
+    sys.exit(code)
 
 
 @main.command()

@@ -117,6 +117,31 @@ def redacted_yaml(spec: JobSpec) -> str:
     return yaml.safe_dump(doc, sort_keys=False)
 
 
+def check_stored_spec(job: Store, spec: JobSpec) -> None:
+    """A job that exists must be resumed with the model it was started with (InputError)."""
+    try:
+        stored = yaml.safe_load(job.read_bytes(SPEC).decode())
+    except FileNotFoundError:
+        return
+    differences = diff_fields(without_new_defaults({k: stored.get(k) for k in ("data", "model", "train")}),
+                              training_fields(spec))
+    if differences:
+        raise InputError("this job exists with another spec; a resume must train the same model. "
+                         "Differences:\n  " + "\n  ".join(differences) +
+                         "\nUse another name (or root) for a different job.")
+
+
+def adopt(job: Store, spec: JobSpec) -> None:
+    """Make a job folder that ``import`` filled a job: its spec (unless stored already) and a
+    state document listing its checkpoints, so ``status``, ``export-best`` and ``submit`` see it."""
+    if not job.exists(SPEC):
+        try:
+            job.create(SPEC, redacted_yaml(spec).encode())
+        except FileExistsError:
+            pass
+    JobState(job, spec.name).flush()
+
+
 def prepare(spec_path: str, root: str | None, sets: tuple[str, ...]) -> Prepared:
     """Validate without writing: raises InputError (exit 2) naming what is wrong."""
     try:
@@ -127,19 +152,7 @@ def prepare(spec_path: str, root: str | None, sets: tuple[str, ...]) -> Prepared
     except StorageError as err:
         raise InputError(f"storage.root: {err}") from None
     check_reachable(job)
-    stored_text = None
-    try:
-        stored_text = job.read_bytes(SPEC).decode()
-    except FileNotFoundError:
-        pass
-    if stored_text is not None:
-        stored = yaml.safe_load(stored_text)
-        differences = diff_fields(without_new_defaults({k: stored.get(k) for k in ("data", "model", "train")}),
-                                  training_fields(spec))
-        if differences:
-            raise InputError("this job exists with another spec; a resume must train the same model. "
-                             "Differences:\n  " + "\n  ".join(differences) +
-                             "\nUse another name (or root) for a different job.")
+    check_stored_spec(job, spec)
     preflight(Path(spec_path), root, sets)
     return Prepared(spec, job, workdir_for(spec))
 

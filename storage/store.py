@@ -257,6 +257,20 @@ class Store:
 
         return self._call(get, rel, "reading")
 
+    def download(self, rel: str, dest: str | os.PathLike) -> int:
+        """Stream a file to a local path (never whole in memory); returns its size."""
+        path = self.full(rel)
+
+        def get() -> int:
+            size = 0
+            with self.fs.open(path, "rb", block_size=CHUNK) as f, open(dest, "wb") as out:
+                while chunk := f.read(CHUNK):
+                    out.write(chunk)
+                    size += len(chunk)
+            return size
+
+        return self._call(get, rel, "reading")
+
     def hash_file(self, rel: str) -> tuple[int, str]:
         """Size and sha256 of a file, streamed (nothing kept in memory)."""
         path = self.full(rel)

@@ -178,7 +178,7 @@ def test_a_hub_backbone_is_downloaded_once_per_job_not_once_per_runtime(tmp_path
     r = RandomBackbone.model_validate({"family": "llama", "hidden_size": 64, "num_layers": 2, "num_heads": 4})
     folder = tmp_path / "repo"
     build_random_weights(r, 2).save_pretrained(folder)
-    random_tokenizer(r.vocab_size).save_pretrained(folder)
+    random_tokenizer(r.vocab_size, r.family).save_pretrained(folder)
     hub = HubServer({"stand-in/llama": folder}).start()
     ms = spec("nf4", pretrained="stand-in/llama")
     try:

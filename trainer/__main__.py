@@ -20,7 +20,7 @@ def _args(argv):
     ap = argparse.ArgumentParser(prog="python -m trainer")
     ap.add_argument("command", choices=["run", "check", "import"])
     ap.add_argument("spec")
-    ap.add_argument("source", nargs="?", help="import: an upstream Time-LLM checkpoint (path or URL)")
+    ap.add_argument("source", nargs="?", help="import: an upstream Time-LLM checkpoint or run folder (path or URL)")
     ap.add_argument("--as", dest="kind", choices=["step", "best"], default="step")
     ap.add_argument("--weights-only", action="store_true")
     ap.add_argument("--root")
@@ -50,16 +50,20 @@ def main(argv=None) -> int:
             print(p, file=sys.stderr)
         return 2 if problems else 0
     if a.command == "import":
+        from storage import StorageError
         from trainer.importer import ImportRefused, JobBusy, import_checkpoint
 
         if not a.source:
-            print("import: give the checkpoint to import (a path or URL)", file=sys.stderr)
+            print("import: give the checkpoint or run folder to import (a path or URL)", file=sys.stderr)
             return 2
         try:
             import_checkpoint(spec, a.source, a.kind, a.weights_only, spec.storage.options if "://" in a.source else None)
             return 0
         except (ImportRefused, DataError, BackboneError) as err:
             print(f"error: {err}", file=sys.stderr)
+            return 2
+        except StorageError as err:
+            print(f"error: {a.source}: {err}", file=sys.stderr)
             return 2
         except JobBusy as err:
             print(f"error: {err}", file=sys.stderr)

@@ -52,9 +52,11 @@ _WORDS = ("dataset description task forecast the next steps given previous infor
 _SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<|start_prompt|>", "<|end_prompt|>"]
 
 
-def random_tokenizer(vocab_size: int):
-    """A word-level tokenizer over a fixed vocabulary: digits, punctuation, the prompt's words."""
-    from tokenizers import Tokenizer, normalizers, pre_tokenizers
+def random_tokenizer(vocab_size: int, family: str = "llama"):
+    """A word-level tokenizer over a fixed vocabulary: digits, punctuation, the prompt's words.
+    Special tokens as the family's own tokenizer adds them: LLaMA's prompts start with BOS
+    (``<s>``), GPT-2's with nothing."""
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
     from tokenizers.models import WordLevel
     from transformers import PreTrainedTokenizerFast
 
@@ -67,6 +69,8 @@ def random_tokenizer(vocab_size: int):
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(),
         pre_tokenizers.Digits(individual_digits=True)])
+    if family == "llama":
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab_list.index("<s>"))])
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
                                    bos_token="<s>", eos_token="</s>",
                                    additional_special_tokens=_SPECIALS[4:])
@@ -143,7 +147,7 @@ def load_backbone(model_spec, device: str) -> Backbone:
         if layers > depth:
             raise BackboneError(f"model.llm_layers: {layers} exceeds the backbone's {depth} layers")
         model = build_random_weights(spec.random, layers, device, dtype)
-        tokenizer = random_tokenizer(spec.random.vocab_size)
+        tokenizer = random_tokenizer(spec.random.vocab_size, spec.random.family)
         if quant is not None:  # bitsandbytes quantizes at load time: go through a local folder
             with tempfile.TemporaryDirectory() as folder:
                 model.save_pretrained(folder)

@@ -41,7 +41,7 @@ from storage.layout import BACKBONE
 from storage.retention import delete_checkpoint
 from trainer.backbone import Backbone, compute_dtype_of, finish, load_backbone
 
-FORMAT = 1
+FORMAT = 2  # 2: random LLaMA tokenizers add BOS (a cache of format 1 holds one that does not)
 SHARD = "1GB"  # safetensors shards: verifying and copying hash (up to 4) files in parallel
 
 

@@ -1,48 +1,101 @@
-"""``import``: commit an upstream Time-LLM checkpoint as a verified checkpoint of a job.
+"""``import``: commit upstream Time-LLM checkpoints as verified checkpoints of a job.
 
-Invariants: nothing is written unless every parameter matches the job's model by name and shape
-(and the optimizer and scheduler too, unless ``weights_only``); the result is committed through
-storage's protocol like any checkpoint, so ``submit`` resumes from it; a job whose lease is live
-is not touched.
+The source is one ``torch.save`` file, or a run folder laid out as the upstream fork writes it:
+``checkpoint`` (early stopping's best model, a bare state dict) beside
+``checkpoint_step_N/checkpoint.pt`` folders (full training state). A run folder is adopted
+whole: its best as the job's ``best`` and its newest step as a ``step`` checkpoint, committed in
+that order, so the job resumes from the step (newer) and keeps the imported best, whose
+validation loss (the step's ``val_loss_min``) a new best must beat.
+
+Invariants: nothing is written unless every file read matches the job's model by name and shape
+(and the optimizer and scheduler too, unless ``weights_only``); every result is committed through
+storage's protocol like any checkpoint and verified against its manifest; a job whose lease is
+live is not touched. Files are read from local disk memory-mapped (remote ones are streamed to a
+local temporary file first), so the frozen LLM inside them is never read into memory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-import os
+import re
 import sys
+import tempfile
+from pathlib import Path
 
 from storage import lease as leases
 from storage import open_store
+from storage.checkpoints import verify
 from storage.manifest import Manifest
 from trainer.loop import Trainer
 from trainer.state import load_trainable
-from trainer.upstream import ImportRefused, mismatches, optimizer_problems, read_upstream, scheduler_problems
+from trainer.upstream import (
+    ImportRefused,
+    Upstream,
+    mismatches,
+    optimizer_problems,
+    read_upstream,
+    scheduler_problems,
+)
+
+BEST_FILE = "checkpoint"
+STEP_DIR = re.compile(r"^checkpoint_step_(\d+)$")
+STEP_FILE = "checkpoint.pt"
 
 
 class JobBusy(RuntimeError):
     pass
 
 
-def read_source(url: str, options: dict | None = None) -> bytes:
-    folder, name = os.path.split(url.rstrip("/"))
-    try:
-        return open_store(folder or ".", options).read_bytes(name)
-    except FileNotFoundError:
-        raise ImportRefused(f"{url}: no such file") from None
+def _split(url: str) -> tuple[str, str]:
+    folder, _, name = url.rstrip("/").rpartition("/")
+    return folder or ".", name
 
 
-def import_checkpoint(spec, source: str, kind: str = "step", weights_only: bool = False,
-                      source_options: dict | None = None) -> Manifest:
-    # no backbone cache writes: an import that is refused must leave nothing behind
-    spec = spec.model_copy(update={"run": spec.run.model_copy(update={"backbone_cache": False})})
-    trainer = Trainer(spec, attempt=0, background_saves=False)
-    holder = leases.read(trainer.job)
-    if holder is not None and not holder.holder_is_dead():
-        raise JobBusy(f"job {spec.name} is running (orchestrator pid {holder.pid} on {holder.host}); "
-                      "stop it before importing")
-    up = read_upstream(read_source(source, source_options))
-    trainer.build()
+@contextlib.contextmanager
+def local_file(url: str, options: dict | None = None):
+    """A local path holding the file at ``url``: itself on local disk, else a temporary copy."""
+    folder, name = _split(url)
+    store = open_store(folder, options)
+    if store.is_local:
+        path = Path(store.full(name))
+        if not path.is_file():
+            raise ImportRefused(f"{url}: no such file")
+        yield path
+        return
+    if not store.exists(name):
+        raise ImportRefused(f"{url}: no such file")
+    with tempfile.TemporaryDirectory(prefix="timellm-import-") as tmp:
+        store.download(name, Path(tmp) / name)
+        yield Path(tmp) / name
+
+
+def run_folder(url: str, options: dict | None = None) -> tuple[str | None, str | None] | None:
+    """(best file, newest step file) of an upstream run folder, as URLs; None if ``url`` is not a
+    folder."""
+    store = open_store(url, options)
+    entries = store.list_dir("")
+    if not entries:
+        return None
+    best = BEST_FILE if any(n == BEST_FILE and t == "file" for n, t, _ in entries) else None
+    steps = []
+    for name, kind, _ in entries:
+        found = STEP_DIR.match(name)
+        if kind == "directory" and found and store.exists(f"{name}/{STEP_FILE}"):
+            steps.append((int(found.group(1)), name))
+    steps.sort()
+    if best is None and not steps:
+        raise ImportRefused(f"{url} holds no upstream checkpoint: expected '{BEST_FILE}' and/or "
+                            f"'checkpoint_step_N/{STEP_FILE}'")
+    return (store.url_of(best) if best else None, store.url_of(f"{steps[-1][1]}/{STEP_FILE}") if steps else None)
+
+
+def read(url: str, options: dict | None) -> Upstream:
+    with local_file(url, options) as path:
+        return read_upstream(path)
+
+
+def _check_model(trainer: Trainer, up: Upstream, source: str) -> None:
     rows = mismatches(trainer.model, up.params)
     if rows:
         width = max(len(r[0]) for r in rows)
@@ -51,27 +104,77 @@ def import_checkpoint(spec, source: str, kind: str = "step", weights_only: bool 
                             f"{'this job':>22}  {'the file':>22}\n{table}\n"
                             "Match the job's model section (d_model, d_ff, num_tokens, pred_len, the backbone's "
                             "vocabulary) to the run that wrote the file.")
-    problems = [] if weights_only else optimizer_problems(trainer.optimizer, up.optimizer) + \
-        scheduler_problems(trainer.scheduler, up.scheduler)
+
+
+def _check_training_state(trainer: Trainer, up: Upstream) -> None:
+    problems = optimizer_problems(trainer.optimizer, up.optimizer) + scheduler_problems(trainer.scheduler, up.scheduler)
     if problems:
         raise ImportRefused("the optimizer or scheduler cannot carry over: " + "; ".join(problems) +
                             ". Add --weights-only to import the weights alone (fresh Adam and schedule).")
-    load_trainable(trainer.model, up.params)
+
+
+def _take_training_state(trainer: Trainer, up: Upstream) -> None:
+    """Adam, OneCycleLR and the position in training, from a full upstream checkpoint."""
     p = trainer.progress
-    if not weights_only:
-        trainer.optimizer.load_state_dict(up.optimizer)
-        trainer.scheduler.load_state_dict(up.scheduler)
-        n = trainer.steps_per_epoch
-        p.global_step = up.global_step
-        p.epoch = min(up.epoch, spec.train.epochs)
-        p.batch = max(0, min(n, up.global_step - up.epoch * n))
-    if up.val_loss_min is not None and math.isfinite(up.val_loss_min):
-        p.best_val, p.best_step = up.val_loss_min, p.global_step
+    trainer.optimizer.load_state_dict(up.optimizer)
+    trainer.scheduler.load_state_dict(up.scheduler)
+    n = trainer.steps_per_epoch
+    p.global_step = up.global_step
+    p.epoch = min(up.epoch, trainer.spec.train.epochs)
+    p.batch = max(0, min(n, up.global_step - up.epoch * n))
+
+
+def _commit(trainer: Trainer, kind: str, source: str) -> Manifest:
+    p = trainer.progress
+    before = len(trainer.saver.committed)
     trainer.save(kind, wait=True)
-    committed = trainer.saver.committed[-1] if trainer.saver.committed else None
-    if committed is None:
-        raise ImportRefused(f"a {kind} checkpoint at step {p.global_step} exists already; nothing was written")
-    print(f"imported {source} as checkpoint {committed.id} (step {p.global_step}, epoch {p.epoch}; "
-          f"{'weights only' if weights_only else 'weights, Adam and OneCycleLR'}; "
-          f"dropped {len(up.dropped)} frozen backbone entries)", file=sys.stderr)
+    if len(trainer.saver.committed) == before:
+        raise ImportRefused(f"a {kind} checkpoint at step {p.global_step} exists already; nothing more was written")
+    manifest = trainer.saver.committed[-1]
+    problems = verify(trainer.job, manifest)
+    if problems:
+        raise ImportRefused(f"the checkpoint committed from {source} does not verify: {'; '.join(problems)}")
+    return manifest
+
+
+def import_checkpoint(spec, source: str, kind: str = "step", weights_only: bool = False,
+                      source_options: dict | None = None) -> list[Manifest]:
+    """Import a file (as ``kind``) or a whole upstream run folder; returns what was committed."""
+    # no backbone cache writes: an import that is refused must leave nothing behind
+    spec = spec.model_copy(update={"run": spec.run.model_copy(update={"backbone_cache": False})})
+    trainer = Trainer(spec, attempt=0, background_saves=False)
+    holder = leases.read(trainer.job)
+    if holder is not None and not holder.holder_is_dead():
+        raise JobBusy(f"job {spec.name} is running (orchestrator pid {holder.pid} on {holder.host}); "
+                      "stop it before importing")
+    folder = run_folder(source, source_options)
+    if folder is None:
+        best_url, step_url = (source, None) if kind == "best" else (None, source)
+    else:
+        best_url, step_url = folder
+    best = read(best_url, source_options) if best_url else None
+    step = read(step_url, source_options) if step_url else None
+    trainer.build()
+    for up, url in ((best, best_url), (step, step_url)):
+        if up is not None:
+            _check_model(trainer, up, url)
+    full = step if step is not None else best  # the file that carries the training state
+    if not weights_only:
+        _check_training_state(trainer, full)
+        _take_training_state(trainer, full)
+    p = trainer.progress
+    val = full.val_loss_min
+    if val is not None and math.isfinite(val):
+        p.best_val, p.best_step = val, p.global_step
+    committed = []
+    # the best first: the step, committed after it at the same position, is the newer of the two
+    for up, url, as_kind in ((best, best_url, "best"), (step, step_url, "step")):
+        if up is None:
+            continue
+        load_trainable(trainer.model, up.params)
+        m = _commit(trainer, as_kind, url)
+        committed.append(m)
+        print(f"imported {url} as checkpoint {m.id} (step {m.step}, epoch {p.epoch}; "
+              f"{'weights only' if weights_only else 'weights, Adam and OneCycleLR'}; "
+              f"dropped {len(up.dropped)} frozen backbone entries)", file=sys.stderr)
     return committed

@@ -5,8 +5,12 @@ Upstream writes either a ``torch.save`` dict (``model``, ``optimizer``, ``schedu
 stopping's ``checkpoint`` file), possibly with DDP's ``module.`` prefix and the frozen LLM in it.
 
 Invariants:
-- Files are read with ``torch.load(weights_only=True)``: a file that needs full unpickling is
-  refused with :class:`ImportRefused`, never loaded.
+- Files are read with ``torch.load(weights_only=True)``, allowing besides tensors and plain
+  values exactly the numpy scalars that upstream's early stopping stores (``val_loss_min`` and
+  ``best_score`` are ``np.float64``/``np.float32``: a numpy scalar and its dtype). Any other global
+  refuses the file with :class:`ImportRefused` naming it; nothing in it is run.
+- Local files are memory-mapped (``mmap=True``): only the tensors kept are ever read, so a
+  checkpoint holding the frozen LLM (gigabytes) costs no more memory than one without it.
 - The name mapping lives here alone (:data:`NAME_MAP`); frozen backbone entries are dropped.
 - Any parameter whose name or shape does not match the job's model refuses the import, with a
   table of the differences; nothing is written.
@@ -17,10 +21,12 @@ Invariants:
 
 from __future__ import annotations
 
-import io
 import pickle
+import zipfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
 import torch
 
 # upstream's module names -> ours (the same blocks of the paper; kept as one table on purpose)
@@ -34,6 +40,14 @@ NAME_MAP = {
     "output_projection.linear.bias": "output_projection.linear.bias",
 }
 FROZEN_PREFIXES = ("llm_model.", "word_embeddings", "normalize_layers.")
+# the numpy globals of an early-stopping value (np.float64 / np.float32) or a numpy counter
+# (np.int64 / np.int32): the scalar constructor (under numpy 2's module name and numpy 1's), the
+# dtype and those four dtype classes; nothing else
+_SCALAR = np._core.multiarray.scalar
+_DTYPES = [np.dtypes.Float64DType, np.dtypes.Float32DType, np.dtypes.Int64DType, np.dtypes.Int32DType]
+NUMPY_SCALARS = [_SCALAR, (_SCALAR, "numpy.core.multiarray.scalar"), np.dtype, *_DTYPES]
+ALLOWED = {"numpy._core.multiarray.scalar", "numpy.core.multiarray.scalar", "numpy.dtype",
+           *(f"numpy.dtypes.{d.__name__}" for d in _DTYPES)}
 
 
 class ImportRefused(ValueError):
@@ -51,12 +65,32 @@ class Upstream:
     dropped: list[str] = field(default_factory=list)
 
 
-def read_upstream(data: bytes) -> Upstream:
+def _refusal(path: Path) -> ImportRefused:
+    """Why a file cannot be loaded without unpickling, naming the globals it would run."""
     try:
-        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise ImportRefused("this file needs full unpickling (arbitrary code) to load, which timellm-job never "
-                            f"does; re-save it with plain tensors and numbers ({str(exc).splitlines()[0]})") from None
+        found = sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(str(path))) - ALLOWED)
+    except Exception:  # noqa: BLE001 - the file is refused either way
+        found = []
+    named = f"it holds {', '.join(found)}, which" if found else "it holds objects that"
+    return ImportRefused(f"{path.name}: {named} only full unpickling (running code from the file) could "
+                         "rebuild; timellm-job loads tensors, plain numbers and numpy scalars only. Save the "
+                         "checkpoint's tensors and plain numbers (float(val_loss_min), ...) and import that.")
+
+
+def read_upstream(path: str | Path) -> Upstream:
+    """Read an upstream checkpoint from a local file, memory-mapped where the format allows."""
+    path = Path(path)
+    try:
+        with torch.serialization.safe_globals(NUMPY_SCALARS):
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:  # the legacy (pre-zip) format cannot be mapped
+                if zipfile.is_zipfile(path):
+                    raise ImportRefused(f"{path.name}: not a readable torch checkpoint: "
+                                        f"{str(exc).splitlines()[0][:200]}") from None
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise _refusal(path) from None
     if not isinstance(obj, dict):
         raise ImportRefused(f"expected a dict, found {type(obj).__name__}")
     full = "model" in obj and isinstance(obj["model"], dict)
@@ -75,7 +109,7 @@ def read_upstream(data: bytes) -> Upstream:
 
     def number(key, default):
         v = obj.get(key, default)
-        return v.item() if torch.is_tensor(v) else v
+        return v.item() if torch.is_tensor(v) or isinstance(v, np.generic) else v
 
     val = number("val_loss_min", None)
     if val is None and obj.get("best_score") is not None:

@@ -42,7 +42,8 @@ class TimeLLM(nn.Module):
 
     def tokenize_prompts(self, x_series: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         prompts = build_prompts(x_series.detach().float().cpu(), self.description, self.seq_len, self.pred_len)
-        enc = self.backbone.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        # the tokenizer's own special tokens, as upstream: LLaMA's BOS, BERT's [CLS] ... [SEP]; GPT-2 none
+        enc = self.backbone.tokenizer(prompts, return_tensors="pt", padding=True)
         return enc["input_ids"], enc["attention_mask"]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
