@@ -171,7 +171,7 @@ class TrainSpec(_Section):
 class PreemptionNotice(_Section):
     """Opt-in watcher of a cloud metadata endpoint announcing a preemption."""
 
-    provider: Literal["gce", "aws"]
+    provider: Literal["gce", "aws", "azure"]
     url: str | None = None  # defaults to the provider's documented metadata URL
     interval_s: float = Field(default=5.0, gt=0.0)
 

@@ -8,7 +8,13 @@ Invariants:
       pending --> running --(trainer died)--> restarting --> running ...
          |           |--(SIGTERM/SIGINT)--> preempted --(submit)--> running
          |           |--(exit 0)----------> completed            (terminal)
-         |           `--(bad input, budget spent, crash loop)--> failed --(submit)--> running
+         |           |--(bad input, budget spent, crash loop)--> failed --(submit)--> running
+         |           `--(the orchestrator vanished: runtime gone)--> interrupted --(submit)--> running
+
+  ``interrupted`` is never written: the document says ``running`` (or ``restarting``) and its
+  lease expired (or its holder's pid is dead on this host); readers report it as
+  ``interrupted`` (:func:`effective_phase`), and the next ``submit`` closes the attempt that
+  never ended as ``lost: ...``.
 
 - ``attempts`` only grows; an attempt is never rewritten once it has ended.
 """
@@ -28,6 +34,7 @@ class Phase(str, enum.Enum):
     PREEMPTED = "preempted"
     COMPLETED = "completed"
     FAILED = "failed"
+    INTERRUPTED = "interrupted"  # the orchestrator is gone and its lease expired
 
 
 class CheckpointRef(BaseModel):
@@ -97,6 +104,7 @@ class JobStatus(BaseModel):
     updated_at: float | None = None
     spec_hash: str | None = None
     memory_plan: dict[str, Any] | None = None  # the plan in force: the newest attempt's
+    preemption_notice: dict[str, Any] | None = None  # the watcher: provider, url, problem (None: working)
 
     def to_json_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -114,3 +122,11 @@ def describe_plan(plan: dict[str, Any]) -> str:
             f"{'on' if plan.get('gradient_checkpointing') else 'off'}, {plan.get('compute_dtype')} on "
             f"{plan.get('card')}{mem}" + (", " + ", ".join(peaks) if peaks else "") + f" [{plan.get('how')}]"
             + (f": {plan['note']}" if plan.get("note") else ""))
+
+
+def effective_phase(phase: Phase, lease_live: bool) -> Phase:
+    """The phase to report: a job that says it runs while no live orchestrator holds its lease
+    was interrupted (its runtime vanished without a word)."""
+    if phase in (Phase.RUNNING, Phase.RESTARTING) and not lease_live:
+        return Phase.INTERRUPTED
+    return phase

@@ -17,7 +17,6 @@ import click
 
 from jobs import SpecError, load_spec
 from storage import StorageError, job_store
-from storage.layout import LOGS
 
 ROOT_HELP = "Storage root URL (overrides storage.root): a path, file://, gs://, s3://, memory://."
 
@@ -132,13 +131,12 @@ def import_cmd(spec: str, source: str, root: str | None, sets: tuple[str, ...], 
     except InputError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)
-    argv = [sys.executable, "-m", "trainer", "import", spec, source, "--as", kind]
-    argv += ["--root", root] if root else []
-    for s in sets:
-        argv += ["--set", s]
-    if weights_only:
-        argv.append("--weights-only")
-    code = subprocess.call(argv)
+    from jobs.spec import spec_to_yaml
+    from storage.private import private_copy
+
+    with private_copy("job.yaml", spec_to_yaml(job_spec).encode()) as resolved:  # no option in an argv
+        argv = [sys.executable, "-m", "trainer", "import", str(resolved), source, "--as", kind]
+        code = subprocess.call(argv + (["--weights-only"] if weights_only else []))
     if code == 0:
         adopt(job, job_spec)
     sys.exit(code)
@@ -151,30 +149,31 @@ def import_cmd(spec: str, source: str, root: str | None, sets: tuple[str, ...], 
 @click.option("--attempt", type=int, help="Which attempt (default: the latest).")
 def logs(spec: str, root: str | None, follow: bool, attempt: int | None) -> None:
     """Print the trainer's log (copied to the job folder as the trainer runs)."""
+    from storage.log_segments import log_attempts, read_log
+
     job_spec, job = _job_of(spec, root)
 
-    def latest() -> str | None:
-        names = sorted(n for n, kind, _ in job.list_dir(LOGS) if kind == "file" and n.endswith(".log"))
+    def latest() -> int | None:
+        found = log_attempts(job)
         if attempt is not None:
-            want = f"attempt-{attempt:03d}.log"
-            return want if want in names else None
-        return names[-1] if names else None
+            return attempt if attempt in found else None
+        return found[-1] if found else None
 
-    shown, name = 0, latest()
-    if name is None and not follow:
+    shown, number = 0, latest()
+    if number is None and not follow:
         click.echo(f"no trainer log yet for {job_spec.name}", err=True)
         sys.exit(1)
     while True:
-        if name is not None:
-            data = job.read_bytes(f"{LOGS}/{name}")
+        if number is not None:
+            data = read_log(job, number)
             click.echo(data[shown:].decode(errors="replace"), nl=False)
             shown = len(data)
         if not follow:
             return
         time.sleep(2)
         newest = latest()
-        if newest != name:
-            name, shown = newest, 0
+        if newest != number:
+            number, shown = newest, 0
 
 
 if __name__ == "__main__":

@@ -21,6 +21,10 @@ from storage.layout import RESULTS, STATE
 from storage.lease import Lease
 
 
+def _clock(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
 def load_status(job: Store, name: str) -> JobStatus:
     doc = read_json(job, STATE)
     return JobStatus.model_validate(doc) if doc else JobStatus(name=name)
@@ -99,6 +103,23 @@ class JobState:
             plan = {**(plan or {}), "card": last.oom.get("card"), "total_bytes": last.oom.get("total_bytes"),
                     "oom": last.oom}
         return plan
+
+    def close_lost(self, previous: Lease | None, now: float | None = None) -> Attempt | None:
+        """Close the attempt a vanished orchestrator left open, as ``lost``, with what is known
+        (its last heartbeat and step, its host, the lease it let expire). Returns it, if any."""
+        a = self.attempt
+        if a is None or a.ended_at is not None:
+            return None
+        now = time.time() if now is None else now
+        beat = (self.status.heartbeat or {}).get("time")
+        held = f"pid {previous.pid} on {previous.host}" if previous else f"on {a.host}"
+        expired = f"lease expired at {_clock(previous.expires_at)}" if previous and previous.expires_at <= now else \
+            "its process is gone" if previous else "no lease left"
+        a.ended_at = beat or now
+        a.reason = (f"lost: orchestrator gone ({held}); last heartbeat "
+                    f"{_clock(beat) if beat else 'never'} at step {a.end_step if a.end_step is not None else '?'}; "
+                    f"{expired}")
+        return a
 
     def end_attempt(self, exit_code: int | None, signal_name: str | None, reason: str) -> None:
         a = self.attempt

@@ -13,7 +13,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from jobs.status import describe_plan
+from jobs.status import describe_plan, effective_phase
 from orchestrator.jobstate import checkpoint_infos, fold_results, load_status
 from storage import Store, list_checkpoints
 from storage import lease as leases
@@ -31,13 +31,20 @@ def collect(job: Store, name: str, verify_hashes: bool = False) -> dict[str, Any
     status.checkpoints = infos
     status.best = best or status.best
     holder = leases.read(job)
-    if holder is not None and holder.expires_at > time.time():
-        status.lease = {"owner": holder.owner, "host": holder.host, "pid": holder.pid,
-                        "expires_at": holder.expires_at}
-    else:
-        status.lease = None
+    live = holder is not None and not holder.holder_is_dead()
+    status.lease = {"owner": holder.owner, "host": holder.host, "pid": holder.pid,
+                    "expires_at": holder.expires_at} if live else None
     beat_time = (status.heartbeat or {}).get("time")
     status.heartbeat_age_s = round(time.time() - beat_time, 1) if beat_time else None
+    phase = effective_phase(status.phase, live)
+    if phase is not status.phase:
+        status.phase = phase
+        gone = (f"its lease expired at {time.strftime('%H:%M:%S', time.localtime(holder.expires_at))}"
+                if holder is not None and holder.expires_at <= time.time() else
+                f"its pid {holder.pid} on {holder.host} is gone" if holder is not None else "it holds no lease")
+        status.reason = (f"the orchestrator vanished: {gone}; last heartbeat "
+                         f"{_age(status.heartbeat_age_s)} ago" if status.heartbeat_age_s is not None else
+                         f"the orchestrator vanished: {gone}") + "; run submit again to resume"
     fold_results(status, job)
     doc = status.to_json_dict()
     doc["backbone_cache"] = summaries(job, BACKBONE)
@@ -87,6 +94,10 @@ def render(doc: dict[str, Any], console: Console | None = None) -> None:
     head.add_row("lease", f"pid {lease['pid']} on {lease['host']}, expires "
                           f"{time.strftime('%H:%M:%S', time.localtime(lease['expires_at']))}" if lease else "free")
     head.add_row("restarts", str(doc.get("restarts", 0)))
+    notice = doc.get("preemption_notice")
+    if notice:
+        head.add_row("preemption notice", f"[red]{notice['problem']}[/red]" if notice.get("problem") else
+                     f"watching {notice['provider']} metadata")
     plan = doc.get("memory_plan")
     head.add_row("memory plan", describe_plan(plan) if plan else "-")
     caches = doc.get("backbone_cache") or []
@@ -100,7 +111,8 @@ def render(doc: dict[str, Any], console: Console | None = None) -> None:
         for a in attempts:
             rf = a.get("resumed_from")
             ex = a.get("signal") or (str(a["exit_code"]) if a.get("exit_code") is not None else
-                                     ("running" if a.get("ended_at") is None else "-"))
+                                     ("-" if a.get("ended_at") is not None else
+                                      "gone" if doc["phase"] == "interrupted" else "running"))
             t.add_row(str(a["number"]), time.strftime("%H:%M:%S", time.localtime(a["started_at"])), str(a.get("pid")),
                       (a.get("backbone_source") or "-").split(":", 1)[0], _short_plan(a.get("memory_plan")),
                       f"{rf['id']}" if rf else "-", f"{a.get('start_step', '-')}→{a.get('end_step', '-')}", ex,

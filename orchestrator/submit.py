@@ -37,6 +37,7 @@ from storage import StorageError, Store, job_store
 from storage import lease as leases
 from storage.documents import read_json
 from storage.layout import RESULTS, SPEC
+from storage.private import private_copy, write_private
 
 SECRET = re.compile(r"key|secret|token|password|credential", re.IGNORECASE)
 
@@ -96,24 +97,31 @@ def check_reachable(job: Store) -> None:
         raise InputError(f"storage.root: cannot reach {job.url}: {exc}") from None
 
 
-def preflight(spec_path: Path, root: str | None, sets: tuple[str, ...]) -> None:
-    """The trainer's own checks (data, device, backbone), in a subprocess: we never import torch."""
-    argv = [sys.executable, "-m", "trainer", "check", str(spec_path)]
-    if root:
-        argv += ["--root", root]
-    for s in sets:
-        argv += ["--set", s]
-    result = subprocess.run(argv, capture_output=True, text=True)
+def preflight(spec: JobSpec) -> None:
+    """The trainer's own checks (data, device, backbone), in a subprocess: we never import torch.
+    It reads the resolved spec from a private file: no option (credentials) reaches its argv."""
+    with private_copy("job.yaml", spec_to_yaml(spec).encode()) as path:
+        result = subprocess.run([sys.executable, "-m", "trainer", "check", str(path)], capture_output=True, text=True)
     if result.returncode == 2:
         raise InputError(result.stderr.strip())
     if result.returncode != 0:
         raise InputError(f"the pre-flight check failed:\n{result.stderr.strip()[-2000:]}")
 
 
+def redacted(value, key: str = ""):
+    """``value`` with every entry whose key names a secret replaced, at any depth."""
+    if SECRET.search(key):
+        return "<redacted>"
+    if isinstance(value, dict):
+        return {k: redacted(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redacted(v) for v in value]
+    return value
+
+
 def redacted_yaml(spec: JobSpec) -> str:
     doc = spec.model_dump(mode="json")
-    doc["storage"]["options"] = {k: ("<redacted>" if SECRET.search(k) else v)
-                                 for k, v in doc["storage"]["options"].items()}
+    doc["storage"]["options"] = redacted(doc["storage"]["options"])
     return yaml.safe_dump(doc, sort_keys=False)
 
 
@@ -153,7 +161,7 @@ def prepare(spec_path: str, root: str | None, sets: tuple[str, ...]) -> Prepared
         raise InputError(f"storage.root: {err}") from None
     check_reachable(job)
     check_stored_spec(job, spec)
-    preflight(Path(spec_path), root, sets)
+    preflight(spec)
     return Prepared(spec, job, workdir_for(spec))
 
 
@@ -171,6 +179,7 @@ def submit(spec_path: str, root: str | None, sets: tuple[str, ...], log=default_
         log(f"job {spec.name} is completed already (best step {results.get('best_step')}, "
             f"test mse {test.get('mse')}, mae {test.get('mae')}): nothing to do")
         return EXIT_COMPLETED
+    previous = leases.read(job)  # a vanished orchestrator's, if any: it closes its attempt as lost
     try:
         lease = leases.acquire(job, lease_ttl_s())
     except leases.LeaseHeld as held:
@@ -185,8 +194,11 @@ def submit(spec_path: str, root: str | None, sets: tuple[str, ...], log=default_
             job.create(SPEC, redacted_yaml(spec).encode())
         prep.workdir.mkdir(parents=True, exist_ok=True)
         local_spec = prep.workdir / "job.yaml"
-        local_spec.write_text(spec_to_yaml(spec))
+        write_private(local_spec, spec_to_yaml(spec).encode())  # credentials: 0600, never in an argv
         state = JobState(job, spec.name)  # reloaded under the lease
+        lost = state.close_lost(previous)
+        if lost is not None:
+            log(f"attempt {lost.number} of a runtime that vanished is closed: {lost.reason}")
         state.set_lease(lease)
         log(f"job {spec.name}: storage {job.url}, lease taken (pid {os.getpid()})")
         supervisor = Supervisor(spec, job, state, lease, lease_ttl_s(),
@@ -195,7 +207,14 @@ def submit(spec_path: str, root: str | None, sets: tuple[str, ...], log=default_
         watcher = None
         if spec.run.preemption_notice is not None:
             n = spec.run.preemption_notice
-            watcher = NoticeWatcher(n.provider, n.url, n.interval_s, supervisor.request_preemption).start()
+            state.status.preemption_notice = {"provider": n.provider, "url": n.url, "problem": None}
+
+            def trouble(problem: str | None) -> None:
+                if problem:
+                    log(f"warning: {problem}")
+                state.status.preemption_notice = {**state.status.preemption_notice, "problem": problem}
+
+            watcher = NoticeWatcher(n.provider, n.url, n.interval_s, supervisor.request_preemption, trouble).start()
         try:
             code = supervisor.run()
         except StorageError as err:
@@ -204,6 +223,7 @@ def submit(spec_path: str, root: str | None, sets: tuple[str, ...], log=default_
         finally:
             if watcher:
                 watcher.stop()
+                state.status.preemption_notice = None  # nobody watches once submit ends
         log(f"job {spec.name}: {state.status.phase.value}"
             f"{' (' + state.status.reason + ')' if state.status.reason else ''}; exit {code}")
         return code

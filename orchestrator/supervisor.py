@@ -16,7 +16,9 @@ renew the lease when due, fold the heartbeat into the state, kill a trainer whos
 older than ``run.heartbeat_timeout_s``, flush ``state.json`` now and then.
 
 A crash loop is ``run.crash_loop_limit`` failed attempts in a row that ended at the same step
-with the same reason: restarting again would only repeat it.
+with the same reason: restarting again would only repeat it. The restart budget
+(``run.max_restarts``) counts the restarts of this submit: a job resubmitted after a week gets
+its budget again; preemptions and vanished runtimes end a submit and never count.
 """
 
 from __future__ import annotations
@@ -36,10 +38,10 @@ from orchestrator.attempt import ExitClass, Outcome, TrainerProcess, classify
 from orchestrator.jobstate import JobState
 from storage import Store
 from storage import lease as leases
-from storage.layout import LOGS
+from storage.log_segments import LogUploader
 
 TICK_S = 1.0
-LOG_UPLOAD_S = 10.0  # the trainer's log is copied to the job folder this often
+LOG_UPLOAD_S = 10.0  # what the trainer's log gained is copied to the job folder this often
 EXIT_COMPLETED, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_HELD = 0, 1, 2, 3
 
 
@@ -55,6 +57,7 @@ class Supervisor:
         self.lease_renewed = time.time()
         self.proc: TrainerProcess | None = None
         self.log_uploaded = 0.0
+        self.log_uploader: LogUploader | None = None
         self.plan_said = 0  # the attempt whose memory plan was printed
 
     # ------------------------------------------------------------------ signals
@@ -95,8 +98,10 @@ class Supervisor:
         return proc
 
     def _upload_log(self, proc: TrainerProcess) -> None:
+        if self.log_uploader is None or self.log_uploader.attempt != proc.attempt:
+            self.log_uploader = LogUploader(self.job, proc.attempt)
         try:
-            self.job.replace(f"{LOGS}/attempt-{proc.attempt:03d}.log", proc.log_path.read_bytes())
+            self.log_uploader.upload(proc.log_path)
         except OSError as exc:
             self.say(f"warning: could not copy the trainer log: {exc}")
 
@@ -193,7 +198,7 @@ class Supervisor:
             return EXIT_HELD
 
     def _loop(self) -> int:
-        restarts_in_a_row = 0
+        restarts_in_a_row = restarts_here = 0
         run = self.spec.run
         while True:
             proc = self._start()
@@ -211,17 +216,18 @@ class Supervisor:
             if self._crash_loop():
                 return self._end(Phase.FAILED, f"crash loop: {outcome.reason}, {run.crash_loop_limit} times at step "
                                                f"{self.state.attempt.end_step} with no progress", EXIT_FAILED)
-            if self.state.status.restarts >= run.max_restarts:
-                return self._end(Phase.FAILED, f"restart budget spent ({run.max_restarts}); last: {outcome.reason}",
-                                 EXIT_FAILED)
+            if restarts_here >= run.max_restarts:
+                return self._end(Phase.FAILED, f"restart budget spent ({run.max_restarts}) in this submit; "
+                                               f"last: {outcome.reason}", EXIT_FAILED)
             attempts = self.state.status.attempts
             made_progress = len(attempts) < 2 or (attempts[-1].end_step or 0) > (attempts[-2].end_step or 0)
             restarts_in_a_row = 0 if made_progress else restarts_in_a_row + 1
             delay = min(run.backoff_max_s, run.backoff_initial_s * (2 ** restarts_in_a_row))
             self.state.status.restarts += 1
+            restarts_here += 1
             self.state.set_phase(Phase.RESTARTING, outcome.reason)
             self.state.flush()
-            self.say(f"restarting in {delay:.1f} s (restart {self.state.status.restarts}/{run.max_restarts})")
+            self.say(f"restarting in {delay:.1f} s (restart {restarts_here}/{run.max_restarts} of this submit)")
             self._backoff(delay)
             if self.stop_signal is not None:
                 return self._stopped()

@@ -13,7 +13,15 @@ import time
 import numpy as np
 import psutil
 import pytest
-from cli import resume_after_preemption, run, running_trainer, start, state, wait_for_progress, wait_for_step
+from cli import (
+    resume_after_preemption,
+    run,
+    running_trainer,
+    start,
+    state,
+    wait_for_new_ground,
+    wait_for_step,
+)
 from jobfiles import final_state, job_dir, quick_spec
 
 pytestmark = pytest.mark.slow
@@ -30,7 +38,9 @@ def test_random_trainer_kills_are_restarted_and_end_bit_identical(reference, tmp
         attempt = running_trainer(job, after=len(state(job).get("attempts") or []) - 1, submit=proc)
         if attempt is None:  # the job finished before this kill
             break
-        wait_for_progress(tmp_path, attempt["number"], 2)  # else a kill in start-up is a crash loop
+        # past start-up and past where the attempt before ended: never three kills at one step,
+        # which would rightly be a crash loop
+        wait_for_new_ground(tmp_path, job, attempt["number"])
         time.sleep(rng.uniform(0.0, 1.2))  # then anywhere in training, a checkpoint write included
         if proc.poll() is not None:
             break

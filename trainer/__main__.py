@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from jobs import SpecError, load_spec
+
+STARTUP_LIMIT_S = 600  # imports that take longer than this are a hang
 
 
 def _args(argv):
@@ -68,7 +71,13 @@ def main(argv=None) -> int:
         except JobBusy as err:
             print(f"error: {err}", file=sys.stderr)
             return 3
-    from trainer.loop import Trainer, watch_parent
+    # the first heartbeat comes before the heavy imports (torch, transformers: seconds on a slow
+    # machine), and beats go on while they load: start-up is never read as a hang
+    from trainer.reporting import Heartbeat
+
+    early = Heartbeat(os.environ.get("TIMELLM_JOB_HEARTBEAT") if os.environ.get("RANK", "0") == "0" else None)
+    with early.keepalive(STARTUP_LIMIT_S, "starting"):
+        from trainer.loop import Trainer, watch_parent
 
     watch_parent()
     try:

@@ -1,0 +1,59 @@
+"""A runtime that vanishes without a word (a Colab disconnect: every process SIGKILLed at once):
+the status says ``interrupted``, never ``running``, and the next submit closes the attempt the
+dead runtime left open as ``lost``. The restart budget is per submit."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import psutil
+import pytest
+from cli import run, running_trainer, start, state, wait_for_new_ground
+from jobfiles import final_state, job_dir, quick_spec
+
+pytestmark = pytest.mark.slow
+SLOW = {"TIMELLM_JOB_TEST_STEP_DELAY_S": "0.08", "TIMELLM_JOB_TEST_WRITE_DELAY_S": "0.03"}
+
+
+def test_a_vanished_runtime_reads_interrupted_and_its_attempt_is_closed_as_lost(reference, tmp_path):
+    spec = quick_spec(tmp_path)
+    job = job_dir(spec)
+    proc = start(tmp_path, "submit", str(spec), **SLOW)
+    attempt = running_trainer(job)
+    wait_for_new_ground(tmp_path, job, attempt["number"], steps=5)
+    time.sleep(1.5)  # a state flush with the heartbeat's step
+    os.killpg(proc.pid, signal.SIGKILL)  # everything dies at once: nobody writes the state
+    proc.wait()
+    deadline = time.time() + 10
+    while psutil.pid_exists(attempt["pid"]) and psutil.Process(attempt["pid"]).status() != "zombie":
+        assert time.time() < deadline, "the trainer outlived its orchestrator"
+        time.sleep(0.05)
+    assert state(job)["phase"] == "running"  # what the dead runtime left behind...
+    shown = json.loads(run(tmp_path, "status", str(spec), "--json").stdout)
+    assert shown["phase"] == "interrupted" and shown["lease"] is None  # ...is not what status says
+    assert "orchestrator vanished" in shown["reason"] and "last heartbeat" in shown["reason"]
+    table = run(tmp_path, "status", str(spec)).stdout
+    assert "interrupted" in table and "running" not in table
+    result = run(tmp_path, "submit", str(spec))
+    assert result.returncode == 0, result.stderr
+    doc = state(job)
+    lost = doc["attempts"][0]
+    assert lost["reason"].startswith("lost: orchestrator gone") and lost["ended_at"] is not None
+    assert f"at step {lost['end_step']}" in lost["reason"] and lost["end_step"] >= 5
+    assert doc["restarts"] == 0  # a lost runtime is not a restart
+    assert doc["phase"] == "completed" and final_state(job) == reference
+
+
+def test_the_restart_budget_is_per_submit_and_a_crash_loop_still_stops_at_once(tmp_path):
+    spec = quick_spec(tmp_path, run={"max_restarts": 1, "crash_loop_limit": 10})
+    first = run(tmp_path, "submit", str(spec), TIMELLM_JOB_TEST_FAIL_AT_STEP="30")
+    assert first.returncode == 1
+    doc = state(job_dir(spec))
+    assert "restart budget spent (1) in this submit" in doc["reason"] and len(doc["attempts"]) == 2
+    again = run(tmp_path, "submit", str(spec), TIMELLM_JOB_TEST_FAIL_AT_STEP="30")
+    assert again.returncode == 1
+    doc = state(job_dir(spec))
+    assert len(doc["attempts"]) == 4 and doc["restarts"] == 2  # the budget came back with the submit
