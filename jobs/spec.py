@@ -137,7 +137,7 @@ class ModelSpec(_Section):
     def _layers_exist(self) -> ModelSpec:
         depth = self.backbone.depth()
         if self.llm_layers is not None and depth is not None and self.llm_layers > depth:
-            raise ValueError(f"llm_layers ({self.llm_layers}) exceeds the backbone's {depth} layers")
+            raise ValueError(f"llm_layers: {self.llm_layers} exceeds the backbone's {depth} layers")
         return self
 
 
@@ -252,6 +252,9 @@ def _format_error(err: ValidationError) -> list[str]:
         if isinstance(e.get("ctx", {}).get("error"), SpecError):
             problems.extend(e["ctx"]["error"].problems)
             continue
+        field, sep, rest = msg.partition(": ")
+        if sep and field.isidentifier() and loc:  # a section's check that names its field: section.field
+            loc, msg = f"{loc}.{field}", rest
         problems.append(f"{loc}: {msg}" if loc else msg)
     return problems
 

@@ -171,7 +171,7 @@ def classify(returncode: int, signalled_by_us: int | None, hung_for: float | Non
     if returncode < 0:
         name = signal.Signals(-returncode).name
         if signalled_by_us is not None:
-            return Outcome(ExitClass.PREEMPTED, None, name, f"stopped by {name} after the grace period")
+            return Outcome(ExitClass.PREEMPTED, None, name, f"killed by {name} while stopping: no checkpoint written")
         if name == "SIGKILL" and host_oom:
             return Outcome(ExitClass.KILLED, None, name,
                            f"killed by the kernel's out-of-memory killer (host RAM is exhausted): {host_oom}")

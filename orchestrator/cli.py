@@ -69,6 +69,11 @@ def status(spec: str, root: str | None, as_json: bool, verify: bool, plot: str |
         sys.exit(1)
     doc = collect(job, job_spec.name, verify_hashes=verify)
     if plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            click.echo("error: --plot needs matplotlib: pip install 'timellm-job[plot]'", err=True)
+            sys.exit(1)
         from orchestrator.plot import plot_losses
         from storage import open_store
         from storage.metrics_log import read_metrics
@@ -142,10 +147,24 @@ def import_cmd(spec: str, source: str, root: str | None, sets: tuple[str, ...], 
     sys.exit(code)
 
 
+def _job_over(job, name: str) -> bool:
+    """No orchestrator runs the job and its phase is final for now (completed, failed,
+    preempted, interrupted): ``logs -f`` has nothing more to wait for."""
+    from jobs.status import Phase, effective_phase
+    from orchestrator.jobstate import load_status
+    from storage import lease as leases
+
+    holder = leases.read(job)
+    live = holder is not None and not holder.holder_is_dead()
+    phase = effective_phase(load_status(job, name).phase, live)
+    return not live and phase in (Phase.COMPLETED, Phase.FAILED, Phase.PREEMPTED, Phase.INTERRUPTED)
+
+
 @main.command()
 @click.argument("spec", type=click.Path(dir_okay=False))
 @click.option("--root", help=ROOT_HELP)
-@click.option("-f", "--follow", is_flag=True, help="Keep printing as the log grows.")
+@click.option("-f", "--follow", is_flag=True,
+              help="Keep printing as the log grows, the next attempt's too; return when the job ends.")
 @click.option("--attempt", type=int, help="Which attempt (default: the latest).")
 def logs(spec: str, root: str | None, follow: bool, attempt: int | None) -> None:
     """Print the trainer's log (copied to the job folder as the trainer runs)."""
@@ -164,16 +183,18 @@ def logs(spec: str, root: str | None, follow: bool, attempt: int | None) -> None
         click.echo(f"no trainer log yet for {job_spec.name}", err=True)
         sys.exit(1)
     while True:
+        over = follow and _job_over(job, job_spec.name)  # looked at before the last read: nothing is missed
         if number is not None:
             data = read_log(job, number)
             click.echo(data[shown:].decode(errors="replace"), nl=False)
             shown = len(data)
-        if not follow:
+        newest = latest()
+        if newest != number:  # the next attempt's log: follow it from its start
+            number, shown = newest, 0
+            continue
+        if not follow or over:
             return
         time.sleep(2)
-        newest = latest()
-        if newest != number:
-            number, shown = newest, 0
 
 
 if __name__ == "__main__":

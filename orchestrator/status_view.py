@@ -13,7 +13,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from jobs.status import describe_plan, effective_phase
+from jobs.status import LeaseInfo, describe_plan, effective_phase
 from orchestrator.jobstate import checkpoint_infos, fold_results, load_status
 from storage import Store, list_checkpoints
 from storage import lease as leases
@@ -32,8 +32,8 @@ def collect(job: Store, name: str, verify_hashes: bool = False) -> dict[str, Any
     status.best = best or status.best
     holder = leases.read(job)
     live = holder is not None and not holder.holder_is_dead()
-    status.lease = {"owner": holder.owner, "host": holder.host, "pid": holder.pid,
-                    "expires_at": holder.expires_at} if live else None
+    status.lease = LeaseInfo(owner=holder.owner, host=holder.host, pid=holder.pid,
+                             expires_at=holder.expires_at) if live else None
     beat_time = (status.heartbeat or {}).get("time")
     status.heartbeat_age_s = round(time.time() - beat_time, 1) if beat_time else None
     phase = effective_phase(status.phase, live)
@@ -52,6 +52,12 @@ def collect(job: Store, name: str, verify_hashes: bool = False) -> dict[str, Any
         a.setdefault("exit_code", None)
         a.setdefault("signal", None)
     return doc
+
+
+def duration(seconds: float) -> str:
+    """``[Nd ]HH:MM:SS``: no wrap at 24 hours."""
+    days, rest = divmod(int(seconds), 86400)
+    return (f"{days}d " if days else "") + time.strftime("%H:%M:%S", time.gmtime(rest))
 
 
 def _age(seconds: float | None) -> str:
@@ -79,7 +85,7 @@ def render(doc: dict[str, Any], console: Console | None = None) -> None:
         done = step - current["start_step"]
         elapsed = time.time() - current["started_at"]
         if done > 0:
-            eta = time.strftime("%H:%M:%S", time.gmtime((total - step) * elapsed / done))
+            eta = duration((total - step) * elapsed / done)
     head.add_row("phase", f"[bold]{doc['phase']}[/bold]" + (f" ({doc['reason']})" if doc.get("reason") else ""))
     head.add_row("step", f"{step}/{total if total else '?'}  (ETA {eta})")
     head.add_row("epoch", str(doc.get("epoch", 0)))

@@ -59,6 +59,8 @@ class Supervisor:
         self.log_uploaded = 0.0
         self.log_uploader: LogUploader | None = None
         self.plan_said = 0  # the attempt whose memory plan was printed
+        self.forced = False  # a second signal killed the trainer at once
+        self.grace_over = False  # the grace period ran out and the trainer was killed
 
     # ------------------------------------------------------------------ signals
     def install_signals(self) -> None:
@@ -69,6 +71,7 @@ class Supervisor:
         if signum == signal.SIGHUP:
             signum = signal.SIGTERM
         if self.stop_signal is not None and self.proc is not None:  # a second signal: no more grace
+            self.forced = True
             self.proc.signal_group(signal.SIGKILL)
         self.stop_signal = signum
         if self.stop_at is None:
@@ -126,6 +129,7 @@ class Supervisor:
         self._renew_lease_if_due()
         self._fold(proc)
         if self.stop_at is not None and now >= self.stop_at:
+            self.grace_over = True
             proc.signal_group(signal.SIGKILL)
             return None
         age = proc.heartbeat_age()
@@ -155,8 +159,13 @@ class Supervisor:
         host_oom = None
         if hung_for is None and self.stop_signal is None and proc.returncode == -signal.SIGKILL:
             host_oom = proc.oom_watch.evidence()
-        return classify(proc.returncode, self.stop_signal, hung_for, proc.log_tail(), proc.heartbeat(), proc.launcher,
-                        host_oom)
+        outcome = classify(proc.returncode, self.stop_signal, hung_for, proc.log_tail(), proc.heartbeat(),
+                           proc.launcher, host_oom)
+        if outcome.exit_class is ExitClass.PREEMPTED and outcome.exit_code is None:  # killed, not preempted
+            outcome.reason = ("stopped at once by a second signal: no checkpoint written" if self.forced else
+                              f"killed after the grace period ({self.spec.run.grace_period_s:.0f} s): "
+                              "no checkpoint written" if self.grace_over else outcome.reason)
+        return outcome
 
     def _fold(self, proc: TrainerProcess) -> None:
         """The heartbeat into the state; the memory plan said once, when the trainer made it."""
@@ -183,7 +192,10 @@ class Supervisor:
 
     def _stopped(self) -> int:
         name = signal.Signals(self.stop_signal).name
-        return self._end(Phase.PREEMPTED, f"stopped by {name}", 130 if self.stop_signal == signal.SIGINT else 143)
+        last = self.state.attempt
+        written = last is None or last.exit_code in (130, 143)  # the trainer committed its preempt checkpoint
+        why = f"stopped by {name}" + ("" if written else f"; {last.reason}")
+        return self._end(Phase.PREEMPTED, why, 130 if self.stop_signal == signal.SIGINT else 143)
 
     def run(self) -> int:
         """Supervise until the job ends; returns submit's exit code."""

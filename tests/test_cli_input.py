@@ -138,3 +138,16 @@ def test_status_of_an_unknown_job(tmp_path):
     result = run(tmp_path, "status", str(spec), "--json", timeout=60)
     assert result.returncode == 1 and "no job" in result.stderr
     assert not os.path.exists(tmp_path / "root")
+
+
+def test_a_section_check_names_its_field_with_the_dotted_path(tmp_path):
+    spec = quick_spec(tmp_path, model={"llm_layers": 5})
+    with pytest.raises(SpecError) as err:
+        load_spec(spec)
+    assert str(err.value) == "model.llm_layers: 5 exceeds the backbone's 2 layers"
+
+
+def test_an_eta_past_a_day_does_not_wrap():
+    from orchestrator.status_view import duration
+
+    assert duration(30 * 3600 + 61) == "1d 06:01:01" and duration(59) == "00:00:59"

@@ -25,6 +25,8 @@ def test_a_vanished_runtime_reads_interrupted_and_its_attempt_is_closed_as_lost(
     attempt = running_trainer(job)
     wait_for_new_ground(tmp_path, job, attempt["number"], steps=5)
     time.sleep(1.5)  # a state flush with the heartbeat's step
+    live = run(tmp_path, "status", str(spec), "--json")
+    assert json.loads(live.stdout)["phase"] == "running" and "Warning" not in live.stderr, live.stderr
     os.killpg(proc.pid, signal.SIGKILL)  # everything dies at once: nobody writes the state
     proc.wait()
     deadline = time.time() + 10
@@ -45,6 +47,24 @@ def test_a_vanished_runtime_reads_interrupted_and_its_attempt_is_closed_as_lost(
     assert f"at step {lost['end_step']}" in lost["reason"] and lost["end_step"] >= 5
     assert doc["restarts"] == 0  # a lost runtime is not a restart
     assert doc["phase"] == "completed" and final_state(job) == reference
+
+
+def test_a_second_ctrl_c_stops_at_once_and_says_no_checkpoint_was_written(tmp_path):
+    spec = quick_spec(tmp_path)
+    job = job_dir(spec)
+    proc = start(tmp_path, "submit", str(spec), **SLOW)
+    attempt = running_trainer(job)
+    wait_for_new_ground(tmp_path, job, attempt["number"], steps=3)
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out
+    doc = state(job)
+    assert doc["attempts"][-1]["reason"] == "stopped at once by a second signal: no checkpoint written"
+    assert doc["phase"] == "preempted" and "no checkpoint written" in doc["reason"]
+    assert not any(c["kind"] == "preempt" for c in doc["checkpoints"])
+    follow = run(tmp_path, "logs", str(spec), "-f", timeout=60)  # the job is over: -f returns
+    assert follow.returncode == 0
 
 
 def test_the_restart_budget_is_per_submit_and_a_crash_loop_still_stops_at_once(tmp_path):
