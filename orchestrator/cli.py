@@ -15,7 +15,7 @@ import time
 
 import click
 
-from jobs import SpecError, load_spec
+from jobs import SpecError, load_spec, spec_hash
 from storage import StorageError, job_store
 
 ROOT_HELP = "Storage root URL (overrides storage.root): a path, file://, gs://, s3://, memory://."
@@ -67,7 +67,7 @@ def status(spec: str, root: str | None, as_json: bool, verify: bool, plot: str |
     if not job.exists("job.yaml") and not job.exists("state.json"):
         click.echo(f"error: no job {job_spec.name!r} under {job_spec.storage.root}", err=True)
         sys.exit(1)
-    doc = collect(job, job_spec.name, verify_hashes=verify)
+    doc = collect(job, job_spec.name, verify_hashes=verify, spec_hash=spec_hash(job_spec))
     if plot:
         try:
             import matplotlib  # noqa: F401
@@ -102,7 +102,7 @@ def export_best_cmd(spec: str, root: str | None, out: str) -> None:
 
     job_spec, job = _job_of(spec, root)
     try:
-        metrics = export_best(job, out, job_spec.storage.options if "://" in out else None)
+        metrics = export_best(job, out, job_spec.storage.options if "://" in out else None, spec_hash(job_spec))
     except (ExportError, StorageError) as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(1)

@@ -28,8 +28,9 @@ class ExportError(RuntimeError):
     pass
 
 
-def export_best(job: Store, out_url: str, out_options: dict | None = None) -> dict:
-    best = next((m for m in list_checkpoints(job).committed if m.kind == "best"), None)
+def export_best(job: Store, out_url: str, out_options: dict | None = None, spec_hash: str | None = None) -> dict:
+    """Export the job's best checkpoint (of ``spec_hash``: never another spec's)."""
+    best = next((m for m in list_checkpoints(job, spec_hash=spec_hash).committed if m.kind == "best"), None)
     if best is None:
         raise ExportError(f"no best checkpoint under {job.url_of('checkpoints')} yet")
     others = {k: v for k, v in best.files.items() if k != MODEL}

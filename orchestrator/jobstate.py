@@ -30,9 +30,10 @@ def load_status(job: Store, name: str) -> JobStatus:
     return JobStatus.model_validate(doc) if doc else JobStatus(name=name)
 
 
-def checkpoint_infos(job: Store) -> tuple[list[CheckpointInfo], Best | None]:
+def checkpoint_infos(job: Store, spec_hash: str | None = None) -> tuple[list[CheckpointInfo], Best | None]:
+    """The job's checkpoints (of ``spec_hash``) and its best, as the status shows them."""
     infos, best = [], None
-    for m in list_checkpoints(job).committed:
+    for m in list_checkpoints(job, spec_hash=spec_hash).committed:
         infos.append(CheckpointInfo(id=m.id, step=m.step, kind=m.kind, bytes=m.bytes, created_at=m.created_at))
         if m.kind == "best" and best is None:
             loss = m.metadata.get("val_loss", m.metadata.get("best_val"))
@@ -49,8 +50,8 @@ def fold_results(status: JobStatus, job: Store) -> None:
 
 
 class JobState:
-    def __init__(self, job: Store, name: str):
-        self.job = job
+    def __init__(self, job: Store, name: str, spec_hash: str | None = None):
+        self.job, self.spec_hash = job, spec_hash
         self.status = load_status(job, name)
         self.last_flush = 0.0
 
@@ -135,7 +136,7 @@ class JobState:
             return
         self.last_flush = now
         s = self.status
-        s.checkpoints, best = checkpoint_infos(self.job)
+        s.checkpoints, best = checkpoint_infos(self.job, self.spec_hash)
         s.best = best or s.best
         fold_results(s, self.job)
         s.heartbeat_age_s = (now - s.heartbeat["time"]) if s.heartbeat and "time" in s.heartbeat else None

@@ -21,11 +21,13 @@ from storage.checkpoints import summaries, verify
 from storage.layout import BACKBONE
 
 
-def collect(job: Store, name: str, verify_hashes: bool = False) -> dict[str, Any]:
+def collect(job: Store, name: str, verify_hashes: bool = False, spec_hash: str | None = None) -> dict[str, Any]:
     status = load_status(job, name)
-    infos, best = checkpoint_infos(job)
+    infos, best = checkpoint_infos(job, spec_hash)
+    listing = list_checkpoints(job, spec_hash=spec_hash)
+    status.set_apart = [{"folder": k, "why": v} for k, v in sorted(listing.set_apart.items())]
     if verify_hashes:
-        manifests = {m.id: m for m in list_checkpoints(job).committed}
+        manifests = {m.id: m for m in listing.committed}
         for info in infos:
             info.valid = not verify(job, manifests[info.id], hashes=True)
     status.checkpoints = infos
@@ -125,6 +127,8 @@ def render(doc: dict[str, Any], console: Console | None = None) -> None:
                       (a.get("reason") or "") + (f" [skipped {len(a['skipped_checkpoints'])} bad]"
                                                   if a.get("skipped_checkpoints") else ""))
         console.print(t)
+    for apart in doc.get("set_apart") or []:
+        console.print(f"[yellow]not this job's checkpoint: {apart['folder']}: {apart['why']}[/yellow]")
     if doc.get("checkpoints"):
         t = Table(title="checkpoints")
         for col in ("id", "kind", "step", "size", "verified"):

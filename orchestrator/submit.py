@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from jobs import JobSpec, Phase, SpecError, load_spec, training_fields
+from jobs import JobSpec, Phase, SpecError, load_spec, spec_hash, training_fields
 from jobs.spec import diff_fields, spec_to_yaml, without_new_defaults
 from orchestrator.jobstate import JobState
 from orchestrator.notice import NoticeWatcher
@@ -147,7 +147,7 @@ def adopt(job: Store, spec: JobSpec) -> None:
             job.create(SPEC, redacted_yaml(spec).encode())
         except FileExistsError:
             pass
-    JobState(job, spec.name).flush()
+    JobState(job, spec.name, spec_hash(spec)).flush()
 
 
 def prepare(spec_path: str, root: str | None, sets: tuple[str, ...]) -> Prepared:
@@ -173,7 +173,7 @@ def submit(spec_path: str, root: str | None, sets: tuple[str, ...], log=default_
         return EXIT_BAD_INPUT
     spec, job = prep.spec, prep.job
     results = read_json(job, RESULTS)
-    state = JobState(job, spec.name)
+    state = JobState(job, spec.name, spec_hash(spec))
     if results and state.status.phase == Phase.COMPLETED:
         test = results.get("test", {})
         log(f"job {spec.name} is completed already (best step {results.get('best_step')}, "
@@ -195,7 +195,7 @@ def submit(spec_path: str, root: str | None, sets: tuple[str, ...], log=default_
         prep.workdir.mkdir(parents=True, exist_ok=True)
         local_spec = prep.workdir / "job.yaml"
         write_private(local_spec, spec_to_yaml(spec).encode())  # credentials: 0600, never in an argv
-        state = JobState(job, spec.name)  # reloaded under the lease
+        state = JobState(job, spec.name, spec_hash(spec))  # reloaded under the lease
         lost = state.close_lost(previous)
         if lost is not None:
             log(f"attempt {lost.number} of a runtime that vanished is closed: {lost.reason}")

@@ -1,7 +1,11 @@
 """Finding, verifying and loading committed checkpoints.
 
 Invariants:
-- Only folders with a parseable manifest are checkpoints; the rest are reported as uncommitted.
+- One view of a job's checkpoints (:func:`list_checkpoints`) serves every reader: resume, the
+  final test, export, status, retention and import. Only folders with a parseable manifest are
+  checkpoints; the rest are reported as uncommitted. A manifest whose ``id`` is not its folder's
+  name (a copied folder) and, given the job's spec hash, a checkpoint written for another spec
+  are set apart: never loaded, exported, shown as the job's, or counted (or removed) by retention.
 - ``load`` checks every file's size and sha256 against the manifest in the same pass that reads
   it, and returns bytes only when all match; otherwise it raises :class:`CorruptCheckpoint`
   naming the file.
@@ -30,13 +34,15 @@ class CorruptCheckpoint(ValueError):
 
 @dataclass
 class Listing:
-    committed: list[Manifest] = field(default_factory=list)  # newest first
+    committed: list[Manifest] = field(default_factory=list)  # the job's own, newest first
     uncommitted: list[str] = field(default_factory=list)  # folder names without a valid manifest
     unreadable: dict[str, str] = field(default_factory=dict)  # folder -> why its manifest is bad
+    set_apart: dict[str, str] = field(default_factory=dict)  # folder -> why it is not the job's (kept)
 
 
-def list_checkpoints(job: Store, base: str = CHECKPOINTS) -> Listing:
-    """Committed folders under ``base`` (newest first), and the rest."""
+def list_checkpoints(job: Store, base: str = CHECKPOINTS, spec_hash: str | None = None) -> Listing:
+    """The job's committed checkpoints under ``base`` (newest first; of ``spec_hash`` when
+    given), and the rest."""
     listing = Listing()
     for name, kind, _ in job.list_dir(base):
         if kind != "directory":
@@ -45,11 +51,19 @@ def list_checkpoints(job: Store, base: str = CHECKPOINTS) -> Listing:
             listing.uncommitted.append(name)
             continue
         try:
-            listing.committed.append(parse_manifest(job.read_bytes(f"{base}/{name}/{MANIFEST}")))
+            manifest = parse_manifest(job.read_bytes(f"{base}/{name}/{MANIFEST}"))
         except FileNotFoundError:
             listing.uncommitted.append(name)
+            continue
         except ManifestError as exc:
             listing.unreadable[name] = str(exc)
+            continue
+        if manifest.id != name:
+            listing.set_apart[name] = f"its manifest names checkpoint {manifest.id} (a copied folder)"
+        elif spec_hash is not None and manifest.spec_hash != spec_hash:
+            listing.set_apart[name] = "written for another spec"
+        else:
+            listing.committed.append(manifest)
     listing.committed.sort(key=Manifest.order, reverse=True)
     return listing
 
@@ -128,11 +142,10 @@ def load_newest(job: Store, kinds: tuple[str, ...] | None = None, spec_hash: str
     Every newer checkpoint passed over is appended to ``skipped`` (and to the result's), with why.
     """
     skipped = [] if skipped is None else skipped
-    for manifest in list_checkpoints(job).committed:
+    listing = list_checkpoints(job, spec_hash=spec_hash)
+    skipped.extend(f"{name}: {why}" for name, why in sorted(listing.set_apart.items()))
+    for manifest in listing.committed:
         if kinds and manifest.kind not in kinds:
-            continue
-        if spec_hash is not None and manifest.spec_hash != spec_hash:
-            skipped.append(f"{manifest.id}: written for another spec")
             continue
         try:
             return Loaded(manifest, load(job, manifest), skipped)

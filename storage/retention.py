@@ -8,6 +8,8 @@ Invariants:
 - The manifest is deleted first, so a half-deleted folder is uncommitted, never a torn checkpoint.
 - A committed checkpoint that fails the size check but is newer than everything kept is left
   alone (on Drive it may be an upload still arriving).
+- Checkpoints that are not the job's (another spec, a copied folder: see list_checkpoints) are
+  neither counted nor removed.
 - Uncommitted folders (no manifest, temporary siblings) are removed; the caller runs clean-up
   only while no write of its own is in flight (the single background saver runs it after its
   own commit), and the lease guarantees no other writer.
@@ -52,9 +54,10 @@ def delete_checkpoint(job: Store, ckpt_id: str, base: str = CHECKPOINTS) -> None
     job.remove(f"{base}/{ckpt_id}", recursive=True)
 
 
-def clean_up(job: Store, save_total_limit: int, remove_uncommitted: bool = True) -> list[str]:
-    """Apply retention; returns the ids and folders removed."""
-    listing = list_checkpoints(job)
+def clean_up(job: Store, save_total_limit: int, remove_uncommitted: bool = True,
+             spec_hash: str | None = None) -> list[str]:
+    """Apply retention to the job's checkpoints (of ``spec_hash``); returns what was removed."""
+    listing = list_checkpoints(job, spec_hash=spec_hash)
     removed = []
     for ckpt_id in plan(job, listing, save_total_limit):
         delete_checkpoint(job, ckpt_id)

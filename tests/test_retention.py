@@ -45,3 +45,33 @@ def test_half_deleted_checkpoint_is_uncommitted_and_cleaned(backend):
     assert list_checkpoints(job).uncommitted == []
     delete_checkpoint(job, "000000040-step")
     assert _ids(job) == []
+
+
+def _copy_folder(job, src: str, dst: str) -> None:
+    for name, _, _ in job.list_dir(f"{CHECKPOINTS}/{src}"):
+        job.replace(f"{CHECKPOINTS}/{dst}/{name}", job.read_bytes(f"{CHECKPOINTS}/{src}/{name}"))
+
+
+def test_another_specs_checkpoint_and_a_copied_folder_are_set_apart_everywhere(backend):
+    """Reproduced before: a newer checkpoint of another spec made retention delete the job's own
+    just-committed best and step. One view now sets both kinds apart, for every reader."""
+    from storage import load_newest
+
+    job = job_store(backend[0], "job", backend[1])
+    commit_checkpoint(job, 900, "step", FILES, "another-spec")  # e.g. an import into the wrong job
+    commit_checkpoint(job, 10, "best", FILES, "mine")
+    commit_checkpoint(job, 20, "step", FILES, "mine")
+    _copy_folder(job, "000000020-step", "000000950-step")  # a copied folder: its manifest says 20
+    removed = clean_up(job, save_total_limit=1, spec_hash="mine")
+    assert removed == []  # nothing of the job's is lost, nothing set apart is touched
+    listing = list_checkpoints(job, spec_hash="mine")
+    assert [m.id for m in listing.committed] == ["000000020-step", "000000010-best"]
+    assert listing.set_apart == {"000000900-step": "written for another spec",
+                                 "000000950-step": "its manifest names checkpoint 000000020-step (a copied folder)"}
+    skipped: list[str] = []
+    assert load_newest(job, spec_hash="mine", skipped=skipped).manifest.id == "000000020-step"
+    assert len(skipped) == 2  # reported, never loaded
+    commit_checkpoint(job, 30, "step", FILES, "mine")
+    clean_up(job, save_total_limit=1, spec_hash="mine")
+    assert [m.id for m in list_checkpoints(job, spec_hash="mine").committed] == ["000000030-step", "000000010-best"]
+    assert set(list_checkpoints(job, spec_hash="mine").set_apart) == {"000000900-step", "000000950-step"}

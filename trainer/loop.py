@@ -239,7 +239,7 @@ class Trainer:
                 print(f"skipping checkpoint {line}", file=sys.stderr, flush=True)
         chosen = distributed.broadcast(self.world, loaded.manifest.id if loaded else None)
         if chosen is not None and loaded is None:  # another rank: the same checkpoint, verified again
-            manifest = next(m for m in list_checkpoints(self.job).committed if m.id == chosen)
+            manifest = next(m for m in list_checkpoints(self.job, spec_hash=self.hash).committed if m.id == chosen)
             loaded = Loaded(manifest, load(self.job, manifest), [])
         resumed = None
         if loaded is not None:
@@ -388,7 +388,7 @@ class Trainer:
         p = self.progress
         self.save("step", wait=True)
         self.heartbeat.beat(force=True, phase="testing", step=p.global_step)
-        best = [m for m in list_checkpoints(self.job).committed if m.kind == "best"]
+        best = [m for m in list_checkpoints(self.job, spec_hash=self.hash).committed if m.kind == "best"]
         best_id = distributed.broadcast(self.world, best[0].id if best else None)
         best = [m for m in best if m.id == best_id]
         if not best:

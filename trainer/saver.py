@@ -53,7 +53,7 @@ class CheckpointSaver:
             return
         self.committed.append(manifest)
         try:
-            clean_up(self.job, self.limit)
+            clean_up(self.job, self.limit, spec_hash=self.spec_hash)
             if self.on_commit:
                 self.on_commit(manifest)
         except BaseException as exc:  # noqa: BLE001
