@@ -32,11 +32,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from jobs import JobSpec, Phase
+from jobs import JobSpec, Phase, spec_hash
 from jobs.status import describe_plan
 from orchestrator.attempt import ExitClass, Outcome, TrainerProcess, classify
 from orchestrator.jobstate import JobState
-from storage import Store
+from storage import StorageError, Store, list_checkpoints
 from storage import lease as leases
 from storage.log_segments import LogUploader
 
@@ -164,8 +164,17 @@ class Supervisor:
         if outcome.exit_class is ExitClass.PREEMPTED and outcome.exit_code is None:  # killed, not preempted
             outcome.reason = ("stopped at once by a second signal: no checkpoint written" if self.forced else
                               f"killed after the grace period ({self.spec.run.grace_period_s:.0f} s): "
-                              "no checkpoint written" if self.grace_over else outcome.reason)
+                              "no checkpoint written" if self.grace_over else outcome.reason) + self._newest()
         return outcome
+
+    def _newest(self) -> str:
+        """Where a resume will start: the job's newest committed checkpoint."""
+        try:
+            newest = list_checkpoints(self.job, spec_hash=spec_hash(self.spec)).committed
+        except StorageError:
+            return ""
+        return f"; the newest checkpoint is {newest[0].id} (step {newest[0].step})" if newest else \
+            "; no checkpoint is committed yet"
 
     def _fold(self, proc: TrainerProcess) -> None:
         """The heartbeat into the state; the memory plan said once, when the trainer made it."""
