@@ -11,7 +11,7 @@ import time
 
 import psutil
 import pytest
-from cli import run, running_trainer, start, state, wait_for_new_ground
+from cli import run, running_trainer, start, state, wait_for_new_ground, wait_for_step
 from jobfiles import final_state, job_dir, quick_spec
 
 pytestmark = pytest.mark.slow
@@ -24,7 +24,7 @@ def test_a_vanished_runtime_reads_interrupted_and_its_attempt_is_closed_as_lost(
     proc = start(tmp_path, "submit", str(spec), **SLOW)
     attempt = running_trainer(job)
     wait_for_new_ground(tmp_path, job, attempt["number"], steps=5)
-    time.sleep(1.5)  # a state flush with the heartbeat's step
+    wait_for_step(job, 5)  # a state flush with the heartbeat's step (the state is what survives)
     live = run(tmp_path, "status", str(spec), "--json")
     assert json.loads(live.stdout)["phase"] == "running" and "Warning" not in live.stderr, live.stderr
     os.killpg(proc.pid, signal.SIGKILL)  # everything dies at once: nobody writes the state
@@ -50,12 +50,15 @@ def test_a_vanished_runtime_reads_interrupted_and_its_attempt_is_closed_as_lost(
 
 
 def test_a_second_ctrl_c_stops_at_once_and_says_no_checkpoint_was_written(tmp_path):
-    spec = quick_spec(tmp_path)
+    spec = quick_spec(tmp_path, storage={"save_steps": 1000})  # no step checkpoint: only the preempt one
     job = job_dir(spec)
-    proc = start(tmp_path, "submit", str(spec), **SLOW)
+    # each checkpoint file takes 3 s to write: the preempt checkpoint is still being written when
+    # the second Ctrl-C comes
+    proc = start(tmp_path, "submit", str(spec), TIMELLM_JOB_TEST_STEP_DELAY_S="0.08", TIMELLM_JOB_TEST_WRITE_DELAY_S="3")
     attempt = running_trainer(job)
     wait_for_new_ground(tmp_path, job, attempt["number"], steps=3)
     proc.send_signal(signal.SIGINT)
+    time.sleep(0.5)  # two signals sent at once would reach the orchestrator as one
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 130, out
