@@ -53,6 +53,16 @@ def _get(url: str, headers: dict[str, str], method: str = "GET") -> tuple[int, s
         raise MetadataError(f"{url}: {getattr(exc, 'reason', exc)}") from None
 
 
+def _document(url: str, body: str) -> dict:
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        doc = None
+    if not isinstance(doc, dict):
+        raise MetadataError(f"{url} answered an unreadable document")
+    return doc
+
+
 class GceProbe:
     def __init__(self, url: str):
         self.url = url
@@ -90,10 +100,7 @@ class AwsProbe:
                 return False  # nothing scheduled
             if status != 200:
                 raise MetadataError(f"{self.url} answered {status}")
-            try:
-                return bool(json.loads(body).get("action"))
-            except (ValueError, AttributeError):
-                raise MetadataError(f"{self.url} answered an unreadable document") from None
+            return bool(_document(self.url, body).get("action"))
         raise MetadataError(f"{self.url} refused a fresh IMDSv2 token")
 
 
@@ -105,10 +112,7 @@ class AzureProbe:
         status, body = _get(self.url, {"Metadata": "true"})
         if status != 200:
             raise MetadataError(f"{self.url} answered {status}")
-        try:
-            events = json.loads(body).get("Events") or []
-        except (ValueError, AttributeError):
-            raise MetadataError(f"{self.url} answered an unreadable document") from None
+        events = _document(self.url, body).get("Events") or []
         return any(e.get("EventType") == "Preempt" for e in events if isinstance(e, dict))
 
 

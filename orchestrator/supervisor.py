@@ -61,6 +61,7 @@ class Supervisor:
         self.plan_said = 0  # the attempt whose memory plan was printed
         self.forced = False  # a second signal killed the trainer at once
         self.grace_over = False  # the grace period ran out and the trainer was killed
+        self.stopped_without_checkpoint: str | None = None  # why, when stopping killed the trainer
 
     # ------------------------------------------------------------------ signals
     def install_signals(self) -> None:
@@ -165,6 +166,7 @@ class Supervisor:
             outcome.reason = ("stopped at once by a second signal: no checkpoint written" if self.forced else
                               f"killed after the grace period ({self.spec.run.grace_period_s:.0f} s): "
                               "no checkpoint written" if self.grace_over else outcome.reason) + self._newest()
+            self.stopped_without_checkpoint = outcome.reason
         return outcome
 
     def _newest(self) -> str:
@@ -201,9 +203,8 @@ class Supervisor:
 
     def _stopped(self) -> int:
         name = signal.Signals(self.stop_signal).name
-        last = self.state.attempt
-        written = last is None or last.exit_code in (130, 143)  # the trainer committed its preempt checkpoint
-        why = f"stopped by {name}" + ("" if written else f"; {last.reason}")
+        lost = self.stopped_without_checkpoint
+        why = f"stopped by {name}" + (f"; {lost}" if lost else "")
         return self._end(Phase.PREEMPTED, why, 130 if self.stop_signal == signal.SIGINT else 143)
 
     def run(self) -> int:

@@ -12,6 +12,8 @@ from pathlib import Path
 import psutil
 
 REPO = Path(__file__).resolve().parents[1]
+# slow steps and checkpoint writes (tests/faults), so that kills and signals land mid-run
+SLOW = {"TIMELLM_JOB_TEST_STEP_DELAY_S": "0.08", "TIMELLM_JOB_TEST_WRITE_DELAY_S": "0.03"}
 
 
 def env_for(tmp: Path, **extra: str) -> dict[str, str]:
@@ -56,9 +58,9 @@ def running_trainer(job: Path, after: int = 0, timeout: float = 120, submit=None
     raise TimeoutError(f"no running trainer in {job}")
 
 
-def wait_for_progress(tmp: Path, attempt: int, steps: int, timeout: float = 120) -> None:
-    """Wait until the trainer of ``attempt`` has taken ``steps`` steps past where it started
-    (read from its own heartbeat, which is fresher than state.json)."""
+def _wait_for_heartbeat(tmp: Path, attempt: int, reached, timeout: float, what: str) -> None:
+    """Wait until the heartbeat of ``attempt`` (its own file, fresher than state.json) satisfies
+    ``reached``, once the trainer has resumed (its ``start_step`` is known)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         for beat in (tmp / "work").glob(f"*/heartbeat-{attempt:03d}.json"):
@@ -66,10 +68,16 @@ def wait_for_progress(tmp: Path, attempt: int, steps: int, timeout: float = 120)
                 doc = json.loads(beat.read_text())
             except (OSError, ValueError):
                 continue
-            if "start_step" in doc and doc.get("step", 0) >= doc["start_step"] + steps:
+            if "start_step" in doc and reached(doc):
                 return
         time.sleep(0.05)
-    raise TimeoutError(f"attempt {attempt} made no progress")
+    raise TimeoutError(f"attempt {attempt} {what}")
+
+
+def wait_for_progress(tmp: Path, attempt: int, steps: int, timeout: float = 120) -> None:
+    """Wait until the trainer of ``attempt`` has taken ``steps`` steps past where it started."""
+    _wait_for_heartbeat(tmp, attempt, lambda d: d.get("step", 0) >= d["start_step"] + steps, timeout,
+                        "made no progress")
 
 
 def wait_for_new_ground(tmp: Path, job: Path, attempt: int, steps: int = 2, timeout: float = 300) -> None:
@@ -78,17 +86,8 @@ def wait_for_new_ground(tmp: Path, job: Path, attempt: int, steps: int = 2, time
     of the previous one (three kills at one step are, rightly, a crash loop)."""
     previous = [a for a in state(job).get("attempts") or [] if a["number"] == attempt - 1]
     beyond = (previous[0].get("end_step") or 0) if previous else 0
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        for beat in (tmp / "work").glob(f"*/heartbeat-{attempt:03d}.json"):
-            try:
-                doc = json.loads(beat.read_text())
-            except (OSError, ValueError):
-                continue
-            if "start_step" in doc and doc.get("step", 0) >= max(doc["start_step"] + steps, beyond + 1):
-                return
-        time.sleep(0.05)
-    raise TimeoutError(f"attempt {attempt} made no progress past step {beyond}")
+    _wait_for_heartbeat(tmp, attempt, lambda d: d.get("step", 0) >= max(d["start_step"] + steps, beyond + 1),
+                        timeout, f"made no progress past step {beyond}")
 
 
 def wait_for_step(job: Path, step: int, timeout: float = 120) -> None:

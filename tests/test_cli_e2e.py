@@ -14,6 +14,7 @@ import numpy as np
 import psutil
 import pytest
 from cli import (
+    SLOW,
     resume_after_preemption,
     run,
     running_trainer,
@@ -25,7 +26,6 @@ from cli import (
 from jobfiles import final_state, job_dir, quick_spec
 
 pytestmark = pytest.mark.slow
-SLOW = {"TIMELLM_JOB_TEST_STEP_DELAY_S": "0.08", "TIMELLM_JOB_TEST_WRITE_DELAY_S": "0.03"}
 
 
 def test_random_trainer_kills_are_restarted_and_end_bit_identical(reference, tmp_path):

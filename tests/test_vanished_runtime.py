@@ -11,11 +11,10 @@ import time
 
 import psutil
 import pytest
-from cli import run, running_trainer, start, state, wait_for_new_ground, wait_for_step
+from cli import SLOW, run, running_trainer, start, state, wait_for_new_ground, wait_for_step
 from jobfiles import final_state, job_dir, quick_spec
 
 pytestmark = pytest.mark.slow
-SLOW = {"TIMELLM_JOB_TEST_STEP_DELAY_S": "0.08", "TIMELLM_JOB_TEST_WRITE_DELAY_S": "0.03"}
 
 
 def test_a_vanished_runtime_reads_interrupted_and_its_attempt_is_closed_as_lost(reference, tmp_path):
