@@ -16,6 +16,7 @@ from typing import Any
 from jobs import Attempt, JobStatus, Phase
 from jobs.status import Best, CheckpointInfo, CheckpointRef, LeaseInfo
 from storage import Store, list_checkpoints
+from storage.checkpoints import Listing
 from storage.documents import read_json, write_json
 from storage.layout import RESULTS, STATE
 from storage.lease import Lease
@@ -30,10 +31,11 @@ def load_status(job: Store, name: str) -> JobStatus:
     return JobStatus.model_validate(doc) if doc else JobStatus(name=name)
 
 
-def checkpoint_infos(job: Store, spec_hash: str | None = None) -> tuple[list[CheckpointInfo], Best | None]:
-    """The job's checkpoints (of ``spec_hash``) and its best, as the status shows them."""
+def checkpoint_infos(job: Store, spec_hash: str | None = None,
+                     listing: Listing | None = None) -> tuple[list[CheckpointInfo], Best | None]:
+    """The job's checkpoints (of ``spec_hash``, or in ``listing``) and its best, as the status shows them."""
     infos, best = [], None
-    for m in list_checkpoints(job, spec_hash=spec_hash).committed:
+    for m in (listing or list_checkpoints(job, spec_hash=spec_hash)).committed:
         infos.append(CheckpointInfo(id=m.id, step=m.step, kind=m.kind, bytes=m.bytes, created_at=m.created_at))
         if m.kind == "best" and best is None:
             loss = m.metadata.get("val_loss", m.metadata.get("best_val"))

@@ -23,8 +23,8 @@ from storage.layout import BACKBONE
 
 def collect(job: Store, name: str, verify_hashes: bool = False, spec_hash: str | None = None) -> dict[str, Any]:
     status = load_status(job, name)
-    infos, best = checkpoint_infos(job, spec_hash)
     listing = list_checkpoints(job, spec_hash=spec_hash)
+    infos, best = checkpoint_infos(job, listing=listing)
     status.set_apart = [{"folder": k, "why": v} for k, v in sorted(listing.set_apart.items())]
     if verify_hashes:
         manifests = {m.id: m for m in listing.committed}
