@@ -8,6 +8,7 @@ written); 3 another live orchestrator holds the job; 143/130 stopped by SIGTERM/
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -145,6 +146,51 @@ def import_cmd(spec: str, source: str, root: str | None, sets: tuple[str, ...], 
     if code == 0:
         adopt(job, job_spec)
     sys.exit(code)
+
+
+@main.command("list")
+@click.option("--root", default=".", show_default=True, help=ROOT_HELP)
+@click.option("--json", "as_json", is_flag=True, help="One JSON list instead of a table.")
+def list_cmd(root: str, as_json: bool) -> None:
+    """List every job under a storage root: phase, step/total, best val loss, last heartbeat."""
+    from orchestrator.status_view import render_list, summary
+    from storage import open_store
+    from storage.layout import SPEC, STATE
+
+    try:
+        store = open_store(root if "://" in root else os.path.abspath(os.path.expanduser(root)))
+        rows = [summary(store.child(name), name) for name, kind, _ in store.list_dir("")
+                if kind == "directory" and (store.exists(f"{name}/{STATE}") or store.exists(f"{name}/{SPEC}"))]
+    except StorageError as err:
+        click.echo(f"error: --root: {err}", err=True)
+        sys.exit(2)
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+    else:
+        render_list(rows)
+
+
+@main.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("--root", help=ROOT_HELP)
+@click.option("--now", is_flag=True, help="Kill the trainer at once (no preempt checkpoint), as a second Ctrl-C.")
+def stop(spec: str, root: str | None, now: bool) -> None:
+    """Stop the job's running submit, from any machine: as on SIGTERM, it commits a preempt
+    checkpoint and exits 143 (within a few seconds of the request). Exit 1: no submit runs it."""
+    import socket
+
+    from storage import lease as leases
+    from storage.documents import write_json
+    from storage.layout import STOP
+
+    job_spec, job = _job_of(spec, root)
+    holder = leases.read(job)
+    if holder is None or holder.holder_is_dead():
+        click.echo(f"error: no running submit holds job {job_spec.name!r}: nothing to stop", err=True)
+        sys.exit(1)
+    write_json(job, STOP, {"requested_at": time.time(), "now": now, "host": socket.gethostname(), "pid": os.getpid()})
+    click.echo(f"stop requested: the submit of job {job_spec.name} (pid {holder.pid} on {holder.host}) "
+               + ("kills its trainer at once" if now else "commits a preempt checkpoint and exits 143"))
 
 
 def _job_over(job, name: str) -> bool:

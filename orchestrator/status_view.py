@@ -56,6 +56,29 @@ def collect(job: Store, name: str, verify_hashes: bool = False, spec_hash: str |
     return doc
 
 
+def summary(job: Store, name: str) -> dict[str, Any]:
+    """One line of ``list``: from the state document and the lease alone (no checkpoint listing)."""
+    status = load_status(job, name)
+    holder = leases.read(job)
+    live = holder is not None and not holder.holder_is_dead()
+    beat = (status.heartbeat or {}).get("time")
+    return {"name": name, "phase": effective_phase(status.phase, live).value, "global_step": status.global_step,
+            "total_steps": status.total_steps, "best_val_loss": status.best.val_loss if status.best else None,
+            "heartbeat_age_s": round(time.time() - beat, 1) if beat else None,
+            "host": holder.host if live else None}
+
+
+def render_list(rows: list[dict[str, Any]], console: Console | None = None) -> None:
+    t = Table(title="jobs")
+    for col in ("name", "phase", "step", "best val loss", "heartbeat", "host"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r["name"], r["phase"], f"{r['global_step']}/{r['total_steps'] or '?'}",
+                  f"{r['best_val_loss']:.6f}" if r["best_val_loss"] is not None else "-",
+                  _age(r["heartbeat_age_s"]) + " ago" if r["heartbeat_age_s"] is not None else "-", r["host"] or "-")
+    (console or Console()).print(t)
+
+
 def duration(seconds: float) -> str:
     """``[Nd ]HH:MM:SS``: no wrap at 24 hours."""
     days, rest = divmod(int(seconds), 86400)

@@ -36,7 +36,7 @@ from orchestrator.supervisor import (
 from storage import StorageError, Store, job_store
 from storage import lease as leases
 from storage.documents import read_json
-from storage.layout import RESULTS, SPEC
+from storage.layout import RESULTS, SPEC, STOP
 from storage.private import private_copy, write_private
 
 SECRET = re.compile(r"key|secret|token|password|credential", re.IGNORECASE)
@@ -195,6 +195,8 @@ def submit(spec_path: str, root: str | None, sets: tuple[str, ...], log=default_
         prep.workdir.mkdir(parents=True, exist_ok=True)
         local_spec = prep.workdir / "job.yaml"
         write_private(local_spec, spec_to_yaml(spec).encode())  # credentials: 0600, never in an argv
+        if job.exists(STOP):  # a request that no running submit took: not for this one
+            job.remove(STOP)
         state = JobState(job, spec.name, spec_hash(spec))  # reloaded under the lease
         lost = state.close_lost(previous)
         if lost is not None:

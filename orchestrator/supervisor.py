@@ -13,7 +13,9 @@ Job phases (jobs.status.Phase) as the supervisor drives them::
 
 Each tick (at most ``TICK_S``, and at once when the trainer exits or a signal arrives):
 renew the lease when due, fold the heartbeat into the state, kill a trainer whose heartbeat is
-older than ``run.heartbeat_timeout_s``, flush ``state.json`` now and then.
+older than ``run.heartbeat_timeout_s``, flush ``state.json`` now and then, and look for a stop
+request (``timellm-job stop`` from any machine writes ``stop.json``) every ``STOP_POLL_S``: it is
+taken as SIGTERM (with ``now``, as a second signal), and removed.
 
 A crash loop is ``run.crash_loop_limit`` failed attempts in a row that ended at the same step
 with the same reason: restarting again would only repeat it. The restart budget
@@ -38,9 +40,12 @@ from orchestrator.attempt import ExitClass, Outcome, TrainerProcess, classify
 from orchestrator.jobstate import JobState
 from storage import StorageError, Store, list_checkpoints
 from storage import lease as leases
+from storage.documents import read_json
+from storage.layout import STOP
 from storage.log_segments import LogUploader
 
 TICK_S = 1.0
+STOP_POLL_S = 3.0
 LOG_UPLOAD_S = 10.0  # what the trainer's log gained is copied to the job folder this often
 EXIT_COMPLETED, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_HELD = 0, 1, 2, 3
 
@@ -62,6 +67,7 @@ class Supervisor:
         self.forced = False  # a second signal killed the trainer at once
         self.grace_over = False  # the grace period ran out and the trainer was killed
         self.stopped_without_checkpoint: str | None = None  # why, when stopping killed the trainer
+        self.stop_polled = time.time()
 
     # ------------------------------------------------------------------ signals
     def install_signals(self) -> None:
@@ -80,6 +86,21 @@ class Supervisor:
             if self.proc is not None:
                 self.proc.signal_group(signum)
         self.wake.set()
+
+    def _stop_requested(self) -> None:
+        """A stop request in the job folder: the same path as our own SIGTERM (twice with now)."""
+        if time.time() - self.stop_polled < STOP_POLL_S:
+            return
+        self.stop_polled = time.time()
+        request = read_json(self.job, STOP)
+        if request is None:
+            return
+        self.job.remove(STOP)
+        self.say(f"stop requested from {request.get('host', '?')} (pid {request.get('pid', '?')})"
+                 + (": at once" if request.get("now") else ""))
+        self._on_signal(signal.SIGTERM, None)
+        if request.get("now"):
+            self._on_signal(signal.SIGTERM, None)
 
     def request_preemption(self, why: str) -> None:
         """A preemption notice (metadata watcher): the same path as our own SIGTERM."""
@@ -123,12 +144,14 @@ class Supervisor:
             self.wake.wait(min(TICK_S, left))
             self.wake.clear()
             self._renew_lease_if_due()
+            self._stop_requested()
 
     def _tick(self, proc: TrainerProcess) -> float | None:
         """Housekeeping while the trainer runs; returns the hang duration when it hung."""
         now = time.time()
         self._renew_lease_if_due()
         self._fold(proc)
+        self._stop_requested()
         if self.stop_at is not None and now >= self.stop_at:
             self.grace_over = True
             proc.signal_group(signal.SIGKILL)

@@ -21,6 +21,7 @@ LOGS = "logs"
 METRICS = "metrics"
 RESULTS = "results.json"
 BACKBONE = "backbone"
+STOP = "stop.json"  # a stop request for the running submit (timellm-job stop)
 
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 

@@ -1,0 +1,47 @@
+"""``stop`` from another process (through storage, no signal to send: the job may run on another
+machine) and ``list`` of every job under a root, with the job on moto S3."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+import pytest
+import servers
+from cli import SLOW, run, start, wait_for_progress
+from jobfiles import final_state_of, quick_spec
+
+from storage import job_store, list_checkpoints
+from storage.documents import read_json
+
+pytestmark = pytest.mark.slow
+
+
+def test_stop_from_another_process_preempts_and_list_shows_the_jobs(reference, s3_server, tmp_path):
+    root = f"s3://{servers.S3_BUCKET}/stop-{uuid.uuid4().hex[:8]}"
+    options = servers.s3_options(s3_server)
+    spec = quick_spec(tmp_path, storage={"root": root, "options": options})
+    store = job_store(root, "quick", options)
+    idle = run(tmp_path, "stop", str(spec))
+    assert idle.returncode == 1 and "nothing to stop" in idle.stderr  # no submit runs it yet
+    proc = start(tmp_path, "submit", str(spec), **SLOW)
+    wait_for_progress(tmp_path, 1, 5)  # the trainer's own heartbeat, on this machine
+    while not (read_json(store, "state.json") or {}).get("attempts"):  # and the state, in the bucket
+        assert proc.poll() is None
+        time.sleep(0.2)
+    env = {"AWS_ENDPOINT_URL": s3_server.url}
+    listed = json.loads(run(tmp_path, "list", "--root", root, "--json", **env).stdout)
+    assert [(j["name"], j["phase"]) for j in listed] == [("quick", "running")] and listed[0]["host"]
+    asked = run(tmp_path, "stop", str(spec))
+    assert asked.returncode == 0, asked.stderr
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, out
+    assert "stop requested from" in out
+    preempts = [m for m in list_checkpoints(store).committed if m.kind == "preempt"]
+    assert len(preempts) == 1
+    listed = json.loads(run(tmp_path, "list", "--root", root, "--json", **env).stdout)
+    assert listed[0]["phase"] == "preempted" and listed[0]["global_step"] == preempts[0].step
+    assert not store.exists("stop.json")  # the request was taken
+    assert run(tmp_path, "submit", str(spec)).returncode == 0
+    assert final_state_of(store) == reference
