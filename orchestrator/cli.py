@@ -193,6 +193,36 @@ def stop(spec: str, root: str | None, now: bool) -> None:
                + ("kills its trainer at once" if now else "commits a preempt checkpoint and exits 143"))
 
 
+@main.command()
+@click.argument("source")
+@click.option("--input", "input_csv", required=True, help="A CSV with the data's columns; its last seq_len rows are read.")
+@click.option("--out", help="Where the forecast CSV goes (default: standard output).")
+@click.option("--root", help=ROOT_HELP)
+def predict(source: str, input_csv: str, out: str | None, root: str | None) -> None:
+    """Forecast the pred_len rows after the input's last seq_len rows, in the data's units.
+
+    SOURCE is a job's spec (its best checkpoint is exported and verified first) or a folder
+    written by export-best. The output CSV has the date column continued (when the input has
+    one) and the forecast columns (every column for features M, the target for S and MS).
+    """
+    import tempfile
+
+    from orchestrator.export import ExportError, export_best
+
+    with tempfile.TemporaryDirectory(prefix="timellm-predict-") as tmp:
+        export = source
+        if source.endswith((".yaml", ".yml")):
+            job_spec, job = _job_of(source, root)
+            try:
+                export_best(job, tmp, None, spec_hash(job_spec))
+            except (ExportError, StorageError) as err:
+                click.echo(f"error: {err}", err=True)
+                sys.exit(1)
+            export = tmp
+        argv = [sys.executable, "-m", "trainer.predict", export, "--input", input_csv]
+        sys.exit(subprocess.call(argv + (["--out", out] if out else [])))
+
+
 def _job_over(job, name: str) -> bool:
     """No orchestrator runs the job and its phase is final for now (completed, failed,
     preempted, interrupted): ``logs -f`` has nothing more to wait for."""

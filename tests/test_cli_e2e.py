@@ -172,12 +172,25 @@ def test_completed_job_is_reported_not_retrained_and_exports_predict(reference, 
     forecaster = load_exported(str(out), device="cpu")
     import pandas as pd
 
-    raw = pd.read_csv(json.loads((out / "config.json").read_text())["data"]["path"])["OT"].to_numpy()
+    table = pd.read_csv(json.loads((out / "config.json").read_text())["data"]["path"])
+    raw, raw_dates = table["OT"].to_numpy(), table["date"].tolist()
     history, truth = raw[-60:-12, None], raw[-12:, None]
     forecast = forecaster.predict(history)
     assert forecast.shape == (12, 1) and np.isfinite(forecast).all()
     naive = np.abs(history[-1] - truth).mean()
     assert np.abs(forecast - truth).mean() < 3 * naive + 1.0  # a forecast in the data's units, not noise
+    # predict from the job and from the export: the same numbers as load_exported(...).predict
+    frame = pd.read_csv(json.loads((out / "config.json").read_text())["data"]["path"]).iloc[-60:-12]
+    frame.to_csv(tmp_path / "input.csv", index=False)
+    from_job = run(tmp_path, "predict", str(spec), "--input", str(tmp_path / "input.csv"), "--out",
+                   str(tmp_path / "forecast.csv"))
+    assert from_job.returncode == 0, from_job.stderr
+    predicted = pd.read_csv(tmp_path / "forecast.csv")
+    assert list(predicted.columns) == ["date", "OT"] and len(predicted) == 12
+    assert predicted["date"].iloc[0] == raw_dates[-12]  # the hour after the input's last
+    assert np.allclose(predicted["OT"].to_numpy(), forecast[:, 0], rtol=1e-8, atol=1e-9)
+    from_export = run(tmp_path, "predict", str(out), "--input", str(tmp_path / "input.csv"))
+    assert from_export.returncode == 0 and from_export.stdout == (tmp_path / "forecast.csv").read_text()
     plot = tmp_path / "loss.png"
     shown = run(tmp_path, "status", str(spec), "--plot", str(plot))
     assert shown.returncode == 0 and plot.read_bytes()[:4] == b"\x89PNG"

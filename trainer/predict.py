@@ -4,6 +4,13 @@
     forecaster = load_exported("exported/")
     forecast = forecaster.predict(history)   # history [seq_len, n_columns] in the data's units
 
+    python -m trainer.predict EXPORT_DIR --input CSV [--out CSV]   # (timellm-job predict)
+
+From a CSV: the columns the model was trained on are taken by name from the input's last
+``seq_len`` rows; the output holds the ``pred_len`` rows after them (the forecast columns: every
+column for features M, the target for S and MS), after a date column continued at the input's
+own step when the input has one.
+
 Invariants: the model is rebuilt from ``config.json`` alone (the backbone as the job built it:
 the same random seed, or the same pretrained folder or hub id) and loaded with the exported
 parameters after their sha256 is checked; inputs and outputs are in the data's own units (the
@@ -64,3 +71,57 @@ def load_exported(url: str, device: str = "auto", storage_options: dict | None =
     model = TimeLLM(model_spec, data_spec, backbone).to(device)
     load_trainable(model, tensors_from(data))
     return Forecaster(model, config, device)
+
+
+def forecast_csv(forecaster: Forecaster, frame, date_column: str = "date"):
+    """The forecast after ``frame``'s last ``seq_len`` rows, as a DataFrame (see the module doc)."""
+    import pandas as pd
+
+    missing = [c for c in forecaster.columns if c not in frame.columns]
+    if missing:
+        raise ValueError(f"--input: no column {', '.join(map(repr, missing))} (the model reads "
+                         f"{', '.join(forecaster.columns)})")
+    if len(frame) < forecaster.seq_len:
+        raise ValueError(f"--input: {len(frame)} rows, the model needs the last {forecaster.seq_len}")
+    history = frame[forecaster.columns].to_numpy(dtype=np.float64)[-forecaster.seq_len:]
+    out = forecaster.predict(history)
+    names = forecaster.columns if forecaster.features == "M" else forecaster.columns[-1:]
+    result = pd.DataFrame(out, columns=names)
+    if date_column in frame.columns:
+        dates = pd.to_datetime(frame[date_column].iloc[-forecaster.seq_len:])
+        step = dates.diff().iloc[-1]
+        future = [dates.iloc[-1] + step * (i + 1) for i in range(forecaster.pred_len)]
+        result.insert(0, date_column, [d.strftime("%Y-%m-%d %H:%M:%S") for d in future])
+    return result
+
+
+def main(argv=None) -> int:
+    import argparse
+    import os
+    import sys
+
+    import pandas as pd
+
+    ap = argparse.ArgumentParser(prog="python -m trainer.predict")
+    ap.add_argument("export")
+    ap.add_argument("--input", required=True)
+    ap.add_argument("--out")
+    a = ap.parse_args(argv)
+    try:
+        forecaster = load_exported(a.export, device="auto")
+        frame = pd.read_csv(a.input)
+        result = forecast_csv(forecaster, frame, forecaster.config["data"].get("date_column", "date"))
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    text = result.to_csv(index=False, float_format="%.10g")
+    if a.out:
+        folder, name = os.path.split(a.out if "://" in a.out else os.path.abspath(a.out))
+        open_store(folder).replace(name, text.encode())
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
