@@ -68,7 +68,8 @@ class TrainerProcess:
         self.log_path = workdir / f"attempt-{attempt:03d}.log"
         self.heartbeat_path = workdir / f"heartbeat-{attempt:03d}.json"
         self.heartbeat_path.unlink(missing_ok=True)
-        full_env = {**os.environ, **(env or {}), "TIMELLM_JOB_HEARTBEAT": str(self.heartbeat_path),
+        full_env = {**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # ours is in the terminal; not in the log
+                    **(env or {}), "TIMELLM_JOB_HEARTBEAT": str(self.heartbeat_path),
                     "TIMELLM_JOB_PARENT_PID": str(os.getpid()), "PYTHONUNBUFFERED": "1"}
         self.log = open(self.log_path, "ab")  # noqa: SIM115 - closed in wait()
         self.started_at = time.time()

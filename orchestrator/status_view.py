@@ -106,11 +106,9 @@ def render(doc: dict[str, Any], console: Console | None = None) -> None:
     eta = "-"
     attempts = doc.get("attempts") or []
     current = attempts[-1] if attempts else None
-    if current and current.get("ended_at") is None and total and current.get("start_step") is not None:
-        done = step - current["start_step"]
-        elapsed = time.time() - current["started_at"]
-        if done > 0:
-            eta = duration((total - step) * elapsed / done)
+    rate = (doc.get("heartbeat") or {}).get("steps_per_s")  # the trainer's own rate: the log's ETA too
+    if current and current.get("ended_at") is None and total and rate:
+        eta = duration((total - step) / rate)
     head.add_row("phase", f"[bold]{doc['phase']}[/bold]" + (f" ({doc['reason']})" if doc.get("reason") else ""))
     head.add_row("step", f"{step}/{total if total else '?'}  (ETA {eta})")
     head.add_row("epoch", str(doc.get("epoch", 0)))

@@ -25,6 +25,7 @@ from jobs import JobSpec, Phase, SpecError, load_spec, spec_hash, training_field
 from jobs.spec import diff_fields, spec_to_yaml, without_new_defaults
 from orchestrator.jobstate import JobState
 from orchestrator.notice import NoticeWatcher
+from orchestrator.progress_view import ProgressView
 from orchestrator.supervisor import (
     EXIT_BAD_INPUT,
     EXIT_COMPLETED,
@@ -203,9 +204,12 @@ def submit(spec_path: str, root: str | None, sets: tuple[str, ...], log=default_
             log(f"attempt {lost.number} of a runtime that vanished is closed: {lost.reason}")
         state.set_lease(lease)
         log(f"job {spec.name}: storage {job.url}, lease taken (pid {os.getpid()})")
+        view = ProgressView() if log is default_log else None  # the live bar, or plain lines
+        if view is not None:
+            log = view.say
         supervisor = Supervisor(spec, job, state, lease, lease_ttl_s(),
                                 lambda n, hint: trainer_argv(spec, local_spec, n, hint),
-                                prep.workdir, log)
+                                prep.workdir, log, view.update if view is not None else (lambda beat: None))
         watcher = None
         if spec.run.preemption_notice is not None:
             n = spec.run.preemption_notice
@@ -223,6 +227,8 @@ def submit(spec_path: str, root: str | None, sets: tuple[str, ...], log=default_
             log(f"error: storage failed for good, stopping (the trainer stops with us): {err}")
             code = EXIT_FAILED
         finally:
+            if view is not None:
+                view.close()
             if watcher:
                 watcher.stop()
                 state.status.preemption_notice = None  # nobody watches once submit ends

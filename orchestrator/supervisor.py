@@ -52,10 +52,11 @@ EXIT_COMPLETED, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_HELD = 0, 1, 2, 3
 
 class Supervisor:
     def __init__(self, spec: JobSpec, job: Store, state: JobState, lease: leases.Lease, lease_ttl_s: float,
-                 trainer_argv: Callable[[int, dict | None], list[str]], workdir: Path, log: Callable[[str], None]):
+                 trainer_argv: Callable[[int, dict | None], list[str]], workdir: Path, log: Callable[[str], None],
+                 on_progress: Callable[[dict | None], None] = lambda beat: None):
         self.spec, self.job, self.state, self.lease = spec, job, state, lease
         self.lease_ttl_s, self.renew_every = lease_ttl_s, lease_ttl_s / 3
-        self.trainer_argv, self.workdir, self.say = trainer_argv, workdir, log
+        self.trainer_argv, self.workdir, self.say, self.on_progress = trainer_argv, workdir, log, on_progress
         self.wake = threading.Event()
         self.stop_signal: int | None = None
         self.stop_at: float | None = None
@@ -203,7 +204,9 @@ class Supervisor:
 
     def _fold(self, proc: TrainerProcess) -> None:
         """The heartbeat into the state; the memory plan said once, when the trainer made it."""
-        self.state.fold_heartbeat(proc.heartbeat())
+        beat = proc.heartbeat()
+        self.state.fold_heartbeat(beat)
+        self.on_progress(beat)
         plan = self.state.attempt.memory_plan if self.state.attempt else None
         if plan and self.plan_said != proc.attempt:
             self.plan_said = proc.attempt

@@ -133,15 +133,16 @@ def evaluate(model, windows, batch_size: int, device: str, features: str, stop: 
     se = ae = se_raw = ae_raw = 0.0
     count = n = 0
     batches = eval_batches(windows, batch_size, world.rank, world.size)
+    rounds = eval_rounds(windows, batch_size, world.size)
     with torch.no_grad():
-        for _ in range(eval_rounds(windows, batch_size, world.size)):
+        for i in range(rounds):
             stop.check()  # the same number of checks on every rank
             batch = next(batches, None)
             if batch is None:
                 continue
             x, y, channel = batch
             if on_batch is not None:
-                on_batch()
+                on_batch(i + 1, rounds)
             pred = _target(model(x.to(device)).float().cpu(), features)
             y = _target(y, features)
             se += float(((pred - y) ** 2).double().sum())
@@ -353,6 +354,7 @@ class Trainer:
                              **({"skipped": True} if skipped else {}))
             progress_line.update(p.global_step, p.epoch, loss_v, lr)
             self.heartbeat.beat(step=p.global_step, epoch=p.epoch, loss=loss_v, lr=lr,
+                                steps_per_s=round(progress_line.rate, 4),
                                 **({"peak_bytes": memory.peak_bytes(self.device)} if self.card.gpu else {}),
                                 **({"skipped_steps": p.skipped_steps} if skipped else {}))
             if "first_step" not in self.startup:
@@ -366,7 +368,7 @@ class Trainer:
         spec, p = self.spec, self.progress
         self.heartbeat.beat(force=True, phase="validating", step=p.global_step, epoch=p.epoch)
         ev = evaluate(self.model, self.splits.val, spec.train.eval_batch_size, self.device,
-                      spec.data.features, self.stop, on_batch=self.heartbeat.beat)
+                      spec.data.features, self.stop, on_batch=self._eval_beat)
         improved = p.best_val is None or ev.mse < p.best_val
         if improved:
             p.best_val, p.best_step, p.bad_epochs = ev.mse, p.global_step, 0
@@ -383,6 +385,9 @@ class Trainer:
         if improved:
             self.save("best")
 
+    def _eval_beat(self, batch: int, batches: int) -> None:
+        self.heartbeat.beat(eval_batch=batch, eval_batches=batches)
+
     def finish(self) -> dict:
         """Final checkpoint, the best model reloaded (verified) and tested; results written."""
         p = self.progress
@@ -396,7 +401,7 @@ class Trainer:
         files = load(self.job, best[0], [ckpt_state.MODEL_FILE])
         ckpt_state.load_trainable(self.model, ckpt_state.tensors_from(files[ckpt_state.MODEL_FILE]))
         test = evaluate(self.model, self.splits.test, self.spec.train.eval_batch_size, self.device,
-                        self.spec.data.features, self.stop, splits=self.splits, on_batch=self.heartbeat.beat)
+                        self.spec.data.features, self.stop, splits=self.splits, on_batch=self._eval_beat)
         results = {"spec_hash": self.hash, "best_checkpoint": best[0].id, "scaling": self.scaling, "best_step": best[0].step,
                    "val_loss": p.best_val, "epochs_trained": p.epoch, "global_step": p.global_step,
                    "stopped_early": p.stopped_early, "test": {

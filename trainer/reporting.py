@@ -73,13 +73,15 @@ class ProgressLine:
     def __init__(self, total: int, start_step: int, every_s: float = 2.0, quiet: bool = False):
         self.total, self.start_step, self.every_s, self.quiet = total, start_step, every_s, quiet
         self.t0 = self.last = time.time()
+        self.rate = 0.0  # steps/s of this process since it started training
 
     def update(self, step: int, epoch: int, loss: float, lr: float, force: bool = False) -> None:
         now = time.time()
+        self.rate = (step - self.start_step) / max(now - self.t0, 1e-9)  # the heartbeat carries it too
         if self.quiet or (not force and now - self.last < self.every_s):
             return
         self.last = now
-        rate = (step - self.start_step) / max(now - self.t0, 1e-9)
+        rate = self.rate
         eta = (self.total - step) / rate if rate > 0 else float("nan")
         eta_s = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta == eta else "?"
         print(f"step {step}/{self.total} epoch {epoch} loss {loss:.4f} lr {lr:.3e} "
