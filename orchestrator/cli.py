@@ -34,7 +34,19 @@ def _job_of(spec_path: str, root: str | None, sets: tuple[str, ...] = ()):
         sys.exit(2)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+EXIT_CODES = """\b
+Exit codes:
+  0    completed (or already completed); other commands: done
+  1    failed: a permanent error, the restart budget spent, a crash
+       loop, out of memory with no smaller plan; no such job; a
+       checkpoint that does not verify; nothing to stop
+  2    bad input: the message names the field; nothing was written
+  3    another live orchestrator holds the job
+  143  stopped by SIGTERM (130: SIGINT); the phase is preempted
+"""
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES)
 @click.version_option(package_name="timellm-job")
 def main() -> None:
     """Train Time-LLM on compute that gets taken away: supervised, checkpointed, resumable."""
@@ -93,7 +105,7 @@ def status(spec: str, root: str | None, as_json: bool, verify: bool, plot: str |
         sys.exit(1)
 
 
-@main.command("export-best")
+@main.command("export-best", short_help="Export the best model, verified.")
 @click.argument("spec", type=click.Path(dir_okay=False))
 @click.option("--root", help=ROOT_HELP)
 @click.option("--out", required=True, help="A folder or URL for model.safetensors, config.json, metrics.json.")
@@ -112,7 +124,7 @@ def export_best_cmd(spec: str, root: str | None, out: str) -> None:
                + (f", test mse {test['mse']:.6f} mae {test['mae']:.6f}" if test else "") + f") to {out}")
 
 
-@main.command("import")
+@main.command("import", short_help="Adopt an upstream Time-LLM checkpoint or run.")
 @click.argument("spec", type=click.Path(dir_okay=False))
 @click.argument("source")
 @click.option("--root", help=ROOT_HELP)
@@ -148,7 +160,7 @@ def import_cmd(spec: str, source: str, root: str | None, sets: tuple[str, ...], 
     sys.exit(code)
 
 
-@main.command("list")
+@main.command("list", short_help="Every job under a storage root.")
 @click.option("--root", default=".", show_default=True, help=ROOT_HELP)
 @click.option("--json", "as_json", is_flag=True, help="One JSON list instead of a table.")
 def list_cmd(root: str, as_json: bool) -> None:
@@ -271,6 +283,15 @@ def logs(spec: str, root: str | None, follow: bool, attempt: int | None) -> None
         if not follow or over:
             return
         time.sleep(2)
+
+
+# one-line summaries for the command list, whole at any terminal width
+for _command, _summary in ((submit, "Train a job to its end, resuming as needed."),
+                           (status, "A job's phase, progress and checkpoints."),
+                           (stop, "Stop a job's running submit, from anywhere."),
+                           (predict, "Forecast from a job or an export."),
+                           (logs, "Print or follow the trainer's log.")):
+    _command.short_help = _summary
 
 
 if __name__ == "__main__":

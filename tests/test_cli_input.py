@@ -151,3 +151,15 @@ def test_an_eta_past_a_day_does_not_wrap():
     from orchestrator.status_view import duration
 
     assert duration(30 * 3600 + 61) == "1d 06:01:01" and duration(59) == "00:00:59"
+
+
+def test_help_lists_every_command_whole_and_the_exit_codes():
+    from click.testing import CliRunner
+
+    from orchestrator.cli import main
+
+    shown = CliRunner().invoke(main, ["--help"], terminal_width=80).output
+    for name in main.commands:
+        line = next(ln for ln in shown.splitlines() if ln.strip().startswith(name + " "))
+        assert not line.rstrip().endswith("..."), line
+    assert "Exit codes:" in shown and "143" in shown and max(map(len, shown.splitlines())) <= 80
