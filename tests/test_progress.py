@@ -17,7 +17,8 @@ pytestmark = pytest.mark.slow
 
 def test_plain_progress_lines_when_stderr_is_not_a_terminal(tmp_path):
     spec = quick_spec(tmp_path, train={"epochs": 1})
-    result = run(tmp_path, "submit", str(spec), TIMELLM_JOB_PROGRESS_EVERY_S="0.5")
+    # steps slowed to 0.15 s: training lasts seconds, whatever the machine, so it is seen several times
+    result = run(tmp_path, "submit", str(spec), TIMELLM_JOB_PROGRESS_EVERY_S="0.5", TIMELLM_JOB_TEST_STEP_DELAY_S="0.15")
     assert result.returncode == 0, result.stderr
     assert "\r" not in result.stderr  # no carriage returns in a log
     training = re.findall(r"\] training (\d+)/26 epoch 0 loss \d+\.\d{4} lr \S+ [\d.]+ steps/s ETA \d\d:\d\d:\d\d",
@@ -31,7 +32,8 @@ def test_plain_progress_lines_when_stderr_is_not_a_terminal(tmp_path):
 def test_a_live_bar_on_a_terminal(tmp_path):
     spec = quick_spec(tmp_path, train={"epochs": 1})
     main, sub = pty.openpty()
-    proc = subprocess.Popen(argv("submit", str(spec)), cwd=REPO, env={**env_for(tmp_path), "COLUMNS": "160"},
+    proc = subprocess.Popen(argv("submit", str(spec)), cwd=REPO,
+                            env={**env_for(tmp_path), "COLUMNS": "160", "TIMELLM_JOB_TEST_STEP_DELAY_S": "0.15"},
                             stdout=sub, stderr=sub, stdin=subprocess.DEVNULL)
     os.close(sub)
     out = b""
