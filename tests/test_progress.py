@@ -17,8 +17,10 @@ pytestmark = pytest.mark.slow
 
 def test_plain_progress_lines_when_stderr_is_not_a_terminal(tmp_path):
     spec = quick_spec(tmp_path, train={"epochs": 1})
-    # steps slowed to 0.15 s: training lasts seconds, whatever the machine, so it is seen several times
-    result = run(tmp_path, "submit", str(spec), TIMELLM_JOB_PROGRESS_EVERY_S="0.5", TIMELLM_JOB_TEST_STEP_DELAY_S="0.15")
+    # steps slowed to 0.15 s and evaluation batches to 2 s: each phase lasts longer than the
+    # orchestrator's 1 s look at the heartbeat, whatever the machine
+    result = run(tmp_path, "submit", str(spec), TIMELLM_JOB_PROGRESS_EVERY_S="0.5", TIMELLM_JOB_TEST_STEP_DELAY_S="0.15",
+                 TIMELLM_JOB_TEST_EVAL_DELAY_S="2")
     assert result.returncode == 0, result.stderr
     assert "\r" not in result.stderr  # no carriage returns in a log
     training = re.findall(r"\] training (\d+)/26 epoch 0 loss \d+\.\d{4} lr \S+ [\d.]+ steps/s ETA \d\d:\d\d:\d\d",

@@ -6,6 +6,7 @@ product's modules as they are imported. Nothing in the product reads these varia
 
 - ``TIMELLM_JOB_TEST_STEP_DELAY_S``: sleep after each training step (so kills land mid-run).
 - ``TIMELLM_JOB_TEST_FAIL_AT_STEP``: raise at that training step (a crash).
+- ``TIMELLM_JOB_TEST_EVAL_DELAY_S``: sleep after each validation or test batch.
 - ``TIMELLM_JOB_TEST_WRITE_DELAY_S``: sleep after each file a checkpoint commit writes (so kills
   land inside a checkpoint write).
 - ``TIMELLM_TEST_OOM_ABOVE_MICRO``: a training forward pass of more than N samples raises
@@ -30,6 +31,7 @@ def _env(name: str) -> float:
 
 def _patch_loop(module) -> None:
     fail_at, delay = int(_env("TIMELLM_JOB_TEST_FAIL_AT_STEP")), _env("TIMELLM_JOB_TEST_STEP_DELAY_S")
+    eval_delay = _env("TIMELLM_JOB_TEST_EVAL_DELAY_S")
     megabytes = int(_env("TIMELLM_TEST_HOST_ALLOC_MB"))
     if megabytes:
         module._test_ballast = b"\x01" * (megabytes << 20)
@@ -37,7 +39,7 @@ def _patch_loop(module) -> None:
     if cap and module.torch.cuda.is_available():
         total = module.torch.cuda.get_device_properties(0).total_memory
         module.torch.cuda.set_per_process_memory_fraction(min(1.0, cap * 2**30 / total))
-    if not (fail_at or delay):
+    if not (fail_at or delay or eval_delay):
         return
     beat = module.Heartbeat.beat
 
@@ -48,6 +50,8 @@ def _patch_loop(module) -> None:
                 raise RuntimeError(f"test-only failure injected at step {fields['step']}")
             if delay:
                 time.sleep(delay)
+        if "eval_batch" in fields and eval_delay:  # the beat of a validation or test batch
+            time.sleep(eval_delay)
 
     module.Heartbeat.beat = stepping_beat
 
