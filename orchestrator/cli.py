@@ -196,8 +196,8 @@ def stop(spec: str, root: str | None, now: bool) -> None:
     from storage.layout import STOP
 
     job_spec, job = _job_of(spec, root)
-    holder = leases.read(job)
-    if holder is None or holder.holder_is_dead():
+    holder = leases.live_holder(job)
+    if holder is None:
         click.echo(f"error: no running submit holds job {job_spec.name!r}: nothing to stop", err=True)
         sys.exit(1)
     write_json(job, STOP, {"requested_at": time.time(), "now": now, "host": socket.gethostname(), "pid": os.getpid()})
@@ -238,14 +238,10 @@ def predict(source: str, input_csv: str, out: str | None, root: str | None) -> N
 def _job_over(job, name: str) -> bool:
     """No orchestrator runs the job and its phase is final for now (completed, failed,
     preempted, interrupted): ``logs -f`` has nothing more to wait for."""
-    from jobs.status import Phase, effective_phase
-    from orchestrator.jobstate import load_status
-    from storage import lease as leases
+    from orchestrator.status_view import summary
 
-    holder = leases.read(job)
-    live = holder is not None and not holder.holder_is_dead()
-    phase = effective_phase(load_status(job, name).phase, live)
-    return not live and phase in (Phase.COMPLETED, Phase.FAILED, Phase.PREEMPTED, Phase.INTERRUPTED)
+    now = summary(job, name)
+    return now["host"] is None and now["phase"] in ("completed", "failed", "preempted", "interrupted")
 
 
 @main.command()

@@ -59,13 +59,12 @@ def collect(job: Store, name: str, verify_hashes: bool = False, spec_hash: str |
 def summary(job: Store, name: str) -> dict[str, Any]:
     """One line of ``list``: from the state document and the lease alone (no checkpoint listing)."""
     status = load_status(job, name)
-    holder = leases.read(job)
-    live = holder is not None and not holder.holder_is_dead()
+    holder = leases.live_holder(job)
     beat = (status.heartbeat or {}).get("time")
-    return {"name": name, "phase": effective_phase(status.phase, live).value, "global_step": status.global_step,
+    return {"name": name, "phase": effective_phase(status.phase, holder is not None).value, "global_step": status.global_step,
             "total_steps": status.total_steps, "best_val_loss": status.best.val_loss if status.best else None,
             "heartbeat_age_s": round(time.time() - beat, 1) if beat else None,
-            "host": holder.host if live else None}
+            "host": holder.host if holder else None}
 
 
 def render_list(rows: list[dict[str, Any]], console: Console | None = None) -> None:

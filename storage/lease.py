@@ -80,6 +80,12 @@ def read(job: Store) -> Lease | None:
         return Lease("unreadable", "?", -1, 0.0, 0.0)  # a torn lease is an expired one
 
 
+def live_holder(job: Store) -> Lease | None:
+    """The lease's holder, while it lives (not expired, not a dead pid on this host)."""
+    holder = read(job)
+    return holder if holder is not None and not holder.holder_is_dead() else None
+
+
 def acquire(job: Store, ttl_s: float) -> Lease:
     """Take the lease or raise LeaseHeld naming the live holder."""
     for _ in range(3):

@@ -143,8 +143,8 @@ def import_checkpoint(spec, source: str, kind: str = "step", weights_only: bool 
     # no backbone cache writes: an import that is refused must leave nothing behind
     spec = spec.model_copy(update={"run": spec.run.model_copy(update={"backbone_cache": False})})
     trainer = Trainer(spec, attempt=0, background_saves=False)
-    holder = leases.read(trainer.job)
-    if holder is not None and not holder.holder_is_dead():
+    holder = leases.live_holder(trainer.job)
+    if holder is not None:
         raise JobBusy(f"job {spec.name} is running (orchestrator pid {holder.pid} on {holder.host}); "
                       "stop it before importing")
     folder = run_folder(source, source_options)
