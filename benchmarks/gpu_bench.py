@@ -222,26 +222,49 @@ def loss_curve(trainer: Trainer, size: Size) -> dict:
             "final_scale": trainer.scaler.get_scale() if trainer.scaler.is_enabled() else None}
 
 
-def saves(trainer: Trainer, size: Size) -> dict:
-    """Training time with a checkpoint every ``save_every`` steps through Trainer.save, per mode."""
+def saves(trainer: Trainer, size: Size, modes=("none", "sync", "background", "background-1", "none")) -> dict:
+    """Training time with a checkpoint every ``save_every`` steps through Trainer.save, per mode.
+
+    Reported apart: the time to the last step (``train_s``: what saves cost training) and the
+    wait for the last write after it (``final_wait_s``: once per run, not per save), and each
+    step's time, so steps with a write in flight can be told from steps without one."""
     trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda s: 1.0)  # any number of steps
     put_plan(trainer, size.batch, trainer.plan.gradient_checkpointing if trainer.plan else False)
     data = batches(trainer, size.save_steps + 1)
     out = {}
-    for mode in ("none", "sync", "background", "none"):  # "none" twice: the first run warms up
-        trainer.saver = CheckpointSaver(trainer.job, trainer.hash, 2, background=mode == "background")
+    for mode in modes:  # "none" twice: the first run warms up; background-1: one file written at a time
+        trainer.saver = CheckpointSaver(trainer.job, trainer.hash, 2, background=mode.startswith("background"),
+                                        background_workers=1 if mode == "background-1" else 4)
         sync(trainer.device)
         start = time.perf_counter()
+        steps, in_flight = [], []
         for i, (x, y) in enumerate(data[1:], start=1):
+            t = time.perf_counter()
+            flying = trainer.saver._thread is not None and trainer.saver._thread.is_alive()
             trainer.optimizer_step(x, y)
             trainer.progress.global_step += 1
             if mode != "none" and i % size.save_every == 0:
                 trainer.save("step")
+            sync(trainer.device)
+            (in_flight if flying else steps).append(time.perf_counter() - t)
+        trained = time.perf_counter() - start
         trainer.saver.wait()
         sync(trainer.device)
-        out[mode] = time.perf_counter() - start
-    return {"steps": size.save_steps, "every": size.save_every, "none_s": out["none"],
-            "sync_ratio": out["sync"] / out["none"], "background_ratio": out["background"] / out["none"]}
+        total = time.perf_counter() - start
+        out[mode] = {"total_s": total, "train_s": trained, "final_wait_s": total - trained,
+                     "step_median_s": statistics.median(steps),
+                     "in_flight_step_median_s": statistics.median(in_flight) if in_flight else None,
+                     "in_flight_steps": len(in_flight)}
+    none = out["none"]
+    ratios = {}
+    for mode in out:
+        if mode != "none":
+            key = mode.replace("-", "_")
+            ratios[f"{key}_ratio"] = out[mode]["total_s"] / none["total_s"]
+            ratios[f"{key}_train_ratio"] = out[mode]["train_s"] / none["train_s"]
+            if out[mode]["in_flight_step_median_s"]:
+                ratios[f"{key}_in_flight_step_over_plain"] = out[mode]["in_flight_step_median_s"] / none["step_median_s"]
+    return {"steps": size.save_steps, "every": size.save_every, "none_s": none["total_s"], "modes": out, **ratios}
 
 
 def stall_and_resume(trainer: Trainer) -> dict:
@@ -350,6 +373,8 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny", action="store_true", help="a tiny shape on the CPU (for the test suite)")
     ap.add_argument("--parts", default="plan,loss,oom,saves")
+    ap.add_argument("--save-modes", help="the saves part's modes, comma-separated (default: all; the profile "
+                                         "runs only with the default)")
     a = ap.parse_args(argv)
     parts = set(a.parts.split(","))
     device = "cpu" if a.tiny or not torch.cuda.is_available() else "cuda"
@@ -388,8 +413,11 @@ def main(argv=None) -> dict:
                 info["full_batch"] += full_batch_configs(trainer, size)
             if dtype == "bf16" and "saves" in parts:
                 info.update(stall_and_resume(trainer))
-                info["saves"] = saves(trainer, size)
-                info["saves_profile"] = profile_saves(trainer, size)
+                if a.save_modes:
+                    info["saves"] = saves(trainer, size, tuple(a.save_modes.split(",")))
+                else:
+                    info["saves"] = saves(trainer, size)
+                    info["saves_profile"] = profile_saves(trainer, size)
             del trainer
             if device == "cuda":
                 torch.cuda.empty_cache()

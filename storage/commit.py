@@ -38,11 +38,13 @@ class AlreadyCommitted(FileExistsError):
 
 def commit_checkpoint(job: Store, step: int, kind: Kind, files: dict[str, Buffers], spec_hash: str,
                       progress: list[int] | None = None, metadata: dict[str, Any] | None = None,
-                      ckpt_id: str | None = None, base: str = CHECKPOINTS, durable: bool = True) -> Manifest:
+                      ckpt_id: str | None = None, base: str = CHECKPOINTS, durable: bool = True,
+                      workers: int = 4) -> Manifest:
     """Write ``files`` as ``<base>/<step>-<kind>`` (or ``<base>/<ckpt_id>``) and commit it.
 
     ``base`` is the folder of committed folders: ``checkpoints`` for training checkpoints; the
-    backbone cache commits under ``backbone`` with the same protocol. Returns the manifest.
+    backbone cache commits under ``backbone`` with the same protocol. ``workers``: files written
+    (and hashed) at once. Returns the manifest.
     """
     ckpt_id = ckpt_id or checkpoint_id(step, kind)
     final = f"{base}/{ckpt_id}"
@@ -60,7 +62,7 @@ def commit_checkpoint(job: Store, step: int, kind: Kind, files: dict[str, Buffer
         written = job.write_file(f"{work}/{name}", files[name], fsync=durable)
         return FileEntry(size=written.size, sha256=written.sha256)
 
-    with ThreadPoolExecutor(max_workers=max(1, min(4, len(files)))) as pool:  # files in parallel
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(files)))) as pool:  # files in parallel
         entries = dict(zip(files, pool.map(write, files), strict=True))
     manifest = Manifest(format_version=FORMAT_VERSION, id=ckpt_id, step=step, kind=kind,
                         created_at=time.time(), spec_hash=spec_hash, progress=list(progress or [step]),

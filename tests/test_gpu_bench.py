@@ -29,7 +29,13 @@ def test_gpu_bench_runs_every_part_tiny_on_cpu_through_the_trainer():
     for key in ("save_stall_s", "resume_s", "save_write_s"):
         assert math.isfinite(info[key]) and info[key] > 0
     assert info["checkpoint_bytes"] > info["trainable_params"] * 12  # parameters + two Adam moments, fp32
-    assert info["saves"]["background_ratio"] > 0 and info["saves"]["sync_ratio"] > 0
+    saves = info["saves"]
+    assert saves["background_ratio"] > 0 and saves["sync_ratio"] > 0 and saves["background_1_ratio"] > 0
+    for mode in ("background", "background-1"):  # every save's write overlapped steps; the last one's waited
+        m = saves["modes"][mode]
+        assert m["in_flight_steps"] > 0, m
+        assert math.isclose(m["total_s"], m["train_s"] + m["final_wait_s"], rel_tol=1e-6), m
+    assert saves["modes"]["sync"]["in_flight_steps"] == 0
     profile = info["saves_profile"]
     assert len(profile["with_save_in_flight"]["step_s"]) == len(profile["without_save"]["step_s"]) >= 3
     assert profile["with_save_in_flight"]["top_self_cpu"]

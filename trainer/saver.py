@@ -33,19 +33,22 @@ def _lower_priority() -> None:
 
 class CheckpointSaver:
     def __init__(self, job: Store, spec_hash: str, save_total_limit: int, background: bool = True,
-                 on_commit: Callable[[Manifest], None] | None = None):
+                 on_commit: Callable[[Manifest], None] | None = None, background_workers: int = 4):
         self.job, self.spec_hash, self.limit = job, spec_hash, save_total_limit
+        self.background_workers = background_workers
         self.background, self.on_commit = background, on_commit
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.committed: list[Manifest] = []
 
     def _write(self, snapshot: Snapshot, step: int, kind: str, progress: list[int], metadata: dict) -> None:
-        if threading.current_thread() is not threading.main_thread():
+        off_thread = threading.current_thread() is not threading.main_thread()
+        if off_thread:
             _lower_priority()
         try:
             manifest = commit_checkpoint(self.job, step, kind, snapshot.to_files(), self.spec_hash,
-                                         progress=progress, metadata=metadata)
+                                         progress=progress, metadata=metadata,
+                                         workers=self.background_workers if off_thread else 4)
         except AlreadyCommitted:
             return
         except BaseException as exc:  # noqa: BLE001 - handed to the training thread
