@@ -50,6 +50,9 @@ class StorageSpec(_Section):
     save_steps: int = Field(default=500, ge=1)
     save_total_limit: int = Field(default=3, ge=1)
     options: dict[str, Any] = Field(default_factory=dict)
+    # a store that cannot write an object only if absent is refused unless the user opts in to a
+    # single writer they guarantee themselves (status flags it)
+    unsafe_single_writer: bool = False
 
 
 class DataSpec(_Section):

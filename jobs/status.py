@@ -81,6 +81,7 @@ class LeaseInfo(BaseModel):
     host: str
     pid: int
     expires_at: float
+    generation: int = 0  # the lease generation: grows with every takeover
 
 
 class JobStatus(BaseModel):
@@ -105,6 +106,7 @@ class JobStatus(BaseModel):
     spec_hash: str | None = None
     memory_plan: dict[str, Any] | None = None  # the plan in force: the newest attempt's
     preemption_notice: dict[str, Any] | None = None  # the watcher: provider, url, problem (None: working)
+    unsafe_single_writer: str | None = None  # why the store runs without create-only writes (None: it has them)
 
     def to_json_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

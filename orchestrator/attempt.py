@@ -42,6 +42,7 @@ class ExitClass(str, enum.Enum):
     KILLED = "killed"  # by a signal (SIGKILL: an external kill or the OOM killer)
     HUNG = "hung"  # no heartbeat for heartbeat_timeout_s; we killed it
     OUT_OF_MEMORY = "out_of_memory"  # 4: the trainer's diagnosis (card, peak, plan, what to change)
+    FENCED = "fenced"  # 3: a newer lease generation holds the job; the trainer wrote nothing more
     CRASHED = "crashed"  # any other non-zero exit (CUDA errors included)
 
 
@@ -150,6 +151,7 @@ def launcher_exit(returncode: int, log_tail: str, heartbeat: dict | None) -> tup
 
 
 EXIT_OUT_OF_MEMORY = 4  # the trainer's own code for "out of memory, diagnosed"
+EXIT_FENCED = 3  # the trainer found its lease generation taken over (it committed nothing more)
 
 
 def classify(returncode: int, signalled_by_us: int | None, hung_for: float | None, log_tail: str,
@@ -184,6 +186,8 @@ def classify(returncode: int, signalled_by_us: int | None, hung_for: float | Non
         return Outcome(ExitClass.PREEMPTED, returncode, None, "preempted: committed a preempt checkpoint")
     if returncode in (143, 130):
         return Outcome(ExitClass.KILLED, returncode, None, "the trainer alone received SIGTERM/SIGINT")
+    if returncode == EXIT_FENCED:
+        return Outcome(ExitClass.FENCED, returncode, None, "fenced: a newer holder of the job's lease exists")
     if returncode == EXIT_OUT_OF_MEMORY:
         said = [ln.strip() for ln in log_tail.splitlines() if ln.strip().startswith("out of memory")]
         return Outcome(ExitClass.OUT_OF_MEMORY, returncode, None, said[-1] if said else "out of memory")

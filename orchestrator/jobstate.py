@@ -3,6 +3,8 @@
 Invariants:
 - ``flush`` folds in the current attempt's heartbeat and the committed checkpoints, then
   replaces ``state.json`` atomically through storage.
+- Only the lease holder writes: with a lease set, every flush first checks its fence and raises
+  LeaseLost instead of writing once a newer generation holds the job.
 - Ended attempts are never rewritten; the document is reloaded from storage at start, so a
   resubmitted job keeps its history, and its memory plan (``memory_plan``: the newest attempt's),
   which the next attempt reuses on the same card (``memory_hint``).
@@ -19,7 +21,7 @@ from storage import Store, list_checkpoints
 from storage.checkpoints import Listing
 from storage.documents import read_json, write_json
 from storage.layout import RESULTS, STATE
-from storage.lease import Lease
+from storage.lease import Fence, Lease
 
 
 def _clock(t: float) -> str:
@@ -56,6 +58,7 @@ class JobState:
         self.job, self.spec_hash = job, spec_hash
         self.status = load_status(job, name)
         self.last_flush = 0.0
+        self.fence: Fence | None = None  # set with the lease: a fenced writer never writes state.json
 
     @property
     def attempt(self) -> Attempt | None:
@@ -63,7 +66,8 @@ class JobState:
 
     def set_lease(self, lease: Lease | None) -> None:
         self.status.lease = LeaseInfo(owner=lease.owner, host=lease.host, pid=lease.pid,
-                                      expires_at=lease.expires_at) if lease else None
+                                      expires_at=lease.expires_at, generation=lease.generation) if lease else None
+        self.fence = Fence.of(self.job, lease) if lease else None
 
     def begin_attempt(self, pid: int, host: str, started_at: float) -> Attempt:
         number = len(self.status.attempts) + 1
@@ -143,4 +147,6 @@ class JobState:
         fold_results(s, self.job)
         s.heartbeat_age_s = (now - s.heartbeat["time"]) if s.heartbeat and "time" in s.heartbeat else None
         s.updated_at = now
+        if self.fence is not None:
+            self.fence.check()  # LeaseLost: the newer holder's state.json is left as it is
         write_json(self.job, STATE, s.to_json_dict())

@@ -121,6 +121,10 @@ def render(doc: dict[str, Any], console: Console | None = None) -> None:
     lease = doc.get("lease")
     head.add_row("lease", f"pid {lease['pid']} on {lease['host']}, expires "
                           f"{time.strftime('%H:%M:%S', time.localtime(lease['expires_at']))}" if lease else "free")
+    if lease and lease.get("generation"):
+        head.add_row("lease generation", str(lease["generation"]))
+    if doc.get("unsafe_single_writer"):
+        head.add_row("storage", f"[red]UNSAFE single-writer mode: {doc['unsafe_single_writer']}[/red]")
     head.add_row("restarts", str(doc.get("restarts", 0)))
     notice = doc.get("preemption_notice")
     if notice:

@@ -36,6 +36,7 @@ from orchestrator.supervisor import (
 )
 from storage import StorageError, Store, job_store
 from storage import lease as leases
+from storage.commit_strategy import strategy_for
 from storage.documents import read_json
 from storage.layout import RESULTS, SPEC, STOP
 from storage.private import private_copy, write_private
@@ -54,11 +55,15 @@ class Prepared:
     workdir: Path
 
 
-def trainer_argv(spec: JobSpec, local_spec: Path, attempt: int, memory_hint: dict | None = None) -> list[str]:
+def trainer_argv(spec: JobSpec, local_spec: Path, attempt: int, memory_hint: dict | None = None,
+                 lease: leases.Lease | None = None) -> list[str]:
     """The trainer's command: ``python -m trainer run``, under torchrun when ``train.nproc`` > 1
     (one node, no restarts of its own: restarts are the supervisor's); ``memory_hint``: the
-    job's memory plan so far (JobState.memory_hint)."""
+    job's memory plan so far (JobState.memory_hint); ``lease``: the lease it writes under (its
+    generation fences the trainer's commits)."""
     run = ["-m", "trainer", "run", str(local_spec), "--attempt", str(attempt)]
+    if lease is not None:
+        run += ["--lease", f"{lease.generation}:{lease.owner}"]
     if memory_hint:
         run += ["--memory-plan", json.dumps(memory_hint, sort_keys=True)]
     if spec.train.nproc == 1:
@@ -75,6 +80,19 @@ def workdir_for(spec: JobSpec) -> Path:
     base = os.environ.get("TIMELLM_JOB_WORKDIR") or os.path.join(Path.home(), ".cache", "timellm-job")
     key = hashlib.sha256(spec.storage.root.encode()).hexdigest()[:8]
     return Path(base) / f"{spec.name}-{key}"
+
+
+def check_create_only(job: Store, spec: JobSpec) -> str | None:
+    """A store the lease can rely on writes objects only if absent; any other is refused unless
+    ``storage.unsafe_single_writer`` is set. Returns the reason status flags (None: safe)."""
+    if strategy_for(job).create_only:
+        return None
+    why = (f"{job.url} (fsspec protocol {job.protocols[0]!r}) cannot write an object only if absent: "
+           f"two runtimes could both take the lease")
+    if spec.storage.unsafe_single_writer:
+        return why
+    raise InputError(f"storage.root: {why}. Use a local folder, gs:// or s3://, or set "
+                     f"storage.unsafe_single_writer: true if you guarantee that one runtime at a time runs this job")
 
 
 def check_reachable(job: Store) -> None:
@@ -161,6 +179,7 @@ def prepare(spec_path: str, root: str | None, sets: tuple[str, ...]) -> Prepared
     except StorageError as err:
         raise InputError(f"storage.root: {err}") from None
     check_reachable(job)
+    check_create_only(job, spec)
     check_stored_spec(job, spec)
     preflight(spec)
     return Prepared(spec, job, workdir_for(spec))
@@ -203,12 +222,15 @@ def submit(spec_path: str, root: str | None, sets: tuple[str, ...], log=default_
         if lost is not None:
             log(f"attempt {lost.number} of a runtime that vanished is closed: {lost.reason}")
         state.set_lease(lease)
-        log(f"job {spec.name}: storage {job.url}, lease taken (pid {os.getpid()})")
+        state.status.unsafe_single_writer = check_create_only(job, spec)
+        if state.status.unsafe_single_writer:
+            log(f"warning: UNSAFE single-writer mode: {state.status.unsafe_single_writer}")
+        log(f"job {spec.name}: storage {job.url}, lease generation {lease.generation} taken (pid {os.getpid()})")
         view = ProgressView() if log is default_log else None  # the live bar, or plain lines
         if view is not None:
             log = view.say
         supervisor = Supervisor(spec, job, state, lease, lease_ttl_s(),
-                                lambda n, hint: trainer_argv(spec, local_spec, n, hint),
+                                lambda n, hint: trainer_argv(spec, local_spec, n, hint, lease),
                                 prep.workdir, log, view.update if view is not None else (lambda beat: None))
         watcher = None
         if spec.run.preemption_notice is not None:

@@ -10,6 +10,8 @@ Job phases (jobs.status.Phase) as the supervisor drives them::
                   `-- restart budget spent, or a crash loop ----> FAILED (exit 1)
     RUNNING --SIGTERM/SIGINT to us: forward, grace, kill---> PREEMPTED (exit 143 / 130)
     RUNNING --our lease taken over by another orchestrator--> (stop the trainer, exit 3)
+              (seen at a renewal, a flush of state.json, or the trainer's exit 3 when its commit
+               found itself fenced; nothing more is written: the newer holder owns the job)
 
 Each tick (at most ``TICK_S``, and at once when the trainer exits or a signal arrives):
 renew the lease when due, fold the heartbeat into the state, kill a trainer whose heartbeat is
@@ -61,6 +63,7 @@ class Supervisor:
         self.stop_signal: int | None = None
         self.stop_at: float | None = None
         self.lease_renewed = time.time()
+        self.renew_failing = False
         self.proc: TrainerProcess | None = None
         self.log_uploaded = 0.0
         self.log_uploader: LogUploader | None = None
@@ -134,7 +137,17 @@ class Supervisor:
     def _renew_lease_if_due(self) -> None:
         now = time.time()
         if now - self.lease_renewed >= self.renew_every:
-            self.lease = leases.renew(self.job, self.lease, self.lease_ttl_s)
+            try:
+                self.lease = leases.renew(self.job, self.lease, self.lease_ttl_s)
+            except StorageError as exc:  # a stalled store: try again next tick; if the lease lapses
+                # meanwhile and another runtime takes it, the next renewal (and every commit) is fenced
+                if not self.renew_failing:
+                    self.say(f"warning: could not renew the lease (trying again every tick): {exc}")
+                self.renew_failing = True
+                return
+            if self.renew_failing:
+                self.say("the lease is renewed again")
+            self.renew_failing = False
             self.state.set_lease(self.lease)
             self.lease_renewed = now
 
@@ -238,11 +251,10 @@ class Supervisor:
         self.install_signals()
         try:
             return self._loop()
-        except leases.LeaseLost as lost:
+        except leases.LeaseLost as lost:  # fenced: the newer holder's state and files stay untouched
             if self.proc is not None and not self.proc.exited.is_set():
                 self.proc.kill()
-            self.state.end_attempt(None, "SIGKILL", f"lease lost: {lost}")
-            self.say(f"error: {lost}; stopped the trainer")
+            self.say(f"error: {lost}; stopped the trainer, wrote nothing")
             return EXIT_HELD
 
     def _loop(self) -> int:
@@ -251,6 +263,8 @@ class Supervisor:
         while True:
             proc = self._start()
             outcome = self._watch(proc)
+            if outcome.exit_class is ExitClass.FENCED:
+                leases.check(self.job, self.lease.generation, self.lease.owner)  # raises: we are fenced too
             self.state.end_attempt(outcome.exit_code, outcome.signal, outcome.reason)
             self.say(f"attempt {proc.attempt}: {outcome.reason}")
             if outcome.exit_class is ExitClass.COMPLETED:

@@ -5,12 +5,11 @@ Invariants (tests/test_commit.py is named after them):
   each one's size and sha256 as hashed while it was written.
 - Nothing committed is rewritten: committing an id that already has a manifest raises
   :class:`AlreadyCommitted` and touches nothing.
-- Local filesystems (disks, Colab's Drive mount): files go into a temporary sibling folder
-  ``checkpoints/.tmp-<id>-<nonce>``, are fsynced, and the folder is renamed into place; the final
-  folder therefore appears whole or not at all.
-- Object stores (no atomic folder rename): files go under the final prefix, and the manifest,
-  written create-only, is the commit point. Leftovers of an earlier uncommitted try are removed
-  first, so a committed folder holds exactly its manifest's files.
+- Each kind of store commits by its own strategy (storage.commit_strategy): a temporary folder
+  renamed into place (POSIX), or a create-only manifest over the final prefix (object stores).
+- Fencing: with a ``fence`` (the writer's lease generation), the fence is checked before the
+  first file is written and right before the commit point; a fenced writer raises LeaseLost
+  and commits nothing. The manifest records the generation (``lease_generation``).
 - A crash at any point leaves earlier commits untouched; what it leaves behind has no manifest
   and is never loaded (storage.checkpoints), and is cleaned up later (storage.retention).
 - ``durable=False`` skips the files' fsyncs (the folder still appears whole or not at all to
@@ -21,15 +20,16 @@ Invariants (tests/test_commit.py is named after them):
 from __future__ import annotations
 
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from storage.commit_strategy import TMP_PREFIX, strategy_for
 from storage.layout import CHECKPOINTS, checkpoint_id
+from storage.lease import Fence
 from storage.manifest import FORMAT_VERSION, MANIFEST, FileEntry, Kind, Manifest
 from storage.store import Buffers, Store
 
-TMP_PREFIX = ".tmp-"
+__all__ = ["TMP_PREFIX", "AlreadyCommitted", "commit_checkpoint"]
 
 
 class AlreadyCommitted(FileExistsError):
@@ -39,7 +39,7 @@ class AlreadyCommitted(FileExistsError):
 def commit_checkpoint(job: Store, step: int, kind: Kind, files: dict[str, Buffers], spec_hash: str,
                       progress: list[int] | None = None, metadata: dict[str, Any] | None = None,
                       ckpt_id: str | None = None, base: str = CHECKPOINTS, durable: bool = True,
-                      workers: int = 4) -> Manifest:
+                      workers: int = 4, fence: Fence | None = None) -> Manifest:
     """Write ``files`` as ``<base>/<step>-<kind>`` (or ``<base>/<ckpt_id>``) and commit it.
 
     ``base`` is the folder of committed folders: ``checkpoints`` for training checkpoints; the
@@ -52,12 +52,11 @@ def commit_checkpoint(job: Store, step: int, kind: Kind, files: dict[str, Buffer
         raise AlreadyCommitted(job.url_of(final))
     if any(name == MANIFEST or "/" in name or name.startswith(".") for name in files):
         raise ValueError(f"invalid checkpoint file names: {sorted(files)}")
-    if job.is_local:
-        work = f"{base}/{TMP_PREFIX}{ckpt_id}-{uuid.uuid4().hex[:8]}"
-        job.makedirs(work)
-    else:
-        work = final
-        job.remove(final, recursive=True)  # leftovers of an uncommitted try
+    strategy = strategy_for(job)
+    if fence is not None:
+        fence.check()
+    work = strategy.begin(job, base, ckpt_id)
+
     def write(name: str) -> FileEntry:
         written = job.write_file(f"{work}/{name}", files[name], fsync=durable)
         return FileEntry(size=written.size, sha256=written.sha256)
@@ -66,14 +65,12 @@ def commit_checkpoint(job: Store, step: int, kind: Kind, files: dict[str, Buffer
         entries = dict(zip(files, pool.map(write, files), strict=True))
     manifest = Manifest(format_version=FORMAT_VERSION, id=ckpt_id, step=step, kind=kind,
                         created_at=time.time(), spec_hash=spec_hash, progress=list(progress or [step]),
-                        files=entries, metadata=dict(metadata or {}))
-    if job.is_local:
-        job.write_file(f"{work}/{MANIFEST}", manifest.to_bytes(), fsync=durable)
-        job.remove(final, recursive=True)  # an uncommitted leftover (e.g. a half-done deletion)
-        job.rename_dir(work, final)  # the commit point
-    else:
-        try:
-            job.create(f"{final}/{MANIFEST}", manifest.to_bytes())  # the commit point
-        except FileExistsError:
-            raise AlreadyCommitted(job.url_of(final)) from None
+                        files=entries, metadata=dict(metadata or {}),
+                        lease_generation=fence.generation if fence is not None else None)
+    if fence is not None:
+        fence.check()  # right before the commit point
+    try:
+        strategy.commit(job, work, final, MANIFEST, manifest.to_bytes(), durable)
+    except FileExistsError:
+        raise AlreadyCommitted(job.url_of(final)) from None
     return manifest

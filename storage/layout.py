@@ -15,7 +15,8 @@ from storage.store import Store
 
 SPEC = "job.yaml"
 STATE = "state.json"
-LEASE = "lease.json"
+LEASE = "lease.json"  # written by versions before lease generations; read while it lives
+LEASES = "lease"  # lease/<generation>.json: the lease, one document per generation
 CHECKPOINTS = "checkpoints"
 LOGS = "logs"
 METRICS = "metrics"

@@ -3,7 +3,8 @@
 Invariants:
 - A manifest lists every data file of its checkpoint with size and sha256; it is written after
   all of them, so its presence means the files were complete when it was written.
-- ``progress`` orders checkpoints (newest = largest), ``created_at`` breaks ties.
+- ``lease_generation`` then ``progress`` order checkpoints (newest = largest), ``created_at``
+  breaks ties.
 - The format version is checked on read: an unknown future version is not loaded.
 """
 
@@ -35,13 +36,16 @@ class Manifest(BaseModel):
     progress: list[int]
     files: dict[str, FileEntry]
     metadata: dict[str, Any] = Field(default_factory=dict)
+    lease_generation: int | None = None  # the lease generation its writer held (None: written unfenced)
 
     @property
     def bytes(self) -> int:
         return sum(f.size for f in self.files.values())
 
     def order(self) -> tuple:
-        return (tuple(self.progress), self.created_at)
+        """Newest = largest: a later lease generation first (a writer fenced out by a newer holder
+        never wins over that holder's checkpoints), then progress, then the time of commit."""
+        return (self.lease_generation or 0, tuple(self.progress), self.created_at)
 
     def to_bytes(self) -> bytes:
         return json.dumps(self.model_dump(mode="json"), indent=1, sort_keys=True).encode()

@@ -12,13 +12,15 @@ Invariants:
   neither counted nor removed.
 - Uncommitted folders (no manifest, temporary siblings) are removed; the caller runs clean-up
   only while no write of its own is in flight (the single background saver runs it after its
-  own commit), and the lease guarantees no other writer.
+  own commit), and the lease guarantees no other writer: a writer whose lease generation was
+  taken over deletes nothing (its fence is checked first).
 """
 
 from __future__ import annotations
 
 from storage.checkpoints import Listing, check_sizes, list_checkpoints
 from storage.layout import CHECKPOINTS
+from storage.lease import Fence
 from storage.manifest import MANIFEST, Manifest
 from storage.store import Store
 
@@ -55,9 +57,12 @@ def delete_checkpoint(job: Store, ckpt_id: str, base: str = CHECKPOINTS) -> None
 
 
 def clean_up(job: Store, save_total_limit: int, remove_uncommitted: bool = True,
-             spec_hash: str | None = None) -> list[str]:
-    """Apply retention to the job's checkpoints (of ``spec_hash``); returns what was removed."""
+             spec_hash: str | None = None, fence: Fence | None = None) -> list[str]:
+    """Apply retention to the job's checkpoints (of ``spec_hash``); returns what was removed.
+    With a ``fence``, a writer fenced out by a newer lease holder deletes nothing (LeaseLost)."""
     listing = list_checkpoints(job, spec_hash=spec_hash)
+    if fence is not None:
+        fence.check()
     removed = []
     for ckpt_id in plan(job, listing, save_total_limit):
         delete_checkpoint(job, ckpt_id)

@@ -14,6 +14,7 @@ Invariants:
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import posixpath
@@ -52,6 +53,9 @@ class Store:
             raise StorageError(f"cannot open storage {url!r}: {exc}") from exc
         self.root = root.rstrip("/") if root not in ("/", "") else root
         self.is_local = isinstance(self.fs, LocalFileSystem)
+        self.retry_s: float | None = None  # None: storage.retry's default bound
+        protocol = self.fs.protocol
+        self.protocols = tuple(protocol) if isinstance(protocol, (tuple, list)) else (protocol,)
 
     # --- paths -------------------------------------------------------------------------------
     def full(self, rel: str = "") -> str:
@@ -70,14 +74,22 @@ class Store:
         """A Store rooted at a sub-path, sharing this one's filesystem."""
         sub = Store.__new__(Store)
         sub.url, sub.options, sub.fs, sub.is_local = self.url_of(rel), self.options, self.fs, self.is_local
+        sub.protocols, sub.retry_s = self.protocols, self.retry_s
         sub.root = self.full(rel)
         return sub
+
+    def bounded(self, retry_s: float) -> Store:
+        """This store with its retries bounded by ``retry_s`` seconds in all (the lease's calls:
+        a retry must never outlast a renewal interval)."""
+        other = copy.copy(self)
+        other.retry_s = retry_s if self.retry_s is None else min(retry_s, self.retry_s)
+        return other
 
     def _call(self, fn, rel: str, what: str):
         """Reads answer FileNotFoundError; a write that finds no bucket/folder is a StorageError."""
         answers = (FileNotFoundError, FileExistsError) if what in ("reading", "checking", "hashing") \
             else (FileExistsError,)
-        return call(fn, self.url_of(rel), what, answers=answers)
+        return call(fn, self.url_of(rel), what, total_s=self.retry_s, answers=answers)
 
     # --- queries -----------------------------------------------------------------------------
     def exists(self, rel: str) -> bool:

@@ -29,6 +29,7 @@ def _args(argv):
     ap.add_argument("--root")
     ap.add_argument("--set", dest="sets", action="append", default=[])
     ap.add_argument("--attempt", type=int, default=1)
+    ap.add_argument("--lease", help="GENERATION:OWNER of the orchestrator's lease; every commit checks it (fencing)")
     ap.add_argument("--sync-saves", action="store_true", help="save checkpoints on the training thread")
     ap.add_argument("--memory-plan", type=json.loads, default=None,
                     help="run: the memory plan of the job's last attempt (JSON), with 'oom' if it ran out")
@@ -81,8 +82,9 @@ def main(argv=None) -> int:
 
     watch_parent()
     try:
+        lease = (int(a.lease.split(":", 1)[0]), a.lease.split(":", 1)[1]) if a.lease else None
         return Trainer(spec, attempt=a.attempt, background_saves=not a.sync_saves,
-                       previous_plan=a.memory_plan).run()
+                       previous_plan=a.memory_plan, lease=lease).run()
     except (DataError, BackboneError) as err:
         print(f"bad input: {err}", file=sys.stderr, flush=True)
         return 2

@@ -46,6 +46,7 @@ from storage import job_store, list_checkpoints, load_newest
 from storage.checkpoints import CorruptCheckpoint, Loaded, load
 from storage.documents import read_json, write_json
 from storage.layout import RESULTS
+from storage.lease import Fence, LeaseLost
 from trainer import distributed, memory
 from trainer import state as ckpt_state
 from trainer.backbone import BackboneError, default_device, load_backbone
@@ -64,7 +65,7 @@ from trainer.model import TimeLLM
 from trainer.reporting import Heartbeat, MetricsLog, ProgressLine
 from trainer.saver import CheckpointSaver
 
-EXIT_OK, EXIT_BAD_INPUT, EXIT_OUT_OF_MEMORY, EXIT_SIGTERM, EXIT_SIGINT = 0, 2, 4, 143, 130
+EXIT_OK, EXIT_BAD_INPUT, EXIT_FENCED, EXIT_OUT_OF_MEMORY, EXIT_SIGTERM, EXIT_SIGINT = 0, 2, 3, 4, 143, 130
 DOWNLOAD_LIMIT_S = 4 * 3600  # downloading 16 GB on a slow link; after it, silence reads as a hang
 
 
@@ -164,12 +165,14 @@ def evaluate(model, windows, batch_size: int, device: str, features: str, stop: 
 
 class Trainer:
     def __init__(self, spec: JobSpec, attempt: int = 1, background_saves: bool = True,
-                 previous_plan: dict | None = None):
+                 previous_plan: dict | None = None, lease: tuple[int, str] | None = None):
         self.spec, self.attempt = spec, attempt
         self.previous_plan = previous_plan  # the memory plan of the job's last attempt (its state)
         self.plan: memory.MemoryPlan | None = None
         self.hash = spec_hash(spec)
         self.job = job_store(spec.storage.root, spec.name, spec.storage.options)
+        # the orchestrator's lease (generation, owner): every commit checks it is still theirs
+        self.fence = Fence(self.job, *lease) if lease else None
         self.world = distributed.from_env()
         self.stop = StopFlag(self.world)
         main = self.world.main  # the other ranks write nothing
@@ -226,7 +229,7 @@ class Trainer:
         self.progress = ckpt_state.Progress()
         self.host_buffers = ckpt_state.HostBuffers()
         self.saver = CheckpointSaver(self.job, self.hash, spec.storage.save_total_limit,
-                                     background=self.background_saves) if world.main else None
+                                     background=self.background_saves, fence=self.fence) if world.main else None
         self.startup["built"] = time.time()
 
     def resume(self) -> None:
@@ -411,13 +414,20 @@ class Trainer:
         self.metrics.flush()
         if not self.world.main:
             return results
+        if self.fence is not None:
+            self.fence.check()
         write_json(self.job, RESULTS, results)
         print(f"test mse {test.mse:.6f} mae {test.mae:.6f} (data units: mse {test.mse_raw:.4f} "
               f"mae {test.mae_raw:.4f}) from {best[0].id}", file=sys.stderr, flush=True)
         return results
 
     def run(self) -> int:
-        code = self._run()
+        try:
+            code = self._run()
+        except LeaseLost as lost:  # fenced: a newer lease holder owns the job; write nothing more
+            print(f"error: {lost}; this trainer stops without writing", file=sys.stderr, flush=True)
+            self.heartbeat.beat(force=True, phase="fenced", error=str(lost)[:500], exit_code=EXIT_FENCED)
+            code = EXIT_FENCED
         self.heartbeat.beat(force=True, exit_code=code)  # what torchrun's own exit code hides
         distributed.close(self.world)
         return code
@@ -446,6 +456,8 @@ class Trainer:
             return self._preempted(pre.signum)
         except (torch.OutOfMemoryError, memory.OutOfPlans) as exc:
             return self._out_of_memory(exc)
+        except LeaseLost:
+            raise
         except BaseException as exc:
             p = getattr(self, "progress", None)
             bad_input = isinstance(exc, (DataError, BackboneError))

@@ -7,6 +7,8 @@ Invariants:
 - A failed background save is re-raised on the training thread at the next ``submit``/``wait``
   (a checkpoint that silently did not happen is worse than a crash).
 - An id that is committed already is skipped: on a deterministic resume it holds the same bytes.
+- With a fence (the orchestrator's lease generation), a commit or clean-up of a writer whose
+  lease was taken over raises LeaseLost on the training thread: nothing is written or deleted.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import threading
 from collections.abc import Callable
 
 from storage import AlreadyCommitted, Store, commit_checkpoint
+from storage.lease import Fence
 from storage.manifest import Manifest
 from storage.retention import clean_up
 from trainer.state import Snapshot
@@ -33,8 +36,9 @@ def _lower_priority() -> None:
 
 class CheckpointSaver:
     def __init__(self, job: Store, spec_hash: str, save_total_limit: int, background: bool = True,
-                 on_commit: Callable[[Manifest], None] | None = None, background_workers: int = 4):
-        self.job, self.spec_hash, self.limit = job, spec_hash, save_total_limit
+                 on_commit: Callable[[Manifest], None] | None = None, background_workers: int = 4,
+                 fence: Fence | None = None):
+        self.job, self.spec_hash, self.limit, self.fence = job, spec_hash, save_total_limit, fence
         self.background_workers = background_workers
         self.background, self.on_commit = background, on_commit
         self._thread: threading.Thread | None = None
@@ -48,7 +52,7 @@ class CheckpointSaver:
         try:
             manifest = commit_checkpoint(self.job, step, kind, snapshot.to_files(), self.spec_hash,
                                          progress=progress, metadata=metadata,
-                                         workers=self.background_workers if off_thread else 4)
+                                         workers=self.background_workers if off_thread else 4, fence=self.fence)
         except AlreadyCommitted:
             return
         except BaseException as exc:  # noqa: BLE001 - handed to the training thread
@@ -56,7 +60,7 @@ class CheckpointSaver:
             return
         self.committed.append(manifest)
         try:
-            clean_up(self.job, self.limit, spec_hash=self.spec_hash)
+            clean_up(self.job, self.limit, spec_hash=self.spec_hash, fence=self.fence)
             if self.on_commit:
                 self.on_commit(manifest)
         except BaseException as exc:  # noqa: BLE001
