@@ -59,6 +59,10 @@ class Attempt(BaseModel):
     backbone_source: str | None = None
     memory_plan: dict[str, Any] | None = None  # the plan the trainer made (trainer.memory), with peak_bytes
     oom: dict[str, Any] | None = None  # the trainer's out-of-memory diagnosis, when it ran out
+    first_step_at: float | None = None  # when its first optimizer step ended (start-up before it)
+    training_s: float | None = None  # time in training steps, as the trainer measured it
+    eval_s: float | None = None  # time validating and testing, as the trainer measured it
+    goodput: dict[str, Any] | None = None  # where its wall time went (see goodput())
 
 
 class Best(BaseModel):
@@ -107,6 +111,7 @@ class JobStatus(BaseModel):
     memory_plan: dict[str, Any] | None = None  # the plan in force: the newest attempt's
     preemption_notice: dict[str, Any] | None = None  # the watcher: provider, url, problem (None: working)
     unsafe_single_writer: str | None = None  # why the store runs without create-only writes (None: it has them)
+    goodput: dict[str, Any] | None = None  # where the job's wall time went (see goodput())
 
     def to_json_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -132,3 +137,50 @@ def effective_phase(phase: Phase, lease_live: bool) -> Phase:
     if phase in (Phase.RUNNING, Phase.RESTARTING) and not lease_live:
         return Phase.INTERRUPTED
     return phase
+
+
+def _parts(wall: float, startup: float, training: float, retrained: float, evaluating: float) -> dict[str, Any]:
+    idle = max(0.0, wall - startup - training - retrained - evaluating)
+    parts = {"startup_s": startup, "training_s": training, "retrained_s": retrained, "eval_s": evaluating,
+             "idle_s": idle}
+    parts = {k: round(v, 3) for k, v in parts.items()}
+    wall = round(sum(parts.values()), 3)  # the parts add up to the wall time by construction
+    return {"wall_s": wall, "useful_s": parts["training_s"],
+            "share": round(parts["training_s"] / wall, 4) if wall > 0 else None, "parts": parts}
+
+
+def attempt_goodput(a: Attempt, done_before: int, now: float) -> dict[str, Any]:
+    """One attempt's wall time (start to end, or ``now``) split into: start-up (process start to
+    its first optimizer step: imports, backbone, checkpoint read), training that counted, steps
+    retrained (those an earlier attempt had reached already: ``done_before``), validation and
+    testing, and the rest (idle: a checkpoint write at exit, waiting on storage, shutdown)."""
+    end = a.ended_at if a.ended_at is not None else now
+    wall = max(0.0, end - a.started_at)
+    startup = min(wall, max(0.0, a.first_step_at - a.started_at)) if a.first_step_at else wall
+    trained = min(max(0.0, a.training_s or 0.0), wall - startup)
+    evaluating = min(max(0.0, a.eval_s or 0.0), wall - startup - trained)
+    steps = max(0, (a.end_step or 0) - (a.start_step or 0))
+    again = min(steps, max(0, done_before - (a.start_step or 0)))
+    retrained = trained * again / steps if steps else 0.0
+    return _parts(wall, startup, trained - retrained, retrained, evaluating)
+
+
+def goodput(status: JobStatus, now: float) -> None:
+    """Fill ``goodput`` for the job and each attempt. The job's wall time runs from its first
+    attempt's start to its last's end (or ``now``); time between attempts (backoff, a dead
+    runtime before the next submit) is idle. ``useful_s`` is the training that counted and
+    ``share`` its part of the wall time."""
+    if not status.attempts:
+        status.goodput = None
+        return
+    reached = 0
+    totals = {"startup_s": 0.0, "training_s": 0.0, "retrained_s": 0.0, "eval_s": 0.0}
+    for a in status.attempts:
+        a.goodput = attempt_goodput(a, reached, now)
+        for key in totals:
+            totals[key] += a.goodput["parts"][key]
+        reached = max(reached, a.end_step or 0)
+    first, last = status.attempts[0], status.attempts[-1]
+    end = last.ended_at if last.ended_at is not None else now
+    wall = max(0.0, end - first.started_at, sum(totals.values()))
+    status.goodput = _parts(wall, totals["startup_s"], totals["training_s"], totals["retrained_s"], totals["eval_s"])

@@ -183,7 +183,7 @@ def classify(returncode: int, signalled_by_us: int | None, hung_for: float | Non
                "SIGBUS": "bus error"}.get(name, f"killed by {name}")
         return Outcome(ExitClass.KILLED, None, name, why)
     if returncode in (143, 130) and signalled_by_us is not None:
-        return Outcome(ExitClass.PREEMPTED, returncode, None, "preempted: committed a preempt checkpoint")
+        return Outcome(ExitClass.PREEMPTED, returncode, None, "preempted: the step it stopped at is committed")
     if returncode in (143, 130):
         return Outcome(ExitClass.KILLED, returncode, None, "the trainer alone received SIGTERM/SIGINT")
     if returncode == EXIT_FENCED:

@@ -17,21 +17,45 @@ import time
 import click
 
 from jobs import SpecError, load_spec, spec_hash
-from storage import StorageError, job_store
+from storage import StorageError, Unreachable, job_store
 
 ROOT_HELP = "Storage root URL (overrides storage.root): a path, file://, gs://, s3://, memory://."
+PROBE_S = float(os.environ.get("TIMELLM_JOB_PROBE_S", "15"))  # a storage root that does not answer fails this fast
 
 
 def _job_of(spec_path: str, root: str | None, sets: tuple[str, ...] = ()):
     try:
         spec = load_spec(spec_path, root=root, sets=sets)
-        return spec, job_store(spec.storage.root, spec.name, spec.storage.options)
+        job = job_store(spec.storage.root, spec.name, spec.storage.options)
     except SpecError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)
     except StorageError as err:
         click.echo(f"error: storage.root: {err}", err=True)
         sys.exit(2)
+    try:
+        job.probe(PROBE_S)
+    except Unreachable as err:
+        click.echo(f"error: storage.root: {err}", err=True)
+        sys.exit(1)
+    return spec, job
+
+
+class _Group(click.Group):
+    """Unexpected errors in one line (``error: ...``, exit 1); the traceback only with --debug."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            if ctx.params.get("debug") or os.environ.get("TIMELLM_JOB_DEBUG"):
+                raise
+            first = (str(exc).strip().splitlines() or [""])[0][:500]
+            what = "storage" if isinstance(exc, StorageError) else type(exc).__name__
+            click.echo(f"error: {what}: {first} (run with --debug for the traceback)", err=True)
+            sys.exit(1)
 
 
 EXIT_CODES = """\b
@@ -46,9 +70,10 @@ Exit codes:
 """
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES)
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES)
 @click.version_option(package_name="timellm-job")
-def main() -> None:
+@click.option("--debug", is_flag=True, help="Show the traceback of an unexpected error (else: one line).")
+def main(debug: bool) -> None:
     """Train Time-LLM on compute that gets taken away: supervised, checkpointed, resumable."""
 
 

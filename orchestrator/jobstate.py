@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 from jobs import Attempt, JobStatus, Phase
-from jobs.status import Best, CheckpointInfo, CheckpointRef, LeaseInfo
+from jobs.status import Best, CheckpointInfo, CheckpointRef, LeaseInfo, goodput
 from storage import Store, list_checkpoints
 from storage.checkpoints import Listing
 from storage.documents import read_json, write_json
@@ -100,6 +100,12 @@ class JobState:
                 s.memory_plan = a.memory_plan
             if beat.get("oom"):
                 a.oom = beat["oom"]
+            first_step = (beat.get("startup") or {}).get("first_step")
+            if first_step:
+                a.first_step_at = float(first_step)
+            for key in ("training_s", "eval_s"):
+                if beat.get(key) is not None:
+                    setattr(a, key, float(beat[key]))
 
     def memory_hint(self) -> dict[str, Any] | None:
         """For the next attempt: the plan in force (reused on the same card), with the last
@@ -147,6 +153,7 @@ class JobState:
         fold_results(s, self.job)
         s.heartbeat_age_s = (now - s.heartbeat["time"]) if s.heartbeat and "time" in s.heartbeat else None
         s.updated_at = now
+        goodput(s, now)
         if self.fence is not None:
             self.fence.check()  # LeaseLost: the newer holder's state.json is left as it is
         write_json(self.job, STATE, s.to_json_dict())

@@ -13,7 +13,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from jobs.status import LeaseInfo, describe_plan, effective_phase
+from jobs.status import LeaseInfo, describe_plan, effective_phase, goodput
 from orchestrator.jobstate import checkpoint_infos, fold_results, load_status
 from storage import Store, list_checkpoints
 from storage import lease as leases
@@ -48,6 +48,13 @@ def collect(job: Store, name: str, verify_hashes: bool = False, spec_hash: str |
                          f"{_age(status.heartbeat_age_s)} ago" if status.heartbeat_age_s is not None else
                          f"the orchestrator vanished: {gone}") + "; run submit again to resume"
     fold_results(status, job)
+    open_attempt = status.attempts[-1] if status.attempts and status.attempts[-1].ended_at is None else None
+    if open_attempt is not None and not live:  # its runtime is gone: it ended at its last heartbeat
+        open_attempt.ended_at = beat_time or open_attempt.started_at
+        goodput(status, time.time())
+        open_attempt.ended_at = None
+    else:
+        goodput(status, time.time())
     doc = status.to_json_dict()
     doc["backbone_cache"] = summaries(job, BACKBONE)
     for a in doc["attempts"]:
@@ -108,9 +115,17 @@ def render(doc: dict[str, Any], console: Console | None = None) -> None:
     rate = (doc.get("heartbeat") or {}).get("steps_per_s")  # the trainer's own rate: the log's ETA too
     if current and current.get("ended_at") is None and total and rate:
         eta = duration((total - step) / rate)
-    head.add_row("phase", f"[bold]{doc['phase']}[/bold]" + (f" ({doc['reason']})" if doc.get("reason") else ""))
+    beat = doc.get("heartbeat") or {}
+    detail = ""
+    if doc["phase"] == "running" and beat.get("phase") in ("validating", "testing"):
+        done = f" {beat['eval_batch']}/{beat['eval_batches']}" if beat.get("eval_batches") else ""
+        detail = f" ({beat['phase']}{done})"
+    head.add_row("phase", f"[bold]{doc['phase']}[/bold]{detail}" + (f" ({doc['reason']})" if doc.get("reason") else ""))
     head.add_row("step", f"{step}/{total if total else '?'}  (ETA {eta})")
     head.add_row("epoch", str(doc.get("epoch", 0)))
+    if beat.get("loss") is not None:
+        head.add_row("loss", f"{beat['loss']:.4f} (lr {beat['lr']:.2e})" if beat.get("lr") is not None else
+                     f"{beat['loss']:.4f}")
     best = doc.get("best")
     head.add_row("best", f"val loss {best['val_loss']:.6f} at step {best['step']} ({best['checkpoint']})" if best else "-")
     test = (doc.get("metrics") or {}).get("test")
@@ -132,13 +147,20 @@ def render(doc: dict[str, Any], console: Console | None = None) -> None:
                      f"watching {notice['provider']} metadata")
     plan = doc.get("memory_plan")
     head.add_row("memory plan", describe_plan(plan) if plan else "-")
+    good = doc.get("goodput")
+    if good:
+        parts = good["parts"]
+        head.add_row("goodput", f"{good['share'] * 100:.0f}% useful" if good.get("share") is not None else "-")
+        head.add_row("", f"of {duration(good['wall_s'])}: training {duration(parts['training_s'])}, "
+                         f"start-up {duration(parts['startup_s'])}, retrained {duration(parts['retrained_s'])}, "
+                         f"validation/test {duration(parts['eval_s'])}, idle {duration(parts['idle_s'])}")
     caches = doc.get("backbone_cache") or []
     head.add_row("backbone cache", ", ".join(f"{c['key'][:12]}… {c['bytes'] / 1e6:.1f} MB" for c in caches)
                  if caches else "none")
     console.print(head)
     if attempts:
         t = Table(title="attempts")
-        for col in ("#", "started", "pid", "backbone", "memory plan", "resumed from", "steps", "exit", "reason"):
+        for col in ("#", "started", "pid", "backbone", "memory plan", "resumed from", "steps", "useful", "exit", "reason"):
             t.add_column(col)
         for a in attempts:
             rf = a.get("resumed_from")
@@ -147,7 +169,8 @@ def render(doc: dict[str, Any], console: Console | None = None) -> None:
                                       "gone" if doc["phase"] == "interrupted" else "running"))
             t.add_row(str(a["number"]), time.strftime("%H:%M:%S", time.localtime(a["started_at"])), str(a.get("pid")),
                       (a.get("backbone_source") or "-").split(":", 1)[0], _short_plan(a.get("memory_plan")),
-                      f"{rf['id']}" if rf else "-", f"{a.get('start_step', '-')}→{a.get('end_step', '-')}", ex,
+                      f"{rf['id']}" if rf else "-", f"{a.get('start_step', '-')}→{a.get('end_step', '-')}",
+                      f"{a['goodput']['share'] * 100:.0f}%" if (a.get("goodput") or {}).get("share") is not None else "-", ex,
                       (a.get("reason") or "") + (f" [skipped {len(a['skipped_checkpoints'])} bad]"
                                                   if a.get("skipped_checkpoints") else ""))
         console.print(t)

@@ -34,7 +34,7 @@ from orchestrator.supervisor import (
     Supervisor,
     default_log,
 )
-from storage import StorageError, Store, job_store
+from storage import StorageError, Store, Unreachable, job_store
 from storage import lease as leases
 from storage.commit_strategy import strategy_for
 from storage.documents import read_json
@@ -72,6 +72,9 @@ def trainer_argv(spec: JobSpec, local_spec: Path, attempt: int, memory_hint: dic
             "--nproc-per-node", str(spec.train.nproc), "--max-restarts", "0", "--monitor-interval", "0.1", *run]
 
 
+PROBE_S = float(os.environ.get("TIMELLM_JOB_PROBE_S", "15"))  # a root that does not answer fails this fast
+
+
 def lease_ttl_s() -> float:
     return float(os.environ.get("TIMELLM_JOB_LEASE_TTL_S", "60"))
 
@@ -97,7 +100,9 @@ def check_create_only(job: Store, spec: JobSpec) -> str | None:
 
 def check_reachable(job: Store) -> None:
     """The storage root can be written: a local root's nearest existing folder is writable; an
-    object store's bucket exists and answers. Nothing is created."""
+    object store's bucket exists and answers (Unreachable if it does not answer within
+    PROBE_S). Nothing is created."""
+    job.probe(PROBE_S)
     if job.is_local:
         path = Path(job.root)
         while not path.exists():
@@ -178,8 +183,8 @@ def prepare(spec_path: str, root: str | None, sets: tuple[str, ...]) -> Prepared
         raise InputError(str(err)) from None
     except StorageError as err:
         raise InputError(f"storage.root: {err}") from None
-    check_reachable(job)
     check_create_only(job, spec)
+    check_reachable(job)
     check_stored_spec(job, spec)
     preflight(spec)
     return Prepared(spec, job, workdir_for(spec))
@@ -191,6 +196,9 @@ def submit(spec_path: str, root: str | None, sets: tuple[str, ...], log=default_
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except Unreachable as err:  # a network outage is not bad input: run submit again later
+        print(f"error: storage.root: {err}; nothing was written", file=sys.stderr)
+        return EXIT_FAILED
     spec, job = prep.spec, prep.job
     results = read_json(job, RESULTS)
     state = JobState(job, spec.name, spec_hash(spec))

@@ -5,4 +5,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh test
+bash scripts/setup-tools.sh  # SkyPilot, hadolint, nbformat for tests/test_packaging.py
 exec .venv/bin/python -m pytest -q "$@"

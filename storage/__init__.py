@@ -6,8 +6,8 @@ from storage.commit import AlreadyCommitted, commit_checkpoint
 from storage.layout import job_store
 from storage.manifest import Manifest
 from storage.retry import StorageError
-from storage.store import Store, open_store
+from storage.store import Store, Unreachable, open_store
 
 __all__ = ["AlreadyCommitted", "CorruptCheckpoint", "Loaded", "Manifest", "StorageError", "Store",
-           "commit_checkpoint", "job_store", "list_checkpoints", "load", "load_newest", "open_store",
-           "verify"]
+           "Unreachable", "commit_checkpoint", "job_store", "list_checkpoints", "load", "load_newest",
+           "open_store", "verify"]

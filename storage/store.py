@@ -41,6 +41,10 @@ class Written:
     sha256: str
 
 
+class Unreachable(StorageError):
+    """The store did not answer (network, endpoint, credentials): nothing was read or written."""
+
+
 class Store:
     """A filesystem rooted at ``url``; all paths are relative ("a/b/c")."""
 
@@ -77,6 +81,31 @@ class Store:
         sub.protocols, sub.retry_s = self.protocols, self.retry_s
         sub.root = self.full(rel)
         return sub
+
+    def probe(self, within_s: float) -> None:
+        """Raise :class:`Unreachable` unless the store answers a listing of the root within
+        ``within_s`` seconds, whatever retries the filesystem library makes inside (gcsfs alone
+        retries for a minute). A missing folder or bucket is an answer (a new job has none)."""
+        answer: list = []
+
+        def ask() -> None:
+            try:
+                self.fs.ls(self.root or "/", detail=False)
+                answer.append(None)
+            except FileNotFoundError:
+                answer.append(None)
+            except BaseException as exc:  # noqa: BLE001 - judged below
+                answer.append(exc)
+
+        asker = threading.Thread(target=ask, name="storage-probe", daemon=True)
+        asker.start()
+        asker.join(within_s)
+        if not answer:
+            raise Unreachable(f"cannot reach {self.url}: no answer within {within_s:.0f} s")
+        if answer[0] is not None:
+            exc = answer[0]
+            cause = (str(exc).strip().splitlines() or [""])[0][:300]
+            raise Unreachable(f"cannot reach {self.url}: {type(exc).__name__}: {cause}")
 
     def bounded(self, retry_s: float) -> Store:
         """This store with its retries bounded by ``retry_s`` seconds in all (the lease's calls:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import yaml
@@ -163,3 +164,92 @@ def test_help_lists_every_command_whole_and_the_exit_codes():
         line = next(ln for ln in shown.splitlines() if ln.strip().startswith(name + " "))
         assert not line.rstrip().endswith("..."), line
     assert "Exit codes:" in shown and "143" in shown and max(map(len, shown.splitlines())) <= 80
+
+
+def test_a_bitsandbytes_that_cannot_run_the_quantization_here_exits_2_naming_the_field(tmp_path):
+    """bitsandbytes 0.45 installs and imports on a CPU, then cannot quantize NF4 there: the
+    pre-flight runs a small quantized layer on the job's device and says so before anything is
+    written (tests/faults makes the installed bitsandbytes behave so)."""
+    spec = quick_spec(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = run(tmp_path, "submit", str(spec), "--set", "model.quantization=nf4", timeout=120,
+                 TIMELLM_TEST_BNB_NO_CPU_NF4="1")
+    assert result.returncode == 2, result.stdout + result.stderr
+    line = next(ln for ln in result.stderr.splitlines() if "model.quantization" in ln)
+    assert line.removeprefix("error: ").startswith("model.quantization: nf4 cannot run on cpu with the installed bitsandbytes")
+    assert "NotImplementedError" in line and "model.quantization: none" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_the_installed_bitsandbytes_runs_nf4_and_int8_on_this_cpu():
+    from trainer.preflight import quantization_problem
+
+    spec = load_spec(quick_spec_path := TINY_SPEC)
+    assert quick_spec_path.exists()
+    for q in ("nf4", "int8"):
+        assert quantization_problem(spec.model_copy(update={"model": spec.model.model_copy(update={"quantization": q})}),
+                                    "cpu") is None
+
+
+def _dir_store_spec(tmp_path, **storage) -> object:
+    raw = yaml.safe_load(quick_spec(tmp_path).read_text())
+    raw["storage"].update({"root": "dir://shared", "options": {
+        "path": str(tmp_path / "store"), "target_protocol": "file", "target_options": {"auto_mkdir": True}}, **storage})
+    raw["train"]["epochs"] = 1
+    path = tmp_path / "dir.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_a_store_without_create_only_writes_is_refused_unless_unsafe_single_writer_is_set(tmp_path):
+    (tmp_path / "store" / "shared").mkdir(parents=True)
+    result = run(tmp_path, "submit", str(_dir_store_spec(tmp_path)), timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "error: storage.root: dir://shared/quick (fsspec protocol 'dir') cannot write an object only if absent" \
+        in result.stderr and "storage.unsafe_single_writer: true" in result.stderr
+    assert list((tmp_path / "store" / "shared").iterdir()) == []
+    spec = _dir_store_spec(tmp_path, unsafe_single_writer=True)
+    result = run(tmp_path, "submit", str(spec), timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "warning: UNSAFE single-writer mode" in result.stderr
+    shown = run(tmp_path, "status", str(spec))
+    assert "UNSAFE single-writer mode" in shown.stdout.replace("\n", " ") or "UNSAFE" in shown.stdout
+
+
+def _unreachable_spec(tmp_path):
+    raw = yaml.safe_load(quick_spec(tmp_path).read_text())
+    # a GCS endpoint on 127.0.0.1 where nothing listens: every call is refused, and gcsfs retries
+    # each one for about a minute on its own
+    raw["storage"].update({"root": "gs://nobucket/jobs", "options": {"token": "anon",
+                                                                     "endpoint_url": "http://127.0.0.1:9"}})
+    path = tmp_path / "unreachable.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.parametrize("command", ["status", "submit"])
+def test_an_unreachable_storage_root_fails_in_bounded_time_in_one_line(tmp_path, command):
+    spec = _unreachable_spec(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    start = time.monotonic()
+    result = run(tmp_path, command, str(spec), timeout=120, TIMELLM_JOB_PROBE_S="4",
+                 GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false")
+    took = time.monotonic() - start
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: storage.root: cannot reach gs://nobucket/jobs/quick"), lines
+    assert "Traceback" not in result.stderr and took < 4 + 15  # the probe's bound, plus start-up
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_an_unexpected_error_is_one_line_and_its_traceback_comes_with_debug(tmp_path):
+    spec = quick_spec(tmp_path)
+    job = tmp_path / "root" / "quick"
+    job.mkdir(parents=True)
+    (job / "state.json").write_text("{not json")
+    plain = run(tmp_path, "status", str(spec), timeout=120)
+    assert plain.returncode == 1 and "Traceback" not in plain.stderr
+    assert plain.stderr.strip().splitlines() == [plain.stderr.strip()] and "not valid JSON" in plain.stderr
+    assert "--debug" in plain.stderr
+    debug = run(tmp_path, "--debug", "status", str(spec), timeout=120)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr

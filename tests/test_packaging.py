@@ -4,10 +4,13 @@ image's entry point is the CLI, and every timellm-job command they run is a real
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
+import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 from click.testing import CliRunner
 
@@ -15,6 +18,24 @@ from orchestrator.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 COMMANDS = set(main.commands)
+TOOLS = REPO / ".venv-tools" / "bin"  # scripts/setup-tools.sh: SkyPilot, hadolint, nbformat
+
+
+def tool(name: str) -> Path:
+    """A packaging checker from .venv-tools; CI installs them (scripts/test.sh), so there a
+    missing one fails; elsewhere the test is skipped with how to install it."""
+    path = TOOLS / name
+    if not path.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{path} is missing: scripts/setup-tools.sh installs it")
+        pytest.skip(f"{path} is missing: run scripts/setup-tools.sh")
+    return path
+
+
+def tools_python(code: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(tool("python")), "-c", code, *args], capture_output=True, text=True, timeout=300,
+                          cwd=REPO, env={**os.environ, "SKYPILOT_DISABLE_USAGE_COLLECTION": "1",
+                                         "HOME": os.environ.get("HOME", "/tmp")})
 
 
 def used_commands(text: str) -> list[str]:
@@ -57,7 +78,7 @@ def test_colab_notebook_parses_and_its_job_is_a_valid_spec(tmp_path):
         ("auto", "auto", "auto")
     for s in sources:
         for line in s.splitlines():
-            if line.startswith("!timellm-job"):
+            if line.startswith("!timellm-job") and not line.startswith("!timellm-job --"):
                 args = shlex.split(line[1:])
                 assert args[1] in COMMANDS
                 # each command line parses (arguments and options exist), without running it
@@ -65,3 +86,70 @@ def test_colab_notebook_parses_and_its_job_is_a_valid_spec(tmp_path):
                 assert result.exit_code == 0
                 for opt in [a for a in args[2:] if a.startswith("--")]:
                     assert opt in result.output, (line, opt)
+
+
+def test_dockerfile_passes_hadolint():
+    result = subprocess.run([str(tool("hadolint")), "--no-color", "docker/Dockerfile"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_skypilot_loads_the_task_with_its_cloud_and_the_hf_token_secret():
+    code = """
+import json, sys, sky
+task = sky.Task.from_yaml(sys.argv[1])
+(res,) = task.resources
+given = sky.Task.from_yaml_config(__import__("yaml").safe_load(open(sys.argv[1])),
+                                  secrets_overrides=[("HF_TOKEN", "hf_example")])
+print(json.dumps({"cloud": str(res.cloud), "accelerators": res.accelerators, "spot": res.use_spot,
+                  "required": [r.name for r in task.managed_secret_refs],
+                  "given": given.secrets["HF_TOKEN"].get_secret_value(), "envs": task.envs}))
+"""
+    result = tools_python(code, str(REPO / "docker" / "skypilot-task.yaml"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    task = json.loads(result.stdout.strip().splitlines()[-1])
+    assert task["cloud"] == "GCP" and task["accelerators"] == {"T4": 1} and task["spot"] is True
+    assert task["required"] == ["HF_TOKEN"] and task["given"] == "hf_example"
+    assert "HF_TOKEN" not in task["envs"]  # a secret, never a plain env var
+
+
+def test_the_notebook_passes_nbformats_strict_validation_and_runs_as_written():
+    # the raw document against the 4.5 schema, no extra properties, nothing repaired (nbformat.read
+    # would add missing cell ids and hide the errors a strict reader reports)
+    code = """
+import json, sys, warnings
+import nbformat
+from nbformat.validator import get_validator
+warnings.simplefilter("error")  # nbformat only warns of a missing cell id: a strict reader refuses it
+with open(sys.argv[1]) as f:
+    nb = json.load(f)
+errors = [e.message for e in get_validator(version=4, version_minor=5).iter_errors(nb)]
+assert not errors, errors
+nbformat.validate(nb, relax_add_props=False)
+print(len(nb["cells"]))
+"""
+    result = tools_python(code, str(REPO / "examples" / "colab.ipynb"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    nb = json.loads((REPO / "examples" / "colab.ipynb").read_text())
+    assert all(c.get("id") for c in nb["cells"]) and len({c["id"] for c in nb["cells"]}) == len(nb["cells"])
+    code = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
+    text = "\n".join(code)
+    assert "YOUR-ORG" not in text
+    # the install source: one variable, at the top of the first code cell, used by the install
+    assert code[0].lstrip().splitlines()[0].startswith("#")
+    assignments = re.findall(r"^TIMELLM_JOB_SOURCE = ", text, re.MULTILINE)
+    assert len(assignments) == 1 and "TIMELLM_JOB_SOURCE = " in code[0]
+    assert any('pip install -q "{TIMELLM_JOB_SOURCE}"' in c for c in code)
+    # every folder the notebook writes into is created before it is written
+    written = next(i for i, c in enumerate(code) if c.startswith("%%writefile"))
+    target = Path(code[written].splitlines()[0].split()[1]).parent
+    assert any(f"'{target}'" in c and "os.makedirs(" in c for c in code[:written])
+
+
+def test_gce_startup_passes_the_hf_token_through_the_environment_only():
+    text = (REPO / "docker" / "gce-startup.sh").read_text()
+    assert "gcloud secrets versions access latest" in text and "$META/hf-token" in text
+    run_line = text[text.index("exec docker run"):]
+    assert "-e HF_TOKEN " in run_line and "HF_TOKEN=" not in run_line  # no value on the command line
+    result = subprocess.run(["bash", "-n", str(REPO / "docker" / "gce-startup.sh")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -139,3 +139,33 @@ def test_safetensors_views_read_what_the_zero_copy_writer_wrote_and_refuse_bad_o
         safetensors_parts.tensors(bad)
     with pytest.raises(ValueError):
         safetensors_parts.tensors(bytearray(b"\x01\x00"))
+
+
+def test_a_preemption_at_a_step_just_saved_writes_no_second_checkpoint_of_it(tmp_path):
+    """Issue 15: the step being preempted is committed (or in flight) already: finish that write,
+    commit nothing more, exit 143; a preemption one step later does write a preempt checkpoint."""
+    from jobs import load_spec
+    from trainer.data import train_batches
+    from trainer.loop import Trainer
+
+    t = Trainer(load_spec(quick_spec(tmp_path)), background_saves=True)
+    t.build()
+    t.resume()
+    t.plan_memory()
+    batches = train_batches(t.splits.train, t.spec.train.batch_size, 0, 0)
+    for _ in range(2):
+        _, (x, y, _) = next(batches)
+        t.optimizer_step(x, y)
+        t.progress.global_step += 1
+        t.progress.batch += 1
+    t.save("step")  # in flight on the saver's thread
+    assert t._preempted(signal.SIGTERM) == 143
+    kinds = [(m.step, m.kind) for m in list_checkpoints(t.job).committed]
+    assert kinds == [(2, "step")]
+    _, (x, y, _) = next(batches)
+    t.optimizer_step(x, y)
+    t.progress.global_step += 1
+    t.progress.batch += 1
+    assert t._preempted(signal.SIGTERM) == 143
+    kinds = [(m.step, m.kind) for m in list_checkpoints(t.job).committed]
+    assert kinds == [(3, "preempt"), (2, "step")]

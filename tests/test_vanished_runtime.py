@@ -5,6 +5,7 @@ dead runtime left open as ``lost``. The restart budget is per submit."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import time
@@ -46,6 +47,16 @@ def test_a_vanished_runtime_reads_interrupted_and_its_attempt_is_closed_as_lost(
     assert f"at step {lost['end_step']}" in lost["reason"] and lost["end_step"] >= 5
     assert doc["restarts"] == 0  # a lost runtime is not a restart
     assert doc["phase"] == "completed" and final_state(job) == reference
+    shown = json.loads(run(tmp_path, "status", str(spec), "--json").stdout)  # goodput: where the time went
+    good, attempts = shown["goodput"], shown["attempts"]
+    assert math.isclose(sum(good["parts"].values()), good["wall_s"], rel_tol=0.02)
+    assert good["wall_s"] >= attempts[-1]["ended_at"] - attempts[0]["started_at"] - 0.01
+    assert min(good["parts"][k] for k in ("startup_s", "training_s", "eval_s")) > 0 and 0 < good["share"] < 1
+    for a in attempts:
+        assert math.isclose(sum(a["goodput"]["parts"].values()), a["goodput"]["wall_s"], rel_tol=0.02)
+    again = lost["end_step"] - attempts[1]["start_step"]  # steps of the lost runtime trained again
+    assert (attempts[1]["goodput"]["parts"]["retrained_s"] > 0) == (again > 0)
+    assert "goodput" in run(tmp_path, "status", str(spec)).stdout
 
 
 def test_a_second_ctrl_c_stops_at_once_and_says_no_checkpoint_was_written(tmp_path):

@@ -30,6 +30,7 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -180,6 +181,7 @@ class Trainer:
         self.metrics = MetricsLog(self.job, attempt, enabled=main)
         self.background_saves = background_saves
         self.startup = {"imported": time.time()}  # start-up marks, to the heartbeat
+        self.spent = {"training_s": 0.0, "eval_s": 0.0}  # where this attempt's time went (goodput), to the heartbeat
 
     # ------------------------------------------------------------------ setup
     def build(self) -> None:
@@ -342,6 +344,7 @@ class Trainer:
 
     def train_epoch(self, progress_line: ProgressLine) -> None:
         spec, p, world = self.spec, self.progress, self.world
+        mark = time.time()
         for b, (x, y, _) in train_batches(self.splits.train, spec.train.batch_size, spec.train.seed, p.epoch, p.batch,
                                           world.rank, world.size):
             loss, skipped = self.optimizer_step(x, y)
@@ -356,8 +359,11 @@ class Trainer:
             self.metrics.add(step=p.global_step, epoch=p.epoch, loss=loss_v, lr=lr,
                              **({"skipped": True} if skipped else {}))
             progress_line.update(p.global_step, p.epoch, loss_v, lr)
+            now = time.time()
+            self.spent["training_s"] += now - mark
+            mark = now
             self.heartbeat.beat(step=p.global_step, epoch=p.epoch, loss=loss_v, lr=lr,
-                                steps_per_s=round(progress_line.rate, 4),
+                                steps_per_s=round(progress_line.rate, 4), training_s=round(self.spent["training_s"], 3),
                                 **({"peak_bytes": memory.peak_bytes(self.device)} if self.card.gpu else {}),
                                 **({"skipped_steps": p.skipped_steps} if skipped else {}))
             if "first_step" not in self.startup:
@@ -370,8 +376,9 @@ class Trainer:
     def validate_epoch(self) -> None:
         spec, p = self.spec, self.progress
         self.heartbeat.beat(force=True, phase="validating", step=p.global_step, epoch=p.epoch)
-        ev = evaluate(self.model, self.splits.val, spec.train.eval_batch_size, self.device,
-                      spec.data.features, self.stop, on_batch=self._eval_beat)
+        with self._evaluating():
+            ev = evaluate(self.model, self.splits.val, spec.train.eval_batch_size, self.device,
+                          spec.data.features, self.stop, on_batch=self._eval_beat)
         improved = p.best_val is None or ev.mse < p.best_val
         if improved:
             p.best_val, p.best_step, p.bad_epochs = ev.mse, p.global_step, 0
@@ -388,8 +395,20 @@ class Trainer:
         if improved:
             self.save("best")
 
+    @contextlib.contextmanager
+    def _evaluating(self):
+        """Time spent validating or testing, added to ``spent["eval_s"]`` (and the heartbeat)."""
+        self._eval_since = time.time()
+        try:
+            yield
+        finally:
+            self.spent["eval_s"] += time.time() - self._eval_since
+            self._eval_since = None
+            self.heartbeat.beat(force=True, eval_s=round(self.spent["eval_s"], 3))
+
     def _eval_beat(self, batch: int, batches: int) -> None:
-        self.heartbeat.beat(eval_batch=batch, eval_batches=batches)
+        running = time.time() - self._eval_since if getattr(self, "_eval_since", None) else 0.0
+        self.heartbeat.beat(eval_batch=batch, eval_batches=batches, eval_s=round(self.spent["eval_s"] + running, 3))
 
     def finish(self) -> dict:
         """Final checkpoint, the best model reloaded (verified) and tested; results written."""
@@ -403,8 +422,9 @@ class Trainer:
             raise CorruptCheckpoint("best", ["no best checkpoint was committed"])
         files = load(self.job, best[0], [ckpt_state.MODEL_FILE])
         ckpt_state.load_trainable(self.model, ckpt_state.tensors_from(files[ckpt_state.MODEL_FILE]))
-        test = evaluate(self.model, self.splits.test, self.spec.train.eval_batch_size, self.device,
-                        self.spec.data.features, self.stop, splits=self.splits, on_batch=self._eval_beat)
+        with self._evaluating():
+            test = evaluate(self.model, self.splits.test, self.spec.train.eval_batch_size, self.device,
+                            self.spec.data.features, self.stop, splits=self.splits, on_batch=self._eval_beat)
         results = {"spec_hash": self.hash, "best_checkpoint": best[0].id, "scaling": self.scaling, "best_step": best[0].step,
                    "val_loss": p.best_val, "epochs_trained": p.epoch, "global_step": p.global_step,
                    "stopped_early": p.stopped_early, "test": {
@@ -481,10 +501,20 @@ class Trainer:
     def _preempted(self, signum: int) -> int:
         p = getattr(self, "progress", None)
         if p is not None and hasattr(self, "saver"):
-            self.save("preempt", wait=True)
-            if self.world.main:
-                print(f"preempted by signal {signum}: committed a preempt checkpoint at step {p.global_step}",
-                      file=sys.stderr, flush=True)
+            covered = self.saver is not None and self.saver.covers(p.order())  # rank 0's saver decides
+            covered = distributed.broadcast(self.world, covered)
+            if covered:  # this very step is committed or being committed: finish it, write nothing new
+                if self.saver is not None:
+                    self.saver.wait()
+                distributed.barrier(self.world)
+                if self.world.main:
+                    print(f"preempted by signal {signum}: step {p.global_step} is committed already "
+                          f"(no second checkpoint of it)", file=sys.stderr, flush=True)
+            else:
+                self.save("preempt", wait=True)
+                if self.world.main:
+                    print(f"preempted by signal {signum}: committed a preempt checkpoint at step {p.global_step}",
+                          file=sys.stderr, flush=True)
         self.metrics.flush()
         self.heartbeat.beat(force=True, phase="preempted")
         return EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM

