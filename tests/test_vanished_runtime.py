@@ -57,6 +57,24 @@ def test_a_vanished_runtime_reads_interrupted_and_its_attempt_is_closed_as_lost(
     again = lost["end_step"] - attempts[1]["start_step"]  # steps of the lost runtime trained again
     assert (attempts[1]["goodput"]["parts"]["retrained_s"] > 0) == (again > 0)
     assert "goodput" in run(tmp_path, "status", str(spec)).stdout
+    # TensorBoard (the tensorboard extra): the job's event files, read by TensorBoard itself
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from storage import job_store
+    from storage.metrics_log import read_metrics
+
+    records = read_metrics(job_store(str(tmp_path / "root"), "quick"))
+    board = EventAccumulator(str(job / "tb"))
+    board.Reload()
+    losses = {e.step: e.value for e in board.Scalars("train/loss")}  # a restart's steps replace the lost ones
+    logged = {r["step"]: r["loss"] for r in records if "loss" in r}  # the newest of each step
+    assert sorted(losses) == list(range(1, doc["global_step"] + 1))
+    assert all(math.isclose(losses[s], logged[s], rel_tol=1e-6) for s in losses)
+    assert {e.step for e in board.Scalars("val/mse")} == {r["step"] for r in records if "val_loss" in r}
+    assert math.isclose(board.Scalars("test/mse")[-1].value, json.loads((job / "results.json").read_text())["test"]["mse"],
+                        rel_tol=1e-6)
+    started = [t.tensor_proto.string_val[0].decode() for t in board.Tensors("attempts")]
+    assert len(started) == 2 and started[1].startswith("attempt 2 started at step") and "resumed from" in started[1]
 
 
 def test_a_second_ctrl_c_stops_at_once_and_says_no_checkpoint_was_written(tmp_path):

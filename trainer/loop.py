@@ -65,6 +65,7 @@ from trainer.grad_checkpointing import set_gradient_checkpointing
 from trainer.model import TimeLLM
 from trainer.reporting import Heartbeat, MetricsLog, ProgressLine
 from trainer.saver import CheckpointSaver
+from trainer.tensorboard import TensorBoardLog
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_FENCED, EXIT_OUT_OF_MEMORY, EXIT_SIGTERM, EXIT_SIGINT = 0, 2, 3, 4, 143, 130
 DOWNLOAD_LIMIT_S = 4 * 3600  # downloading 16 GB on a slow link; after it, silence reads as a hang
@@ -179,6 +180,7 @@ class Trainer:
         main = self.world.main  # the other ranks write nothing
         self.heartbeat = Heartbeat(os.environ.get("TIMELLM_JOB_HEARTBEAT") if main else None)
         self.metrics = MetricsLog(self.job, attempt, enabled=main)
+        self.tb = TensorBoardLog(self.job, attempt, enabled=main)  # with the tensorboard extra
         self.background_saves = background_saves
         self.startup = {"imported": time.time()}  # start-up marks, to the heartbeat
         self.spent = {"training_s": 0.0, "eval_s": 0.0}  # where this attempt's time went (goodput), to the heartbeat
@@ -234,6 +236,16 @@ class Trainer:
                                      background=self.background_saves, fence=self.fence) if world.main else None
         self.startup["built"] = time.time()
 
+    def _report(self, **record) -> None:
+        """A metrics record: to the metrics log and, with the extra, to TensorBoard."""
+        record.setdefault("time", time.time())
+        self.metrics.add(**record)
+        self.tb.add(record)
+
+    def _flush_reports(self) -> None:
+        self.metrics.flush()
+        self.tb.flush()
+
     def resume(self) -> None:
         """Continue from the newest checkpoint that verifies, reporting the ones skipped."""
         skipped: list[str] = []
@@ -257,6 +269,9 @@ class Trainer:
                 print(f"resumed from checkpoint {loaded.manifest.id} (step {loaded.manifest.step}, "
                       f"epoch {self.progress.epoch}, batch {self.progress.batch})", file=sys.stderr, flush=True)
         p = self.progress
+        self.tb.text("attempts", f"attempt {self.attempt} started at step {p.global_step}"
+                     + (f", resumed from checkpoint {resumed['id']}" if resumed else ", from the start")
+                     + (f" (skipped {len(skipped)} that did not verify)" if skipped else ""), p.global_step)
         self.startup["resumed"] = time.time()
         self.heartbeat.beat(force=True, phase="training", resumed_from=resumed, skipped=skipped, step=p.global_step,
                             start_step=p.global_step, epoch=p.epoch, total_steps=self.total_steps)
@@ -315,7 +330,7 @@ class Trainer:
                 if kind == "best":
                     meta["val_loss"] = p.best_val
                 self.saver.submit(snap, p.global_step, kind, p.order(), meta, wait=wait)
-                self.metrics.flush()
+                self._flush_reports()
         if wait:
             distributed.barrier(self.world)
 
@@ -356,7 +371,7 @@ class Trainer:
             loss_v = distributed.mean(world, float(loss), self.device)  # the global batch's loss
             if not math.isfinite(loss_v):
                 raise FloatingPointError(f"loss became {loss_v} at step {p.global_step}")
-            self.metrics.add(step=p.global_step, epoch=p.epoch, loss=loss_v, lr=lr,
+            self._report(step=p.global_step, epoch=p.epoch, loss=loss_v, lr=lr,
                              **({"skipped": True} if skipped else {}))
             progress_line.update(p.global_step, p.epoch, loss_v, lr)
             now = time.time()
@@ -385,7 +400,7 @@ class Trainer:
         else:
             p.bad_epochs += 1
         p.history.append({"epoch": p.epoch, "step": p.global_step, "val_mse": ev.mse, "val_mae": ev.mae})
-        self.metrics.add(step=p.global_step, epoch=p.epoch, val_loss=ev.mse, val_mae=ev.mae)
+        self._report(step=p.global_step, epoch=p.epoch, val_loss=ev.mse, val_mae=ev.mae)
         if self.world.main:
             print(f"epoch {p.epoch} validation mse {ev.mse:.6f} mae {ev.mae:.6f}"
                   f"{' (best)' if improved else f' (no improvement for {p.bad_epochs})'}", file=sys.stderr, flush=True)
@@ -430,8 +445,8 @@ class Trainer:
                    "stopped_early": p.stopped_early, "test": {
                        "mse": test.mse, "mae": test.mae, "mse_data_units": test.mse_raw,
                        "mae_data_units": test.mae_raw, "samples": test.samples}}
-        self.metrics.add(step=p.global_step, test_mse=test.mse, test_mae=test.mae)
-        self.metrics.flush()
+        self._report(step=p.global_step, test_mse=test.mse, test_mae=test.mae)
+        self._flush_reports()
         if not self.world.main:
             return results
         if self.fence is not None:
@@ -515,6 +530,6 @@ class Trainer:
                 if self.world.main:
                     print(f"preempted by signal {signum}: committed a preempt checkpoint at step {p.global_step}",
                           file=sys.stderr, flush=True)
-        self.metrics.flush()
+        self._flush_reports()
         self.heartbeat.beat(force=True, phase="preempted")
         return EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM
