@@ -24,6 +24,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(FAULTS), os.environ.g
 
 # Never reach a cloud metadata server or a real endpoint from tests.
 os.environ.setdefault("NO_GCE_CHECK", "true")
+os.environ.setdefault("HF_ENDPOINT", "http://127.0.0.1:9")  # no test reaches huggingface.co; hub tests serve their own
 os.environ.update(servers.s3_env())
 
 

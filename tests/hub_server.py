@@ -28,6 +28,7 @@ class HubServer:
     def __init__(self, repos: dict[str, Path]):
         self.repos = {repo: Path(folder) for repo, folder in repos.items()}
         self.requests: list[str] = []
+        self.failing = 0  # the next this-many requests are answered 503 (an outage that passes)
         self.bytes_sent = 0
         self._etags: dict[Path, str] = {}
         self._lock = threading.Lock()
@@ -109,6 +110,10 @@ class HubServer:
                 path = unquote(urlparse(self.path).path).lstrip("/")
                 with hub._lock:
                     hub.requests.append(f"{self.command} /{path}")
+                    failing = hub.failing > 0
+                    hub.failing -= failing
+                if failing:
+                    return self._send(503, b"outage", {"Content-Type": "text/plain"}, head)
                 api = path.startswith("api/models/")
                 found = hub._split(path[len("api/models/"):] if api else path)
                 if found is None:

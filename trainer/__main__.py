@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     except SpecError as err:
         print(err, file=sys.stderr)
         return 2
-    from trainer.backbone import BackboneError
+    from trainer.backbone import BackboneError, HubUnreachable
     from trainer.data import DataError
 
     if a.command == "check":  # before every start: it imports no more than it needs
@@ -88,6 +88,9 @@ def main(argv=None) -> int:
     except (DataError, BackboneError) as err:
         print(f"bad input: {err}", file=sys.stderr, flush=True)
         return 2
+    except HubUnreachable as err:  # transient: a crash the supervisor may retry, never bad input
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 1
 
 
 if __name__ == "__main__":

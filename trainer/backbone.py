@@ -11,6 +11,10 @@ Invariants:
   trainer.memory: by default bf16 on a GPU with native bf16, fp16 on older GPUs, fp32 on CPU.
 - Every backbone parameter is frozen (requires_grad False) and the module is in eval mode.
 - The global RNG is left untouched (random weights come from a forked RNG).
+- A hub that does not answer (refused or dropped connections, timeouts, 429/5xx) is transient:
+  every hub call is retried with backoff for ``TIMELLM_JOB_HUB_RETRY_S`` (600 s) and then raises
+  :class:`HubUnreachable`, never BackboneError: an outage is not bad input. A repo, revision or
+  file that does not exist, or a gated repo without a token, is BackboneError at once.
 """
 
 from __future__ import annotations
@@ -25,6 +29,51 @@ from torch import nn
 
 class BackboneError(ValueError):
     """A backbone that cannot be built as specified; the message names the field."""
+
+
+class HubUnreachable(RuntimeError):
+    """The model hub did not answer for HUB_RETRY_S: transient (run again later), not bad input."""
+
+
+HUB_RETRY_S = float(os.environ.get("TIMELLM_JOB_HUB_RETRY_S", "600"))
+_PERMANENT = {"RepositoryNotFoundError", "GatedRepoError", "RevisionNotFoundError", "EntryNotFoundError",
+              "RemoteEntryNotFoundError"}
+_TRANSIENT = {"LocalEntryNotFoundError", "ConnectError", "ConnectTimeout", "ReadTimeout", "ReadError",
+              "RemoteProtocolError", "PoolTimeout", "WriteError"}
+
+
+def hub_transient(exc: BaseException) -> bool:
+    """Whether a hub error is worth retrying: the hub (or the network) did not answer."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        name = type(exc).__name__
+        if name in _PERMANENT:
+            return False
+        if name in _TRANSIENT or isinstance(exc, (ConnectionError, TimeoutError)):
+            return True
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        if status in (408, 429, 500, 502, 503, 504):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def from_hub(call, name: str, within_s: float | None = None):
+    """``call()`` (a hub download), retried with backoff while the hub does not answer."""
+    from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_random_exponential
+
+    limit = HUB_RETRY_S if within_s is None else within_s
+    try:
+        return Retrying(retry=retry_if_exception(hub_transient), wait=wait_random_exponential(multiplier=1, max=30),
+                        stop=stop_after_delay(limit), reraise=True)(call)
+    except Exception as exc:
+        if not hub_transient(exc):
+            raise
+        cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise HubUnreachable(f"model.backbone.pretrained: the hub did not answer for {name!r} within {limit:.0f} s "
+                             f"({cause}); an outage is not bad input: nothing is wrong with the job, run it again "
+                             f"when the hub answers") from None
 
 
 @dataclass
@@ -160,9 +209,10 @@ def load_backbone(model_spec, device: str) -> Backbone:
     else:
         name = spec.pretrained
         try:
-            config = AutoConfig.from_pretrained(name, revision=spec.revision)
+            config = from_hub(lambda: AutoConfig.from_pretrained(name, revision=spec.revision), name)
         except (OSError, ValueError) as exc:
-            raise BackboneError(f"model.backbone.pretrained: cannot load {name!r}: {exc}") from None
+            cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise BackboneError(f"model.backbone.pretrained: cannot load {name!r}: {cause}") from None
         depth = _depth(config)
         layers = model_spec.llm_layers or depth
         if layers > depth:
@@ -171,10 +221,11 @@ def load_backbone(model_spec, device: str) -> Backbone:
             if hasattr(config, key):
                 setattr(config, key, layers)
         kwargs = {"quantization_config": quant, "device_map": device} if quant else {}
-        model = AutoModel.from_pretrained(name, revision=spec.revision, config=config, dtype=dtype, **kwargs)
+        model = from_hub(lambda: AutoModel.from_pretrained(name, revision=spec.revision, config=config, dtype=dtype,
+                                                           **kwargs), name)
         if quant is None:
             model = model.to(device)
-        tokenizer = AutoTokenizer.from_pretrained(name, revision=spec.revision)
+        tokenizer = from_hub(lambda: AutoTokenizer.from_pretrained(name, revision=spec.revision), name)
         source = f"pretrained:{name}"
     return finish(model, tokenizer, model_spec, layers, source)
 

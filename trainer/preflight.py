@@ -1,7 +1,9 @@
 """Checks that need the data or torch, run before a job writes anything.
 
-Each problem is one line naming the spec field. Nothing is written; a hub backbone that is not
-on this machine is left to the run (checking it would mean downloading it).
+Each problem is one line naming the spec field. Nothing is written. A hub backbone's config (one
+small file) is fetched once: a repo or revision that does not exist, or a gated one without a
+token, is a problem; a hub that does not answer is only a warning (the run retries it, and a job
+whose quantized backbone is cached beside it needs no hub at all).
 
 It runs before every start of a job (the orchestrator waits on it), so it stays cheap: the one
 costly check is the quantization's, a 16x16 layer quantized and run on the job's device by the
@@ -12,12 +14,14 @@ releases install fine and then cannot run a quantization on a device (0.45 and N
 from __future__ import annotations
 
 import importlib.util
+import os
+import sys
 
 import torch
 
 from jobs import JobSpec
 from trainer import memory
-from trainer.backbone import BackboneError, default_device
+from trainer.backbone import BackboneError, HubUnreachable, default_device, from_hub
 from trainer.data import DataError, data_options, load_splits
 
 
@@ -38,6 +42,9 @@ def preflight(spec: JobSpec) -> list[str]:
                             f"training samples")
     except DataError as err:
         problems.append(str(err))
+    pretrained = spec.model.backbone.pretrained
+    if pretrained and not os.path.isdir(pretrained):
+        problems += hub_problems(pretrained, spec.model.backbone.revision)
     if spec.model.quantization != "none":
         if importlib.util.find_spec("bitsandbytes") is None:
             problems.append(f"model.quantization: {spec.model.quantization} needs bitsandbytes, "
@@ -47,6 +54,19 @@ def preflight(spec: JobSpec) -> list[str]:
             if problem:
                 problems.append(problem)
     return problems
+
+
+def hub_problems(name: str, revision: str | None) -> list[str]:
+    from transformers import AutoConfig
+
+    try:
+        from_hub(lambda: AutoConfig.from_pretrained(name, revision=revision), name, within_s=0)
+    except HubUnreachable as err:
+        print(f"warning: {err}", file=sys.stderr)  # not a problem: the run retries
+    except (OSError, ValueError) as exc:
+        cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        return [f"model.backbone.pretrained: cannot load {name!r}: {cause}"]
+    return []
 
 
 def quantization_problem(spec: JobSpec, device: str) -> str | None:
