@@ -36,7 +36,8 @@ def describe(beat: dict[str, Any]) -> tuple[str, int | None, int | None, str]:
     if phase in ("validating", "testing"):
         return phase, beat.get("eval_batch"), beat.get("eval_batches"), f"epoch {beat.get('epoch', 0)}"
     if phase != "training":
-        return phase, None, None, ""
+        got = beat.get("download_bytes")
+        return phase, None, None, (f"{got / 1e9:.2f} GB downloaded" if got else "")
     step, total, rate = beat.get("step"), beat.get("total_steps"), beat.get("steps_per_s")
     parts = [f"epoch {beat.get('epoch', 0)}"]
     if beat.get("loss") is not None:

@@ -59,6 +59,21 @@ def hub_transient(exc: BaseException) -> bool:
     return False
 
 
+def hub_cache_bytes(name: str) -> int:
+    """Bytes of the hub repo ``name`` in the local Hugging Face cache, partial downloads included
+    (what a download has reached so far)."""
+    from huggingface_hub import constants
+
+    folder = os.path.join(constants.HF_HUB_CACHE, "models--" + name.replace("/", "--"), "blobs")
+    total = 0
+    for entry in os.scandir(folder) if os.path.isdir(folder) else ():
+        try:
+            total += entry.stat(follow_symlinks=False).st_size
+        except OSError:
+            pass
+    return total
+
+
 def from_hub(call, name: str, within_s: float | None = None):
     """``call()`` (a hub download), retried with backoff while the hub does not answer."""
     from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_random_exponential

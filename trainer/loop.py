@@ -31,6 +31,7 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import signal
@@ -50,7 +51,7 @@ from storage.layout import RESULTS
 from storage.lease import Fence, LeaseLost
 from trainer import distributed, memory
 from trainer import state as ckpt_state
-from trainer.backbone import BackboneError, default_device, load_backbone
+from trainer.backbone import BackboneError, default_device, hub_cache_bytes, load_backbone
 from trainer.backbone_cache import load_cached, prefetch
 from trainer.data import (
     DataError,
@@ -165,6 +166,10 @@ def evaluate(model, windows, batch_size: int, device: str, features: str, stop: 
     return Evaluation(se / count, ae / count, se_raw / count, ae_raw / count, n)
 
 
+def _download_bytes(repo: str) -> dict:
+    return {"download_bytes": hub_cache_bytes(repo)}
+
+
 class Trainer:
     def __init__(self, spec: JobSpec, attempt: int = 1, background_saves: bool = True,
                  previous_plan: dict | None = None, lease: tuple[int, str] | None = None):
@@ -209,7 +214,10 @@ class Trainer:
                         "target": spec.data.target, "features": spec.data.features}
         for turn in ([0, 1] if world.distributed else [0]):  # rank 0 first: it alone writes the cache
             if (turn == 0) == world.main:
-                with self.heartbeat.keepalive(DOWNLOAD_LIMIT_S, "loading the backbone"):  # a download
+                pretrained = spec.model.backbone.pretrained
+                measure = functools.partial(_download_bytes, pretrained) \
+                    if pretrained and not os.path.isdir(pretrained) else None
+                with self.heartbeat.keepalive(DOWNLOAD_LIMIT_S, "loading the backbone", measure):  # a download
                     if spec.run.backbone_cache:
                         self.backbone = load_cached(spec.model, self.device, self.job, fetching)
                     else:

@@ -45,8 +45,9 @@ class Heartbeat:
             write_json(self.store, self.name, self.doc, durable=False)  # atomic; no fsync on the hot path
 
     @contextlib.contextmanager
-    def keepalive(self, limit_s: float, what: str):
-        """Beat every second while the block runs, for at most ``limit_s`` seconds."""
+    def keepalive(self, limit_s: float, what: str, measure=None):
+        """Beat every second while the block runs, for at most ``limit_s`` seconds; ``measure``:
+        a callable whose fields go into each beat (the bytes a download has reached, say)."""
         if self.store is None:
             yield
             return
@@ -55,7 +56,11 @@ class Heartbeat:
 
         def run():
             while not done.wait(1.0) and time.time() - start < limit_s:
-                self.beat(force=True, busy=what)
+                try:
+                    extra = measure() if measure else {}
+                except OSError:
+                    extra = {}
+                self.beat(force=True, busy=what, **extra)
 
         helper = threading.Thread(target=run, name="heartbeat-keepalive", daemon=True)
         helper.start()
@@ -64,7 +69,7 @@ class Heartbeat:
         finally:
             done.set()
             helper.join()
-            self.beat(force=True, busy=None)
+            self.beat(force=True, busy=None, **({"download_bytes": None} if measure else {}))
 
 
 class ProgressLine:

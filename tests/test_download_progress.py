@@ -1,0 +1,41 @@
+"""Bytes during a backbone download: the trainer's keep-alive beats carry how far the hub
+download has come (its blobs in the Hugging Face cache, partial files included), and the
+terminal shows it beside the phase."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from orchestrator.progress_view import describe
+from trainer.backbone import hub_cache_bytes
+from trainer.reporting import Heartbeat
+
+
+def test_the_download_reaches_the_heartbeat_and_the_terminal(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    blobs = tmp_path / "hub" / "models--meta-llama--Meta-Llama-3-8B" / "blobs"
+    blobs.mkdir(parents=True)
+    (blobs / "aaa").write_bytes(b"x" * 1000)
+    (blobs / "bbb.incomplete").write_bytes(b"y" * 500)  # a shard still arriving
+    assert hub_cache_bytes("meta-llama/Meta-Llama-3-8B") == 1500
+    assert hub_cache_bytes("nobody/nothing") == 0
+    beat_file = tmp_path / "beat.json"
+    heartbeat = Heartbeat(str(beat_file), interval=0)
+    with heartbeat.keepalive(60, "loading the backbone",
+                             lambda: {"download_bytes": hub_cache_bytes("meta-llama/Meta-Llama-3-8B")}):
+        deadline = time.time() + 30
+        while json.loads(beat_file.read_text() if beat_file.exists() else "{}").get("download_bytes") != 1500:
+            assert time.time() < deadline
+            time.sleep(0.1)
+        (blobs / "bbb.incomplete").write_bytes(b"y" * 5000)
+        while json.loads(beat_file.read_text()).get("download_bytes") != 6000:
+            assert time.time() < deadline
+            time.sleep(0.1)
+        doc = json.loads(beat_file.read_text())
+    assert doc["busy"] == "loading the backbone"
+    phase, done, total, details = describe({**doc, "download_bytes": 1_530_000_000})
+    assert (phase, details) == ("loading the backbone", "1.53 GB downloaded")
+    assert json.loads(beat_file.read_text()).get("download_bytes") is None  # the download is over
