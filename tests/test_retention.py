@@ -75,3 +75,22 @@ def test_another_specs_checkpoint_and_a_copied_folder_are_set_apart_everywhere(b
     clean_up(job, save_total_limit=1, spec_hash="mine")
     assert [m.id for m in list_checkpoints(job, spec_hash="mine").committed] == ["000000030-step", "000000010-best"]
     assert set(list_checkpoints(job, spec_hash="mine").set_apart) == {"000000900-step", "000000950-step"}
+
+
+def test_right_sized_but_wrong_bytes_never_cost_the_last_checkpoint_known_whole(backend):
+    """Issue 15: retention judged wholeness by sizes. Two newer step checkpoints whose files have
+    the right length but not the right bytes (a zero-filled write after a crash) passed that check,
+    and the only whole one was deleted: nothing was left to resume from. Checkpoints known whole
+    by hash (committed by this process, or read back and verified) are kept whatever sizes say."""
+    from storage import load_newest
+
+    job = job_store(backend[0], "job", backend[1])
+    good = commit_checkpoint(job, 20, "step", FILES, "x")
+    for step in (40, 60):
+        commit_checkpoint(job, step, "step", FILES, "x")
+        job.replace(f"{CHECKPOINTS}/{step:09d}-step/model.safetensors", b"\0" * 100)  # right size, wrong bytes
+    clean_up(job, save_total_limit=2, spec_hash="x", verified={good.id})
+    assert good.id in _ids(job)
+    assert load_newest(job, spec_hash="x").manifest.id == good.id
+    clean_up(job, save_total_limit=2, spec_hash="x")  # judged by sizes alone, as before: lost
+    assert good.id not in _ids(job) and load_newest(job, spec_hash="x") is None

@@ -269,6 +269,8 @@ class Trainer:
             loaded = Loaded(manifest, load(self.job, manifest), [])
         resumed = None
         if loaded is not None:
+            if self.saver is not None:
+                self.saver.verified.add(loaded.manifest.id)  # read whole: every hash matched
             snap = ckpt_state.read_files(loaded.files)
             self.progress = ckpt_state.restore(snap, self.model, self.optimizer, self.scheduler, self.world.rank,
                                                self.scaler)

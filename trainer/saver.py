@@ -7,6 +7,8 @@ Invariants:
 - A failed background save is re-raised on the training thread at the next ``submit``/``wait``
   (a checkpoint that silently did not happen is worse than a crash).
 - An id that is committed already is skipped: on a deterministic resume it holds the same bytes.
+- Retention keeps the newest checkpoint of each kind known whole by hash (``verified``: what
+  this saver committed, and what the trainer read back and verified), whatever the sizes say.
 - With a fence (the orchestrator's lease generation), a commit or clean-up of a writer whose
   lease was taken over raises LeaseLost on the training thread: nothing is written or deleted.
 """
@@ -45,6 +47,7 @@ class CheckpointSaver:
         self._error: BaseException | None = None
         self.committed: list[Manifest] = []
         self.submitted: list[tuple[list[int], str]] = []  # (progress, kind) of every save handed to submit
+        self.verified: set[str] = set()  # ids known whole by hash: committed here, or read back and verified
 
     def _write(self, snapshot: Snapshot, step: int, kind: str, progress: list[int], metadata: dict) -> None:
         off_thread = threading.current_thread() is not threading.main_thread()
@@ -60,8 +63,9 @@ class CheckpointSaver:
             self._error = exc
             return
         self.committed.append(manifest)
+        self.verified.add(manifest.id)
         try:
-            clean_up(self.job, self.limit, spec_hash=self.spec_hash, fence=self.fence)
+            clean_up(self.job, self.limit, spec_hash=self.spec_hash, fence=self.fence, verified=self.verified)
             if self.on_commit:
                 self.on_commit(manifest)
         except BaseException as exc:  # noqa: BLE001
