@@ -1,4 +1,5 @@
-"""A loopback HTTP proxy that answers 503 to (or drops) a share of requests, for storage faults."""
+"""A loopback HTTP proxy that answers 503 to (or drops) a share of requests, for storage faults,
+and (``rate``) throttles every byte it carries to one shared link of that many bytes per second."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import http.server
 import socket
 import socketserver
 import threading
+import time
 from urllib.parse import urlsplit
 
 
@@ -14,9 +16,10 @@ class FaultyProxy:
     """Forwards to ``upstream``; request n fails when ``n % every == 0``: a 503, a dropped socket,
     or (``mixed``) the two in turn."""
 
-    def __init__(self, upstream: str, every: int = 3, mode: str = "503"):
+    def __init__(self, upstream: str, every: int = 3, mode: str = "503", rate: float | None = None):
         self.upstream = urlsplit(upstream)
-        self.every, self.mode = every, mode
+        self.every, self.mode, self.rate = every, mode, rate
+        self.link_free_at = 0.0  # the shared link: when it has carried every byte booked so far
         self.count = self.failed = 0
         self.lock = threading.Lock()
         proxy = self
@@ -34,6 +37,7 @@ class FaultyProxy:
             def _handle(self):
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
+                proxy.carry(len(body))
                 with proxy.lock:
                     proxy.count += 1
                     fail = proxy.every > 0 and proxy.count % proxy.every == 0
@@ -57,6 +61,7 @@ class FaultyProxy:
                 conn.request(self.command, self.path, body=body, headers=headers)
                 resp = conn.getresponse()
                 data = resp.read()
+                proxy.carry(len(data))
                 self.send_response(resp.status)
                 for k, v in resp.getheaders():
                     if k.lower() not in ("transfer-encoding", "connection", "content-length"):
@@ -75,6 +80,16 @@ class FaultyProxy:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
+
+    def carry(self, nbytes: int) -> None:
+        """Hold a transfer of ``nbytes`` for its share of the shared link's time (``rate``)."""
+        if not self.rate or not nbytes:
+            return
+        with self.lock:
+            start = max(time.monotonic(), self.link_free_at)
+            self.link_free_at = start + nbytes / self.rate
+            done = self.link_free_at
+        time.sleep(max(0.0, done - time.monotonic()))
 
     def stop(self) -> None:
         self.server.shutdown()

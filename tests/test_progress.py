@@ -52,4 +52,4 @@ def test_a_live_bar_on_a_terminal(tmp_path):
     assert proc.returncode == 0
     text = out.decode(errors="replace")
     assert "\x1b[" in text  # drawn with terminal control sequences, redrawn in place
-    assert re.search(r"training.*\d+/26.*loss \d+\.\d{4}", text) and "lease taken" in text
+    assert re.search(r"training.*\d+/26.*loss \d+\.\d{4}", text) and re.search(r"lease\s+generation\s+1\s+taken", text)
