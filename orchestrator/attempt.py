@@ -183,6 +183,9 @@ def classify(returncode: int, signalled_by_us: int | None, hung_for: float | Non
                "SIGBUS": "bus error"}.get(name, f"killed by {name}")
         return Outcome(ExitClass.KILLED, None, name, why)
     if returncode in (143, 130) and signalled_by_us is not None:
+        said = [ln.split(": ", 1)[1] for ln in log_tail.splitlines() if ln.startswith("preempted by signal ")]
+        if said and said[-1].startswith("no preempt checkpoint"):
+            return Outcome(ExitClass.PREEMPTED, returncode, None, f"preempted: {said[-1]}")
         return Outcome(ExitClass.PREEMPTED, returncode, None, "preempted: the step it stopped at is committed")
     if returncode in (143, 130):
         return Outcome(ExitClass.KILLED, returncode, None, "the trainer alone received SIGTERM/SIGINT")

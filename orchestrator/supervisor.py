@@ -274,6 +274,8 @@ class Supervisor:
             if outcome.exit_class is ExitClass.OUT_OF_MEMORY and not (self.state.attempt.oom or {}).get("smaller_plan"):
                 return self._end(Phase.FAILED, outcome.reason, EXIT_FAILED)  # the same plan would fail again
             if self.stop_signal is not None:
+                if outcome.reason.startswith("preempted: no preempt checkpoint"):
+                    self.stopped_without_checkpoint = outcome.reason[len("preempted: "):]
                 return self._stopped()
             if self._crash_loop():
                 return self._end(Phase.FAILED, f"crash loop: {outcome.reason}, {run.crash_loop_limit} times at step "

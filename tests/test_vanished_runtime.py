@@ -110,3 +110,35 @@ def test_the_restart_budget_is_enforced_per_submit(tmp_path):
     assert again.returncode == 1
     doc = state(job_dir(spec))
     assert len(doc["attempts"]) == 4 and doc["restarts"] == 2  # the budget came back with the submit
+
+
+def test_a_preempt_checkpoint_that_would_not_fit_the_grace_period_is_not_started_and_says_so(tmp_path):
+    """Issue 15: a commit of this state took longer than the grace period allows (here every
+    checkpoint file takes 4 s to write and the grace period is 4 s), so a preempt checkpoint
+    would be killed half-way: the trainer does not start one, exits 143 at once, and the attempt
+    and the job say why and name the newest whole checkpoint. (Files are written four at a time:
+    at 4 s a file the best checkpoint takes over 4 s.)"""
+    spec = quick_spec(tmp_path, storage={"save_steps": 1000}, train={"epochs": 2}, run={"grace_period_s": 4})
+    job = job_dir(spec)
+    proc = start(tmp_path, "submit", str(spec), TIMELLM_JOB_TEST_STEP_DELAY_S="0.3", TIMELLM_JOB_TEST_WRITE_DELAY_S="4")
+    attempt = running_trainer(job)
+    deadline = time.time() + 300
+    while not list((job / "checkpoints").glob("*-best/manifest.json")):  # the best after epoch 0 (slow to write)
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.2)
+    _wait = time.time() + 60
+    while (json.loads((tmp_path / "work").joinpath(next(os.walk(tmp_path / "work"))[1][0],
+                                                   f"heartbeat-{attempt['number']:03d}.json").read_text())
+           .get("epoch", 0) < 1):
+        assert time.time() < _wait
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 143, out
+    doc = state(job)
+    best = [c["id"] for c in doc["checkpoints"] if c["kind"] == "best"]
+    reason = doc["attempts"][-1]["reason"]
+    assert reason.startswith("preempted: no preempt checkpoint: the newest commit of this state took"), reason
+    assert "more than the 4 s grace period allows" in reason and f"the newest whole checkpoint is {best[0]}" in reason
+    assert doc["phase"] == "preempted" and "no preempt checkpoint" in doc["reason"]
+    assert not any(c["kind"] == "preempt" for c in doc["checkpoints"])

@@ -523,6 +523,26 @@ class Trainer:
                             exit_code=EXIT_OUT_OF_MEMORY, **({"step": p.global_step, "epoch": p.epoch} if p else {}))
         return EXIT_OUT_OF_MEMORY
 
+    def _preempt_would_not_fit(self) -> str | None:
+        """Why a preempt checkpoint would not be committed within the grace period (None: it
+        would, or nothing tells otherwise). The estimate is the newest commit's own time: the same
+        state, to the same store. Rank 0 decides for all ranks."""
+        why = None
+        saver = self.saver
+        if saver is not None:
+            budget = 0.8 * self.spec.run.grace_period_s  # the rest: finishing, exiting
+            if not saver.wait_for(budget):  # a write in flight finishes first, if it can in time
+                why = f"a checkpoint write in flight did not finish within {budget:.0f} s"
+            elif saver.last_commit_s is not None and saver.last_commit_s > budget:
+                why = (f"the newest commit of this state took {saver.last_commit_s:.0f} s, more than the "
+                       f"{self.spec.run.grace_period_s:.0f} s grace period allows")
+            if why is not None:
+                newest = list_checkpoints(self.job, spec_hash=self.hash).committed
+                ref = f"{newest[0].id} (step {newest[0].step})" if newest else "none"
+                why += (f"; the newest whole checkpoint is {ref}, "
+                        f"{self.progress.global_step - (newest[0].step if newest else 0)} steps before this one")
+        return distributed.broadcast(self.world, why)
+
     def _preempted(self, signum: int) -> int:
         p = getattr(self, "progress", None)
         if p is not None and hasattr(self, "saver"):
@@ -536,10 +556,15 @@ class Trainer:
                     print(f"preempted by signal {signum}: step {p.global_step} is committed already "
                           f"(no second checkpoint of it)", file=sys.stderr, flush=True)
             else:
-                self.save("preempt", wait=True)
-                if self.world.main:
-                    print(f"preempted by signal {signum}: committed a preempt checkpoint at step {p.global_step}",
-                          file=sys.stderr, flush=True)
+                doomed = self._preempt_would_not_fit()
+                if doomed is None:
+                    self.save("preempt", wait=True)
+                    if self.world.main:
+                        print(f"preempted by signal {signum}: committed a preempt checkpoint at step {p.global_step}",
+                              file=sys.stderr, flush=True)
+                elif self.world.main:  # say so, rather than be killed half-way through the write
+                    self.heartbeat.beat(force=True, preempt_skipped=doomed)
+                    print(f"preempted by signal {signum}: no preempt checkpoint: {doomed}", file=sys.stderr, flush=True)
         self._flush_reports()
         self.heartbeat.beat(force=True, phase="preempted")
         return EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM

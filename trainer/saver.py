@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable
 
 from storage import AlreadyCommitted, Store, commit_checkpoint
@@ -48,11 +49,13 @@ class CheckpointSaver:
         self.committed: list[Manifest] = []
         self.submitted: list[tuple[list[int], str]] = []  # (progress, kind) of every save handed to submit
         self.verified: set[str] = set()  # ids known whole by hash: committed here, or read back and verified
+        self.last_commit_s: float | None = None  # how long the newest commit took (its write, end to end)
 
     def _write(self, snapshot: Snapshot, step: int, kind: str, progress: list[int], metadata: dict) -> None:
         off_thread = threading.current_thread() is not threading.main_thread()
         if off_thread:
             _lower_priority()
+        started = time.monotonic()
         try:
             manifest = commit_checkpoint(self.job, step, kind, snapshot.to_files(), self.spec_hash,
                                          progress=progress, metadata=metadata,
@@ -64,6 +67,7 @@ class CheckpointSaver:
             return
         self.committed.append(manifest)
         self.verified.add(manifest.id)
+        self.last_commit_s = time.monotonic() - started
         try:
             clean_up(self.job, self.limit, spec_hash=self.spec_hash, fence=self.fence, verified=self.verified)
             if self.on_commit:
@@ -87,6 +91,15 @@ class CheckpointSaver:
         """Whether a step or preempt checkpoint of exactly this position was handed to submit
         (committed, or in flight: ``wait`` finishes it)."""
         return any(p == list(progress) and k in ("step", "preempt") for p, k in self.submitted)
+
+    def wait_for(self, seconds: float) -> bool:
+        """Wait at most ``seconds`` for the write in flight; True once none is (its error raised)."""
+        if self._thread is not None:
+            self._thread.join(seconds)
+            if self._thread.is_alive():
+                return False
+        self.wait()
+        return True
 
     def wait(self) -> None:
         if self._thread is not None:
