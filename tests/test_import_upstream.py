@@ -45,11 +45,15 @@ def upstream_checkpoint(spec_path, tmp_path, *, full=True, with_backbone=True, s
 def test_full_upstream_checkpoint_imports_and_training_continues_from_it(tmp_path):
     spec = quick_spec(tmp_path)
     path, params, opt = upstream_checkpoint(spec, tmp_path)
+    job = job_store(str(tmp_path / "root"), "quick")
+    from storage import lease as leases
+
+    leases.release(job, leases.acquire(job, ttl_s=60))  # the job had a runtime once: generation 1
     result = run(tmp_path, "import", str(spec), str(path), "--as", "step")
     assert result.returncode == 0, result.stderr
-    job = job_store(str(tmp_path / "root"), "quick")
     [m] = list_checkpoints(job).committed
     assert m.step == 5 and m.kind == "step"
+    assert m.lease_generation == 1  # ordered with the job's own checkpoints, not before them
     files = load(job, m)
     saved = st_load(bytes(files["model.safetensors"]))
     assert set(saved) == set(params) and all(torch.equal(saved[k], params[k]) for k in params)

@@ -147,6 +147,9 @@ def import_checkpoint(spec, source: str, kind: str = "step", weights_only: bool 
     if holder is not None:
         raise JobBusy(f"job {spec.name} is running (orchestrator pid {holder.pid} on {holder.host}); "
                       "stop it before importing")
+    # committed under the job's newest lease generation, so the import is ordered after the
+    # checkpoints already there; a submit that starts meanwhile fences the import out
+    trainer.fence = leases.Fence(trainer.job, leases.newest_generation(trainer.job))
     folder = run_folder(source, source_options)
     if folder is None:
         best_url, step_url = (source, None) if kind == "best" else (None, source)
