@@ -102,11 +102,11 @@ def test_a_second_ctrl_c_stops_at_once_and_says_no_checkpoint_was_written(tmp_pa
 
 def test_the_restart_budget_is_enforced_per_submit(tmp_path):
     spec = quick_spec(tmp_path, run={"max_restarts": 1, "crash_loop_limit": 10})
-    first = run(tmp_path, "submit", str(spec), TIMELLM_JOB_TEST_FAIL_AT_STEP="30")
+    first = run(tmp_path, "submit", str(spec), TIMELLM_JOB_TEST_FAIL_AT_STEP="5")
     assert first.returncode == 1
     doc = state(job_dir(spec))
     assert "restart budget spent (1) in this submit" in doc["reason"] and len(doc["attempts"]) == 2
-    again = run(tmp_path, "submit", str(spec), TIMELLM_JOB_TEST_FAIL_AT_STEP="30")
+    again = run(tmp_path, "submit", str(spec), TIMELLM_JOB_TEST_FAIL_AT_STEP="5")
     assert again.returncode == 1
     doc = state(job_dir(spec))
     assert len(doc["attempts"]) == 4 and doc["restarts"] == 2  # the budget came back with the submit
@@ -118,7 +118,8 @@ def test_a_preempt_checkpoint_that_would_not_fit_the_grace_period_is_not_started
     would be killed half-way: the trainer does not start one, exits 143 at once, and the attempt
     and the job say why and name the newest whole checkpoint. (Files are written four at a time:
     at 4 s a file the best checkpoint takes over 4 s.)"""
-    spec = quick_spec(tmp_path, storage={"save_steps": 1000}, train={"epochs": 2}, run={"grace_period_s": 4})
+    spec = quick_spec(tmp_path, storage={"save_steps": 1000}, train={"epochs": 2},
+                      run={"grace_period_s": 4, "backbone_cache": False})  # (no slow backbone cache write)
     job = job_dir(spec)
     proc = start(tmp_path, "submit", str(spec), TIMELLM_JOB_TEST_STEP_DELAY_S="0.3", TIMELLM_JOB_TEST_WRITE_DELAY_S="4")
     attempt = running_trainer(job)
