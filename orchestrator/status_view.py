@@ -105,8 +105,15 @@ def _short_plan(plan: dict | None) -> str:
             f"{' ckpt' if plan['gradient_checkpointing'] else ''}{peak}{' (new)' if plan.get('note') else ''}")
 
 
+def _span(seconds: float) -> str:
+    """A part of the wall time: seconds under a minute (0.6 s), else [Nd ]HH:MM:SS."""
+    return f"{seconds:.1f} s" if seconds < 60 else duration(seconds)
+
+
 def render(doc: dict[str, Any], console: Console | None = None) -> None:
-    console = console or Console()
+    if console is None:  # a log or a pipe is read later, not in an 80-column terminal: room for the tables
+        probe = Console()
+        console = probe if probe.is_terminal else Console(width=150)
     head = Table(title=f"job {doc['name']}", show_header=False, box=None)
     step, total = doc.get("global_step", 0), doc.get("total_steps")
     eta = "-"
@@ -151,9 +158,9 @@ def render(doc: dict[str, Any], console: Console | None = None) -> None:
     if good:
         parts = good["parts"]
         head.add_row("goodput", f"{good['share'] * 100:.0f}% useful" if good.get("share") is not None else "-")
-        head.add_row("", f"of {duration(good['wall_s'])}: training {duration(parts['training_s'])}, "
-                         f"start-up {duration(parts['startup_s'])}, retrained {duration(parts['retrained_s'])}, "
-                         f"validation/test {duration(parts['eval_s'])}, idle {duration(parts['idle_s'])}")
+        head.add_row("", f"of {_span(good['wall_s'])}: training {_span(parts['training_s'])}, "
+                         f"start-up {_span(parts['startup_s'])}, retrained {_span(parts['retrained_s'])}, "
+                         f"validation/test {_span(parts['eval_s'])}, idle {_span(parts['idle_s'])}")
     caches = doc.get("backbone_cache") or []
     head.add_row("backbone cache", ", ".join(f"{c['key'][:12]}… {c['bytes'] / 1e6:.1f} MB" for c in caches)
                  if caches else "none")
