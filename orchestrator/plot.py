@@ -1,11 +1,14 @@
-"""``status --plot``: training and validation loss, with every restart and preemption marked."""
+"""``status --plot``: training and validation loss, with every restart and preemption marked and
+the work each loss cost shaded: the steps an attempt had trained past the checkpoint the next one
+resumed from (they were trained again)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 
-def plot_losses(records: list[dict], attempts: list[dict[str, Any]], out_path: str, title: str) -> None:
+def plot_losses(records: list[dict], attempts: list[dict[str, Any]], out_path: str, title: str) -> dict[str, Any]:
+    """Write the plot; returns what it marked (``lost``: the shaded (first, last) step spans)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -25,10 +28,16 @@ def plot_losses(records: list[dict], attempts: list[dict[str, Any]], out_path: s
     if val:
         steps = sorted(val)
         ax.plot(steps, [val[s] for s in steps], "o-", label="validation loss (MSE)")
+    lost = []
     for prev, a in zip(attempts, attempts[1:], strict=False):
         step = a.get("start_step")
         if step is None:
             continue
+        reached = prev.get("end_step")
+        if reached is not None and reached > step:  # trained, lost with the attempt, trained again
+            ax.axvspan(step, reached, color="tab:red", alpha=0.15, lw=0,
+                       label="lost work (trained again)" if not lost else None)
+            lost.append((step, reached))
         preempt = "preempt" in (prev.get("reason") or "")
         ax.axvline(step, color="tab:orange" if preempt else "tab:red", ls="--", lw=1)
         ax.annotate(("preempted" if preempt else "restart") + f" #{a['number']}", (step, 1), xycoords=("data", "axes fraction"),
@@ -40,3 +49,4 @@ def plot_losses(records: list[dict], attempts: list[dict[str, Any]], out_path: s
     fig.tight_layout()
     fig.savefig(out_path, dpi=110)
     plt.close(fig)
+    return {"lost": lost}

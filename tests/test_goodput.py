@@ -44,3 +44,16 @@ def test_the_job_counts_the_time_between_runtimes_as_idle_and_its_parts_add_up()
     assert g["share"] == round(142.0 / 500.0, 4)
     for a in s.attempts:
         assert math.isclose(_sum(a.goodput), a.goodput["wall_s"], rel_tol=0.02)
+
+
+def test_the_loss_plot_shades_the_work_each_loss_cost(tmp_path):
+    from orchestrator.plot import plot_losses
+
+    records = [{"step": s, "loss": 1.0 / s} for s in range(1, 101)] + [{"step": 50, "val_loss": 0.5}]
+    attempts = [{"number": 1, "start_step": 0, "end_step": 57, "reason": "killed by SIGKILL"},
+                {"number": 2, "start_step": 50, "end_step": 80, "reason": "preempted: the step it stopped at is committed"},
+                {"number": 3, "start_step": 80, "end_step": 100, "reason": "completed"}]
+    out = tmp_path / "loss.png"
+    marked = plot_losses(records, attempts, str(out), "job")
+    assert marked["lost"] == [(50, 57)]  # the preemption lost nothing
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
