@@ -23,6 +23,7 @@ METRICS = "metrics"
 RESULTS = "results.json"
 BACKBONE = "backbone"
 STOP = "stop.json"  # a stop request for the running submit (timellm-job stop)
+TENSORBOARD = "tb"  # TensorBoard event files (trainer.tensorboard), with the tensorboard extra
 
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 

@@ -22,9 +22,9 @@ import struct
 import time
 from typing import Any
 
+from storage.layout import TENSORBOARD as TB
 from storage.store import Store
 
-TB = "tb"
 SCALARS = {"loss": "train/loss", "lr": "train/lr", "val_loss": "val/mse", "val_mae": "val/mae",
            "test_mse": "test/mse", "test_mae": "test/mae"}
 
