@@ -20,7 +20,6 @@ from jobs import SpecError, load_spec, spec_hash
 from storage import StorageError, Unreachable, job_store
 
 ROOT_HELP = "Storage root URL (overrides storage.root): a path, file://, gs://, s3://, memory://."
-PROBE_S = float(os.environ.get("TIMELLM_JOB_PROBE_S", "15"))  # a storage root that does not answer fails this fast
 
 
 def _job_of(spec_path: str, root: str | None, sets: tuple[str, ...] = ()):
@@ -34,7 +33,7 @@ def _job_of(spec_path: str, root: str | None, sets: tuple[str, ...] = ()):
         click.echo(f"error: storage.root: {err}", err=True)
         sys.exit(2)
     try:
-        job.probe(PROBE_S)
+        job.probe()
     except Unreachable as err:
         click.echo(f"error: storage.root: {err}", err=True)
         sys.exit(1)

@@ -72,9 +72,6 @@ def trainer_argv(spec: JobSpec, local_spec: Path, attempt: int, memory_hint: dic
             "--nproc-per-node", str(spec.train.nproc), "--max-restarts", "0", "--monitor-interval", "0.1", *run]
 
 
-PROBE_S = float(os.environ.get("TIMELLM_JOB_PROBE_S", "15"))  # a root that does not answer fails this fast
-
-
 def lease_ttl_s() -> float:
     return float(os.environ.get("TIMELLM_JOB_LEASE_TTL_S", "60"))
 
@@ -101,8 +98,8 @@ def check_create_only(job: Store, spec: JobSpec) -> str | None:
 def check_reachable(job: Store) -> None:
     """The storage root can be written: a local root's nearest existing folder is writable; an
     object store's bucket exists and answers (Unreachable if it does not answer within
-    PROBE_S). Nothing is created."""
-    job.probe(PROBE_S)
+    storage.store.PROBE_S). Nothing is created."""
+    job.probe()
     if job.is_local:
         path = Path(job.root)
         while not path.exists():

@@ -30,6 +30,7 @@ from fsspec.implementations.local import LocalFileSystem
 from storage.retry import StorageError, call
 
 CHUNK = 8 * 2**20
+PROBE_S = float(os.environ.get("TIMELLM_JOB_PROBE_S", "15"))  # a root that does not answer fails this fast
 Buffers = bytes | bytearray | memoryview | list | tuple  # a list: the file is their concatenation
 
 
@@ -82,7 +83,7 @@ class Store:
         sub.root = self.full(rel)
         return sub
 
-    def probe(self, within_s: float) -> None:
+    def probe(self, within_s: float = PROBE_S) -> None:
         """Raise :class:`Unreachable` unless the store answers a listing of the root within
         ``within_s`` seconds, whatever retries the filesystem library makes inside (gcsfs alone
         retries for a minute). A missing folder or bucket is an answer (a new job has none)."""
