@@ -1,8 +1,14 @@
 """Chaos: one job on the GCS emulator, behind a proxy that answers 503 or drops the connection for
 a share of requests, through random SIGKILLs of the trainer (many inside a checkpoint write),
-kills of the whole process group with a resubmit, SIGTERMs, SIGSTOP hangs and flipped bytes in
-the newest checkpoint. It must end bit-identical to an uninterrupted run, and no attempt may
-resume from a checkpoint whose bytes were corrupted.
+kills of the whole process group with a resubmit, SIGTERMs, SIGSTOP hangs, flipped bytes in
+the newest checkpoint, a second ``submit`` started while the job's runtime is alive (it must
+exit 3 and write nothing), and a runtime whose storage path stalls until its lease expires (a
+second runtime on a healthy path takes the job over; when the stalled path flows again the old
+runtime must find itself fenced, exit 3 and never be resumed from). It must end bit-identical to
+an uninterrupted run, and no attempt may resume from a checkpoint whose bytes were corrupted.
+
+Each runtime reaches the store through its own proxy (STORAGE_EMULATOR_HOST), so one runtime's
+path can stall while another's flows.
 
     python benchmarks/chaos.py [--events 120] [--seed 1] [--epochs 24]     # the long run
 
@@ -37,17 +43,20 @@ from jobfiles import final_state_of as final_state  # noqa: E402
 from jobfiles import quick_spec  # noqa: E402
 
 from storage import job_store, list_checkpoints  # noqa: E402
+from storage import lease as leases  # noqa: E402
 from storage.documents import read_json  # noqa: E402
 
-KINDS = ("kill", "group", "sigterm", "sigstop", "corrupt")
+KINDS = ("kill", "group", "sigterm", "sigstop", "corrupt", "second", "stall")
+EXIT_HELD = 3  # submit: the job is held by another live orchestrator, or this one was fenced
 SAVE_STEPS = 5
 HEARTBEAT_TIMEOUT_S = 8
 
 
 def random_plan(events: int, seed: int) -> list[str]:
-    """Mostly trainer kills; group kills, SIGTERMs, hangs and corruptions among them."""
+    """Mostly trainer kills; group kills, SIGTERMs, hangs, corruptions, second submits and
+    stalled runtimes among them."""
     rng = random.Random(seed)
-    return rng.choices(KINDS, weights=(70, 10, 8, 6, 6), k=events)
+    return rng.choices(KINDS, weights=(64, 9, 7, 5, 5, 5, 5), k=events)
 
 
 @dataclass
@@ -63,9 +72,10 @@ class Chaos:
     def __post_init__(self):
         self.rng = random.Random(self.seed)
         self.gcs = servers.start_gcs()
-        self.proxy = FaultyProxy(self.gcs.url, every=self.fault_every, mode="mixed")
+        self.proxies: list[FaultyProxy] = []
+        self.proxy = self.new_proxy()  # the current runtime's path to the store
         self.root = f"gs://{servers.GCS_BUCKET}/chaos-{time.time_ns()}"
-        faulty = {"token": "anon", "endpoint_url": self.proxy.url}
+        faulty = {"token": "anon"}  # the endpoint: each runtime's own proxy, from its environment
         self.spec = quick_spec(self.folder, name="chaos", storage={"root": self.root, "options": faulty,
                                                                    "save_steps": SAVE_STEPS},
                                train={"epochs": self.epochs, "patience": 1000},
@@ -73,8 +83,7 @@ class Chaos:
                                     "backoff_max_s": 2.0, "crash_loop_limit": 5})
         os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"  # else gcsfs waits 60 s per call here
         self.store = job_store(self.root, "chaos", servers.gcs_options(self.gcs))  # observer: no faults
-        self.env = with_faults({**os.environ, **servers.gcs_env(self.gcs), "STORAGE_EMULATOR_HOST": self.proxy.url,
-                    "PYTHONUNBUFFERED": "1",
+        self.env = with_faults({**os.environ, **servers.gcs_env(self.gcs), "PYTHONUNBUFFERED": "1",
                     "TIMELLM_JOB_WORKDIR": str(self.folder / "work"), "TIMELLM_JOB_LEASE_TTL_S": "6",
                     "TIMELLM_JOB_BACKBONE_CACHE": str(self.folder / "backbones"),
                     "TIMELLM_JOB_HEARTBEAT_INTERVAL_S": "0",
@@ -85,14 +94,26 @@ class Chaos:
         self.corrupted: dict[str, float] = {}  # checkpoint id -> when its bytes were flipped
         self.torn_seen: set[str] = set()
         self.last_reached = -1
+        self.stalled: list[dict] = []  # the stall events' records
 
     # ------------------------------------------------------------------ processes
-    def start_submit(self) -> None:
+    def new_proxy(self) -> FaultyProxy:
+        proxy = FaultyProxy(self.gcs.url, every=self.fault_every, mode="mixed")
+        self.proxies.append(proxy)
+        return proxy
+
+    def launch(self) -> tuple[subprocess.Popen, Path]:
+        """A ``submit`` of the job through the current proxy, and its log file."""
         self.submits += 1
-        out = open(self.folder / f"submit-{self.submits:03d}.log", "w")  # noqa: SIM115
-        self.submit = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "submit", str(self.spec)],
-                                       cwd=REPO, env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                                       start_new_session=True)
+        path = self.folder / f"submit-{self.submits:03d}.log"
+        with open(path, "w") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "submit", str(self.spec)],
+                                    cwd=REPO, env={**self.env, "STORAGE_EMULATOR_HOST": self.proxy.url},
+                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        return proc, path
+
+    def start_submit(self) -> None:
+        self.submit, _ = self.launch()
 
     def state(self) -> dict:
         try:
@@ -185,6 +206,14 @@ class Chaos:
             self.submit.send_signal(signal.SIGTERM)
             record["exit"] = self.submit.wait(timeout=60)
             self.start_submit()
+        elif kind == "second":
+            self.second_submit(record)
+            self.log.append(record)
+            return True  # the job's runtime goes on: no new attempt to wait for
+        elif kind == "stall":
+            self.stall(record, pid)
+            self.log.append(record)
+            return True  # the new runtime's attempt is running already
         else:  # group, corrupt: everything dies at once, then a new submit
             if kind == "corrupt":  # the newest must be a checkpoint to resume from, not the best
                 deadline = time.time() + 60
@@ -201,6 +230,52 @@ class Chaos:
         self.running_attempt(after=attempt["number"])  # the next attempt is running (or the job ended)
         return True
 
+    def second_submit(self, record: dict) -> None:
+        """A second runtime submits the job while its runtime is alive: exit 3, nothing written."""
+        def lease() -> tuple:
+            return leases.generations(self.store), (self.state().get("lease") or {}).get("generation")
+
+        before = lease()
+        other, log = self.launch()
+        record["exit"] = other.wait(timeout=600)
+        record["said_held"] = "held by orchestrator" in log.read_text()
+        record["lease_untouched"] = lease() == before
+        record["first_alive"] = self.submit.poll() is None
+
+    def stall(self, record: dict, trainer_pid: int) -> None:
+        """The runtime's path to the store stalls (requests held unanswered) until its lease has
+        expired; a new runtime on a healthy path takes the job; then the stalled path flows
+        again and the old runtime must find itself fenced: exit 3, its trainer stopped."""
+        old_submit, old_proxy = self.submit, self.proxy
+        held = leases.read(self.store)
+        old_proxy.stall()
+        deadline = time.time() + 300
+        while (lease := leases.read(self.store)) is not None and lease.generation == held.generation \
+                and not lease.holder_is_dead():
+            if time.time() > deadline:
+                raise AssertionError("the stalled runtime's lease never expired")
+            time.sleep(0.2)
+        self.proxy = self.new_proxy()
+        self.start_submit()
+        while (taken := leases.read(self.store)) is None or taken.generation == held.generation:
+            if time.time() > deadline or self.submit.poll() is not None:
+                raise AssertionError(f"the new runtime took no lease: {self.submit.poll()}")
+            time.sleep(0.1)
+        self.running_attempt(after=record["attempt"])  # the new runtime's trainer runs
+        old_proxy.resume()
+        record["exit"] = old_submit.wait(timeout=600)
+        self.wait_gone(trainer_pid, timeout=120)
+        record["generations"] = [held.generation, taken.generation if taken else None]
+        # what the fenced runtime committed after the takeover (a commit whose fence check passed
+        # before the stall): allowed to exist, never to be preferred
+        record["late_commits"] = [m.id for m in list_checkpoints(self.store).committed
+                                  if (m.lease_generation or 0) == held.generation
+                                  and taken is not None and m.created_at > taken.acquired_at]
+        self.stalled.append(record)
+
+    def late_commits(self) -> list[str]:
+        return [c for record in self.stalled for c in record["late_commits"]]
+
     def run(self, plan: list[str]) -> None:
         self.start_submit()
         for kind in plan:
@@ -211,15 +286,18 @@ class Chaos:
     def stop(self) -> None:
         if self.submit is not None and self.submit.poll() is None:
             os.killpg(self.submit.pid, signal.SIGKILL)
-        self.proxy.stop()
+        for proxy in self.proxies:
+            proxy.stop()
         self.gcs.stop()
 
     # ------------------------------------------------------------------ what happened
     def summary(self) -> dict:
         state = self.state()
         attempts = state.get("attempts") or []
-        lost: dict[str, list[int]] = {"kill": [], "sigterm": [], "group": [], "sigstop": [], "corrupt": []}
+        lost: dict[str, list[int]] = {k: [] for k in KINDS if k != "second"}
         for record in self.log:  # the step the attempt reached -> where the next one started
+            if record["kind"] == "second":
+                continue
             reached, resumed = self.heartbeat(record["attempt"]).get("step"), \
                 self.heartbeat(record["attempt"] + 1).get("start_step")
             if reached is not None and resumed is not None:
@@ -229,11 +307,22 @@ class Chaos:
                            and a["started_at"] > self.corrupted[a["resumed_from"]["id"]]]
         skipped_corrupt = sum(1 for a in attempts for s in a.get("skipped_checkpoints") or []
                               if s.split(":")[0] in self.corrupted)
+        seconds = [r for r in self.log if r["kind"] == "second"]
+        resumed_late = [a["number"] for a in attempts if a.get("resumed_from")
+                        and a["resumed_from"]["id"] in set(self.late_commits())]
         return {"events": dict(Counter(r["kind"] for r in self.log)),
                 "kills_mid_write": sum(1 for r in self.log if r.get("mid_write")),
-                "sigterm_exits": [r["exit"] for r in self.log if "exit" in r],
+                "sigterm_exits": [r["exit"] for r in self.log if r["kind"] == "sigterm"],
+                "second_submits": {"exits": [r["exit"] for r in seconds],
+                                   "said_held": sum(r["said_held"] for r in seconds),
+                                   "lease_untouched": sum(r["lease_untouched"] for r in seconds),
+                                   "first_alive": sum(r["first_alive"] for r in seconds)},
+                "stalled_runtimes": {"exits": [r["exit"] for r in self.stalled],
+                                     "generations": [r["generations"] for r in self.stalled],
+                                     "late_commits": self.late_commits(), "resumed_from_late": resumed_late},
                 "attempts": len(attempts), "submits": self.submits, "phase": state.get("phase"),
-                "requests": self.proxy.count, "faults_injected": self.proxy.failed,
+                "requests": sum(p.count for p in self.proxies),
+                "faults_injected": sum(p.failed for p in self.proxies),
                 "corrupted": sorted(self.corrupted), "skipped_corrupted": skipped_corrupt,
                 "resumed_from_corrupted": resumed_corrupt, "steps_lost": lost,
                 "reasons": dict(Counter((a.get("reason") or "").split(" (")[0].split(":")[0] for a in attempts))}
@@ -255,6 +344,7 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=120)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--epochs", type=int, default=24)
+    ap.add_argument("--out", help="also write the summary (JSON) there")
     a = ap.parse_args()
     from common import machine
 
@@ -269,6 +359,7 @@ def main() -> None:
         got = final_state(chaos.store) if summary["phase"] == "completed" else {}
     finally:
         chaos.stop()
+    summary["plan"] = {"events": a.events, "seed": a.seed, "epochs": a.epochs}
     summary["bit_identical"] = got == expected
     summary["final_step"] = got.get("final_step")
     summary["wall_s"] = round(time.time() - start)
@@ -278,6 +369,8 @@ def main() -> None:
                                      for k, v in lost.items() if v}
     print(json.dumps(summary, indent=1))
     print(f"folder: {folder}")
+    if a.out:
+        Path(a.out).write_text(json.dumps(summary, indent=1) + "\n")
 
 
 if __name__ == "__main__":

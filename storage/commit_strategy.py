@@ -15,12 +15,12 @@ Invariants:
 from __future__ import annotations
 
 import uuid
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from storage.store import Store
+if TYPE_CHECKING:  # storage.store builds on storage.backends, which names these strategies
+    from storage.store import Store
 
 TMP_PREFIX = ".tmp-"
-CREATE_ONLY_PROTOCOLS = {"gs", "gcs", "s3", "s3a", "memory"}  # fsspec backends with a real create-only PUT
 
 
 class CommitStrategy(Protocol):
@@ -72,7 +72,5 @@ class CreateOnlyManifest:
 
 
 def strategy_for(job: Store) -> CommitStrategy:
-    """The commit strategy of ``job``'s kind of store."""
-    if job.is_local:
-        return RenameFolder()
-    return CreateOnlyManifest(create_only=bool(set(job.protocols) & CREATE_ONLY_PROTOCOLS))
+    """The commit strategy of ``job``'s kind of store (its backend's, storage.backends)."""
+    return job.backend.commit_strategy()

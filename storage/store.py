@@ -3,12 +3,13 @@
 Invariants:
 - Every call goes through :func:`storage.retry.call`: transient errors are retried, permanent
   ones raise StorageError naming the full URL.
+- What differs between kinds of store (how a file is created only if absent, replaced
+  atomically, written and read with its hash, how a checkpoint commits) is the store's
+  ``backend`` (storage.backends), chosen once when the store is opened; nothing here branches
+  on the kind of store.
 - ``write_file`` and ``read_file`` hash the bytes in the same pass that moves them.
-- On a local filesystem (a disk or Colab's Drive mount) written files are fsynced, and
-  ``replace`` is atomic (temporary sibling + fsync + rename + fsync of the folder). On an object
-  store a single PUT is atomic by itself.
-- ``create`` is create-only: it raises FileExistsError when the object exists (O_EXCL locally,
-  ifGenerationMatch=0 on GCS, If-None-Match on S3).
+- ``create`` is create-only: it raises FileExistsError when the object exists (O_EXCL/link
+  locally, ifGenerationMatch=0 on GCS, If-None-Match on S3).
 - Paths given to a Store are relative to its root and may not escape it.
 """
 
@@ -18,18 +19,15 @@ import copy
 import hashlib
 import os
 import posixpath
-import queue
 import threading
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
 import fsspec
-from fsspec.implementations.local import LocalFileSystem
 
+from storage.backends import CHUNK, Backend, backend_for
 from storage.retry import StorageError, call
 
-CHUNK = 8 * 2**20
 PROBE_S = float(os.environ.get("TIMELLM_JOB_PROBE_S", "15"))  # a root that does not answer fails this fast
 Buffers = bytes | bytearray | memoryview | list | tuple  # a list: the file is their concatenation
 
@@ -57,10 +55,15 @@ class Store:
         except (ValueError, ImportError, TypeError) as exc:
             raise StorageError(f"cannot open storage {url!r}: {exc}") from exc
         self.root = root.rstrip("/") if root not in ("/", "") else root
-        self.is_local = isinstance(self.fs, LocalFileSystem)
         self.retry_s: float | None = None  # None: storage.retry's default bound
         protocol = self.fs.protocol
         self.protocols = tuple(protocol) if isinstance(protocol, (tuple, list)) else (protocol,)
+        self.backend: Backend = backend_for(self.fs, self.protocols)
+
+    @property
+    def is_local(self) -> bool:
+        """The store's paths are this machine's paths (a disk, or a mount such as Drive)."""
+        return self.backend.local
 
     # --- paths -------------------------------------------------------------------------------
     def full(self, rel: str = "") -> str:
@@ -78,7 +81,7 @@ class Store:
     def child(self, rel: str) -> Store:
         """A Store rooted at a sub-path, sharing this one's filesystem."""
         sub = Store.__new__(Store)
-        sub.url, sub.options, sub.fs, sub.is_local = self.url_of(rel), self.options, self.fs, self.is_local
+        sub.url, sub.options, sub.fs, sub.backend = self.url_of(rel), self.options, self.fs, self.backend
         sub.protocols, sub.retry_s = self.protocols, self.retry_s
         sub.root = self.full(rel)
         return sub
@@ -150,33 +153,7 @@ class Store:
     def create(self, rel: str, data: bytes) -> None:
         """Write ``data`` only if nothing is at ``rel``; FileExistsError otherwise."""
         path = self.full(rel)
-        if self.is_local:
-            self._makedirs(posixpath.dirname(path))
-
-            def excl():
-                # write a private temporary, then hard-link it into place: link() fails if the
-                # name exists, and readers never see a created-but-empty file
-                tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                try:
-                    os.link(tmp, path)
-                except FileExistsError:
-                    raise
-                except OSError:  # a filesystem without hard links (some FUSE mounts): O_EXCL
-                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-                    with os.fdopen(fd, "wb") as f:
-                        f.write(data)
-                        f.flush()
-                        os.fsync(f.fileno())
-                finally:
-                    os.unlink(tmp)
-                _fsync_dir(posixpath.dirname(path))
-
-            return self._call(excl, rel, "creating")
-        return self._call(lambda: self.fs.pipe_file(path, data, mode="create"), rel, "creating")
+        return self._call(lambda: self.backend.create(path, data), rel, "creating")
 
     def replace(self, rel: str, data: bytes, durable: bool = True) -> None:
         """Atomically replace the object at ``rel`` with ``data`` (readers see old or new).
@@ -185,27 +162,7 @@ class Store:
         second whose loss in a crash costs nothing, like the trainer's heartbeat.
         """
         path = self.full(rel)
-        if self.is_local:
-            folder = posixpath.dirname(path)
-            self._makedirs(folder)
-            tmp = posixpath.join(folder, f".{posixpath.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
-
-            def swap():
-                try:
-                    with open(tmp, "wb") as f:
-                        f.write(data)
-                        f.flush()
-                        if durable:
-                            os.fsync(f.fileno())
-                    os.replace(tmp, path)
-                finally:
-                    if os.path.exists(tmp):
-                        os.unlink(tmp)
-                if durable:
-                    _fsync_dir(folder)
-
-            return self._call(swap, rel, "replacing")
-        return self._call(lambda: self.fs.pipe_file(path, data), rel, "writing")
+        return self._call(lambda: self.backend.replace(path, data, durable), rel, "replacing")
 
     def remove(self, rel: str, recursive: bool = False) -> None:
         path = self.full(rel)
@@ -219,32 +176,20 @@ class Store:
         self._call(rm, rel, "removing")
 
     def rename_dir(self, src: str, dst: str) -> None:
-        """Local only: atomically rename a folder; the destination must not exist."""
-        assert self.is_local, "rename_dir is the local commit step"
+        """Atomically rename a folder (the POSIX commit step); the destination must not exist."""
         s, d = self.full(src), self.full(dst)
-
-        def mv():
-            if os.path.exists(d):
-                raise FileExistsError(d)
-            os.rename(s, d)
-            _fsync_dir(posixpath.dirname(d))
-
-        self._call(mv, dst, "committing")
-
-    def _makedirs(self, path: str) -> None:
-        if self.is_local:
-            call(lambda: os.makedirs(path, exist_ok=True), path, "creating folder", answers=())
+        self._call(lambda: self.backend.rename_dir(s, d), dst, "committing")
 
     def makedirs(self, rel: str) -> None:
-        self._makedirs(self.full(rel))
+        path = self.full(rel)
+        call(lambda: self.backend.makedirs(path), self.url_of(rel), "creating folder", answers=())
 
     # --- files with hashes -------------------------------------------------------------------
     def write_file(self, rel: str, data: Buffers, fsync: bool = True) -> Written:
         """Write a whole file, hashing it in the same pass; local files are fsynced.
 
         ``data`` is bytes or a list of buffers (the file is their concatenation, written without
-        joining them). Locally a writer thread writes chunk n while this thread hashes chunk n+1,
-        so the write costs about max(hash, write) rather than their sum.
+        joining them).
         """
         path = self.full(rel)
         chunks = []
@@ -252,52 +197,12 @@ class Store:
             view = memoryview(part).cast("B")
             chunks.extend(view[i:i + CHUNK] for i in range(0, len(view), CHUNK))
         total = sum(len(c) for c in chunks)
-
-        def put() -> Written:
-            digest = hashlib.sha256()
-            if self.is_local:
-                os.makedirs(posixpath.dirname(path), exist_ok=True)
-                with open(path, "wb", buffering=0) as f:
-                    _pipelined(chunks, digest.update, f.write)
-                    if fsync:
-                        os.fsync(f.fileno())
-            else:
-                with self.fs.open(path, "wb", block_size=max(CHUNK, 5 * 2**20)) as f:
-                    for chunk in chunks:
-                        digest.update(chunk)
-                        f.write(chunk)
-            return Written(total, digest.hexdigest())
-
-        return self._call(put, rel, "writing")
+        return self._call(lambda: Written(total, self.backend.write(path, chunks, fsync)), rel, "writing")
 
     def read_file(self, rel: str) -> tuple[bytearray, str]:
-        """Read a whole file and its sha256 in one pass over the bytes (a reader thread reads
-        chunk n+1 while this thread hashes chunk n)."""
+        """Read a whole file and its sha256 in one pass over the bytes."""
         path = self.full(rel)
-
-        def get() -> tuple[bytearray, str]:
-            digest = hashlib.sha256()
-            if self.is_local:
-                with open(path, "rb", buffering=0) as f:
-                    size = os.fstat(f.fileno()).st_size
-                    buf = bytearray(size)
-                    view = memoryview(buf)
-                    got = _pipelined_read(f, view, digest.update)
-                if got != size:
-                    del view
-                    buf = buf[:got]
-                return buf, digest.hexdigest()
-            parts = bytearray()
-            with self.fs.open(path, "rb", block_size=CHUNK, cache_type="none") as f:
-                while True:
-                    chunk = f.read(CHUNK)
-                    if not chunk:
-                        break
-                    digest.update(chunk)
-                    parts += chunk
-            return parts, digest.hexdigest()
-
-        return self._call(get, rel, "reading")
+        return self._call(lambda: self.backend.read(path), rel, "reading")
 
     def download(self, rel: str, dest: str | os.PathLike) -> int:
         """Stream a file to a local path (never whole in memory); returns its size."""
@@ -329,79 +234,6 @@ class Store:
             return size, digest.hexdigest()
 
         return self._call(run, rel, "hashing")
-
-
-def _pipelined(chunks: list[memoryview], first, second) -> None:
-    """Apply ``first`` to each chunk on this thread and ``second`` on a helper thread, one chunk
-    behind (hashlib and file I/O release the GIL, so the two overlap)."""
-    q: queue.Queue = queue.Queue(maxsize=4)
-    failure: list[BaseException] = []
-
-    def drain():
-        while (chunk := q.get()) is not None:
-            if not failure:
-                try:
-                    second(chunk)
-                except BaseException as exc:  # noqa: BLE001 - re-raised below
-                    failure.append(exc)
-
-    worker = threading.Thread(target=drain, daemon=True)
-    worker.start()
-    try:
-        for chunk in chunks:
-            if failure:
-                break
-            first(chunk)
-            q.put(chunk)
-    finally:
-        q.put(None)
-        worker.join()
-    if failure:
-        raise failure[0]
-
-
-def _pipelined_read(f, view: memoryview, consume) -> int:
-    """Read ``f`` into ``view`` on a helper thread, calling ``consume`` on each chunk read."""
-    q: queue.Queue = queue.Queue(maxsize=4)
-    failure: list[BaseException] = []
-
-    def fill():
-        got = 0
-        try:
-            while got < len(view):
-                n = f.readinto(view[got:got + CHUNK])
-                if not n:
-                    break
-                q.put((got, n))
-                got += n
-        except BaseException as exc:  # noqa: BLE001 - re-raised below
-            failure.append(exc)
-        q.put(None)
-
-    reader = threading.Thread(target=fill, daemon=True)
-    reader.start()
-    total = 0
-    while (item := q.get()) is not None:
-        off, n = item
-        consume(view[off:off + n])
-        total = off + n
-    reader.join()
-    if failure:
-        raise failure[0]
-    return total
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def open_store(url: str, options: dict[str, Any] | None = None) -> Store:

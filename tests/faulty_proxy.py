@@ -1,5 +1,7 @@
 """A loopback HTTP proxy that answers 503 to (or drops) a share of requests, for storage faults,
-and (``rate``) throttles every byte it carries to one shared link of that many bytes per second."""
+(``rate``) throttles every byte it carries to one shared link of that many bytes per second, and
+(``stall``/``resume``) holds every request without an answer until resumed, as a stalled network
+path does."""
 
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ class FaultyProxy:
         self.link_free_at = 0.0  # the shared link: when it has carried every byte booked so far
         self.count = self.failed = 0
         self.lock = threading.Lock()
+        self.flowing = threading.Event()
+        self.flowing.set()
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -38,6 +42,7 @@ class FaultyProxy:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
                 proxy.carry(len(body))
+                proxy.flowing.wait()  # a stalled path: the request waits, unanswered
                 with proxy.lock:
                     proxy.count += 1
                     fail = proxy.every > 0 and proxy.count % proxy.every == 0
@@ -91,6 +96,14 @@ class FaultyProxy:
             done = self.link_free_at
         time.sleep(max(0.0, done - time.monotonic()))
 
+    def stall(self) -> None:
+        """Hold every request (those in flight and new ones) unanswered until :meth:`resume`."""
+        self.flowing.clear()
+
+    def resume(self) -> None:
+        self.flowing.set()
+
     def stop(self) -> None:
+        self.flowing.set()
         self.server.shutdown()
         self.server.server_close()

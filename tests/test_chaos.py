@@ -1,9 +1,11 @@
 """The CI-sized chaos run (benchmarks/chaos.py has the engine and the long version): on the GCS
-emulator behind a proxy that fails a share of requests (503s and dropped connections), 10 SIGKILLs
+emulator behind a proxy that fails a share of requests (503s and dropped connections), 8 SIGKILLs
 of the trainer (some inside a checkpoint write, which is slowed for that), 2 kills of the whole
-process group with a resubmit, a SIGTERM, a SIGSTOP hang and a flipped byte in the newest
-checkpoint. The job must end bit-identical to an uninterrupted run, and no attempt may resume
-from the corrupted checkpoint."""
+process group with a resubmit, a SIGTERM, a SIGSTOP hang, a flipped byte in the newest
+checkpoint, a second submit while the job's runtime is alive and a runtime whose storage path
+stalls until its lease expires. The job must end bit-identical to an uninterrupted run, no
+attempt may resume from the corrupted checkpoint, the second submit exits 3 writing nothing,
+and the stalled runtime, once its path flows again, is fenced and exits 3."""
 
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ EPOCHS = 4
 
 
 def test_chaos_ends_bit_identical_and_never_loads_a_corrupted_checkpoint(tmp_path):
-    plan = ["kill"] * 10 + ["group"] * 2 + ["sigterm", "sigstop", "corrupt"]
+    plan = ["kill"] * 8 + ["group"] * 2 + ["sigterm", "sigstop", "corrupt", "second", "stall"]
     random.Random(5).shuffle(plan)
     (tmp_path / "ref").mkdir()
     expected = chaos.reference(tmp_path / "ref", EPOCHS)
@@ -33,7 +35,8 @@ def test_chaos_ends_bit_identical_and_never_loads_a_corrupted_checkpoint(tmp_pat
     finally:
         run.stop()
     assert run.submit.returncode == 0 and summary["phase"] == "completed", summary
-    assert summary["events"] == {"kill": 10, "group": 2, "sigterm": 1, "sigstop": 1, "corrupt": 1}, summary
+    assert summary["events"] == {"kill": 8, "group": 2, "sigterm": 1, "sigstop": 1, "corrupt": 1,
+                                 "second": 1, "stall": 1}, summary
     assert summary["kills_mid_write"] >= 1, summary
     assert summary["faults_injected"] >= 20, summary
     assert summary["sigterm_exits"] == [143]
@@ -43,4 +46,8 @@ def test_chaos_ends_bit_identical_and_never_loads_a_corrupted_checkpoint(tmp_pat
     assert all(0 <= n <= 2 * chaos.SAVE_STEPS for n in summary["steps_lost"]["kill"]), summary
     assert len(summary["corrupted"]) == 1 and summary["skipped_corrupted"] >= 1, summary
     assert summary["resumed_from_corrupted"] == [], summary
+    assert summary["second_submits"] == {"exits": [3], "said_held": 1, "lease_untouched": 1, "first_alive": 1}
+    stalled = summary["stalled_runtimes"]
+    assert stalled["exits"] == [3] and stalled["resumed_from_late"] == [], summary
+    assert all(new == old + 1 for old, new in stalled["generations"]), summary
     assert got == expected

@@ -128,3 +128,25 @@ def test_load_newest_passes_over_other_specs_and_reports_every_skip(backend):
     skipped.clear()
     assert load_newest(job, spec_hash="mine", skipped=skipped) is None
     assert len(skipped) == 2 and "state.json: missing" in skipped[1]
+
+
+def test_each_kind_of_store_has_one_backend_with_its_commit_strategy(tmp_path, backend):
+    """storage.backends decides, once per store, how it creates, replaces and commits: POSIX
+    renames a temporary folder, object stores commit a create-only manifest, and a store whose
+    create is fsspec's exists-then-write says it is not create-only (the lease cannot rely on it)."""
+    from storage.commit_strategy import strategy_for
+
+    job = _job(backend)
+    local = "://" not in backend[0]
+    assert job.is_local == local and job.backend.kind == ("posix" if local else "object-store")
+    assert strategy_for(job).name == ("rename-folder" if local else "create-only-manifest")
+    assert job.backend.create_only and strategy_for(job).create_only
+    job.create("a/created", b"1")
+    if not backend[0].startswith("gs://"):  # the GCS emulator ignores preconditions (real GCS does not)
+        with pytest.raises(FileExistsError):
+            job.create("a/created", b"2")
+    job.replace("a/created", b"3")
+    assert job.read_bytes("a/created") == b"3"
+    generic = job_store("dir://shared", "job", {"path": str(tmp_path), "target_protocol": "file"})
+    assert generic.backend.kind == "object-store" and not generic.backend.create_only
+    assert not strategy_for(generic).create_only
