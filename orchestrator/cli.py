@@ -17,6 +17,7 @@ import time
 import click
 
 from jobs import SpecError, load_spec, spec_hash
+from jobs.messages import first_line
 from storage import StorageError, Unreachable, job_store
 
 ROOT_HELP = "Storage root URL (overrides storage.root): a path, file://, gs://, s3://, memory://."
@@ -51,7 +52,7 @@ class _Group(click.Group):
         except Exception as exc:
             if ctx.params.get("debug") or os.environ.get("TIMELLM_JOB_DEBUG"):
                 raise
-            first = (str(exc).strip().splitlines() or [""])[0][:500]
+            first = first_line(exc, 500)
             what = "storage" if isinstance(exc, StorageError) else type(exc).__name__
             click.echo(f"error: {what}: {first} (run with --debug for the traceback)", err=True)
             sys.exit(1)

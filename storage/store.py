@@ -25,6 +25,7 @@ from typing import Any
 
 import fsspec
 
+from jobs.messages import first_line
 from storage.backends import CHUNK, Backend, backend_for
 from storage.retry import StorageError, call
 
@@ -108,7 +109,7 @@ class Store:
             raise Unreachable(f"cannot reach {self.url}: no answer within {within_s:.0f} s")
         if answer[0] is not None:
             exc = answer[0]
-            cause = (str(exc).strip().splitlines() or [""])[0][:300]
+            cause = first_line(exc)
             raise Unreachable(f"cannot reach {self.url}: {type(exc).__name__}: {cause}")
 
     def bounded(self, retry_s: float) -> Store:

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from jobs.messages import first_line
+
 
 class BackboneError(ValueError):
     """A backbone that cannot be built as specified; the message names the field."""
@@ -85,7 +87,7 @@ def from_hub(call, name: str, within_s: float | None = None):
     except Exception as exc:
         if not hub_transient(exc):
             raise
-        cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        cause = first_line(exc, 200)
         raise HubUnreachable(f"model.backbone.pretrained: the hub did not answer for {name!r} within {limit:.0f} s "
                              f"({cause}); an outage is not bad input: nothing is wrong with the job, run it again "
                              f"when the hub answers") from None
@@ -226,7 +228,7 @@ def load_backbone(model_spec, device: str) -> Backbone:
         try:
             config = from_hub(lambda: AutoConfig.from_pretrained(name, revision=spec.revision), name)
         except (OSError, ValueError) as exc:
-            cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            cause = first_line(exc)
             raise BackboneError(f"model.backbone.pretrained: cannot load {name!r}: {cause}") from None
         depth = _depth(config)
         layers = model_spec.llm_layers or depth

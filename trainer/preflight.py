@@ -20,6 +20,7 @@ import sys
 import torch
 
 from jobs import JobSpec
+from jobs.messages import first_line
 from trainer import memory
 from trainer.backbone import BackboneError, HubUnreachable, default_device, from_hub
 from trainer.data import DataError, data_options, load_splits
@@ -64,7 +65,7 @@ def hub_problems(name: str, revision: str | None) -> list[str]:
     except HubUnreachable as err:
         print(f"warning: {err}", file=sys.stderr)  # not a problem: the run retries
     except (OSError, ValueError) as exc:
-        cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        cause = first_line(exc)
         return [f"model.backbone.pretrained: cannot load {name!r}: {cause}"]
     return []
 
@@ -87,7 +88,7 @@ def quantization_problem(spec: JobSpec, device: str) -> str | None:
         if not bool(torch.isfinite(out).all()):
             raise RuntimeError("the layer's output is not finite")
     except Exception as exc:  # noqa: BLE001 - any failure means the job cannot run
-        cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        cause = first_line(exc, 200)
         return (f"model.quantization: {q} cannot run on {device} with the installed bitsandbytes "
                 f"{getattr(bnb, '__version__', '?')} ({type(exc).__name__}: {cause}); install a bitsandbytes "
                 f"that supports it there (0.50 runs nf4 and int8 on CPU and CUDA) or set model.quantization: none")

@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from jobs.messages import first_line
+
 # upstream's module names -> ours (the same blocks of the paper; kept as one table on purpose)
 NAME_MAP = {
     "patch_embedding.value_embedding.tokenConv.weight": "patch_embedding.value_embedding.tokenConv.weight",
@@ -87,7 +89,7 @@ def read_upstream(path: str | Path) -> Upstream:
             except RuntimeError as exc:  # the legacy (pre-zip) format cannot be mapped
                 if zipfile.is_zipfile(path):
                     raise ImportRefused(f"{path.name}: not a readable torch checkpoint: "
-                                        f"{str(exc).splitlines()[0][:200]}") from None
+                                        f"{first_line(exc, 200)}") from None
                 obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise _refusal(path) from None
