@@ -49,12 +49,9 @@ def collect(job: Store, name: str, verify_hashes: bool = False, spec_hash: str |
                          f"the orchestrator vanished: {gone}") + "; run submit again to resume"
     fold_results(status, job)
     open_attempt = status.attempts[-1] if status.attempts and status.attempts[-1].ended_at is None else None
-    if open_attempt is not None and not live:  # its runtime is gone: it ended at its last heartbeat
-        open_attempt.ended_at = beat_time or open_attempt.started_at
-        goodput(status, time.time())
-        open_attempt.ended_at = None
-    else:
-        goodput(status, time.time())
+    # an open attempt counts until now; one whose runtime is gone ended at its last heartbeat
+    gone_at = (beat_time or open_attempt.started_at) if open_attempt is not None and not live else None
+    goodput(status, gone_at if gone_at is not None else time.time())
     doc = status.to_json_dict()
     doc["backbone_cache"] = summaries(job, BACKBONE)
     for a in doc["attempts"]:
