@@ -1,6 +1,8 @@
 """A runtime that vanishes without a word (a Colab disconnect: every process SIGKILLed at once):
-the status says ``interrupted``, never ``running``, and the next submit closes the attempt the
-dead runtime left open as ``lost``. The restart budget is per submit."""
+the status says ``interrupted``, never ``running``, the trainer does not outlive its
+orchestrator, and the next submit takes the lease of the dead pid at once, closes the attempt
+the dead runtime left open as ``lost`` and ends bit for bit where one uninterrupted run ends.
+The restart budget is per submit."""
 
 from __future__ import annotations
 
