@@ -34,19 +34,20 @@ def test_chaos_ends_bit_identical_and_never_loads_a_corrupted_checkpoint(tmp_pat
         summary = run.summary()
     finally:
         run.stop()
+    print(summary)  # shown with a failure
     assert run.submit.returncode == 0 and summary["phase"] == "completed", summary
     assert summary["events"] == {"kill": 8, "group": 2, "sigterm": 1, "sigstop": 1, "corrupt": 1,
                                  "second": 1, "stall": 1}, summary
     assert summary["kills_mid_write"] >= 1, summary
     assert summary["faults_injected"] >= 20, summary
-    assert summary["sigterm_exits"] == [143]
+    assert summary["sigterm_exits"] == [143], summary
     assert summary["steps_lost"]["sigterm"] == [0], summary  # a preempt checkpoint of the step reached
     # a kill loses what the newest committed checkpoint does not hold: at most the steps since
     # the previous save plus those trained while the newest one was still being written
     assert all(0 <= n <= 2 * chaos.SAVE_STEPS for n in summary["steps_lost"]["kill"]), summary
     assert len(summary["corrupted"]) == 1 and summary["skipped_corrupted"] >= 1, summary
     assert summary["resumed_from_corrupted"] == [], summary
-    assert summary["second_submits"] == {"exits": [3], "said_held": 1, "lease_untouched": 1, "first_alive": 1}
+    assert summary["second_submits"] == {"exits": [3], "said_held": 1, "lease_untouched": 1, "first_alive": 1}, summary
     stalled = summary["stalled_runtimes"]
     assert stalled["exits"] == [3] and stalled["resumed_from_late"] == [], summary
     assert all(new == old + 1 for old, new in stalled["generations"]), summary
