@@ -302,6 +302,10 @@ class Chaos:
                 self.heartbeat(record["attempt"] + 1).get("start_step")
             if reached is not None and resumed is not None:
                 lost[record["kind"]].append(reached - resumed)
+                # a save the attempt had passed (saves begin once their step is done) was not
+                # committed: the kill landed inside that write
+                passed = (reached - 1) // SAVE_STEPS * SAVE_STEPS
+                record["in_write"] = record.get("mid_write", False) or resumed < passed
         resumed_corrupt = [a["number"] for a in attempts if a.get("resumed_from")
                            and a["resumed_from"]["id"] in self.corrupted
                            and a["started_at"] > self.corrupted[a["resumed_from"]["id"]]]
@@ -311,7 +315,10 @@ class Chaos:
         resumed_late = [a["number"] for a in attempts if a.get("resumed_from")
                         and a["resumed_from"]["id"] in set(self.late_commits())]
         return {"events": dict(Counter(r["kind"] for r in self.log)),
-                "kills_mid_write": sum(1 for r in self.log if r.get("mid_write")),
+                "kills_mid_write": sum(1 for r in self.log if r.get("mid_write")),  # a torn folder seen
+                # ... or the next attempt fell back past a save the killed one had begun (on GCS a
+                # file is visible only once its upload is finished: a torn folder may show nothing)
+                "kills_in_a_write": sum(1 for r in self.log if r["kind"] == "kill" and r.get("in_write")),
                 "sigterm_exits": [r["exit"] for r in self.log if r["kind"] == "sigterm"],
                 "second_submits": {"exits": [r["exit"] for r in seconds],
                                    "said_held": sum(r["said_held"] for r in seconds),

@@ -38,7 +38,7 @@ def test_chaos_ends_bit_identical_and_never_loads_a_corrupted_checkpoint(tmp_pat
     assert run.submit.returncode == 0 and summary["phase"] == "completed", summary
     assert summary["events"] == {"kill": 8, "group": 2, "sigterm": 1, "sigstop": 1, "corrupt": 1,
                                  "second": 1, "stall": 1}, summary
-    assert summary["kills_mid_write"] >= 1, summary
+    assert summary["kills_in_a_write"] >= 1, summary
     assert summary["faults_injected"] >= 20, summary
     assert summary["sigterm_exits"] == [143], summary
     assert summary["steps_lost"]["sigterm"] == [0], summary  # a preempt checkpoint of the step reached
