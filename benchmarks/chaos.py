@@ -47,7 +47,6 @@ from storage import lease as leases  # noqa: E402
 from storage.documents import read_json  # noqa: E402
 
 KINDS = ("kill", "group", "sigterm", "sigstop", "corrupt", "second", "stall")
-EXIT_HELD = 3  # submit: the job is held by another live orchestrator, or this one was fenced
 SAVE_STEPS = 5
 HEARTBEAT_TIMEOUT_S = 8
 
