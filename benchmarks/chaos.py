@@ -294,6 +294,8 @@ class Chaos:
         state = self.state()
         attempts = state.get("attempts") or []
         lost: dict[str, list[int]] = {k: [] for k in KINDS if k != "second"}
+        skipped = {a["number"]: {s.split(":")[0] for s in a.get("skipped_checkpoints") or []} for a in attempts}
+        kills = []  # (steps lost, whether the next attempt had to skip a corrupted checkpoint)
         for record in self.log:  # the step the attempt reached -> where the next one started
             if record["kind"] == "second":
                 continue
@@ -305,6 +307,9 @@ class Chaos:
                 # committed: the kill landed inside that write
                 passed = (reached - 1) // SAVE_STEPS * SAVE_STEPS
                 record["in_write"] = record.get("mid_write", False) or resumed < passed
+                if record["kind"] == "kill":
+                    kills.append([reached - resumed,
+                                  bool(skipped.get(record["attempt"] + 1, set()) & set(self.corrupted))])
         resumed_corrupt = [a["number"] for a in attempts if a.get("resumed_from")
                            and a["resumed_from"]["id"] in self.corrupted
                            and a["started_at"] > self.corrupted[a["resumed_from"]["id"]]]
@@ -331,6 +336,9 @@ class Chaos:
                 "faults_injected": sum(p.failed for p in self.proxies),
                 "corrupted": sorted(self.corrupted), "skipped_corrupted": skipped_corrupt,
                 "resumed_from_corrupted": resumed_corrupt, "steps_lost": lost,
+                # a kill after which a corrupted checkpoint was skipped falls back one save further
+                "kills_past_a_corrupted_checkpoint": [n for n, past in kills if past],
+                "kills_not_past_a_corrupted_checkpoint": [n for n, past in kills if not past],
                 "reasons": dict(Counter((a.get("reason") or "").split(" (")[0].split(":")[0] for a in attempts))}
 
 
