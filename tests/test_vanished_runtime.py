@@ -27,6 +27,10 @@ def test_a_vanished_runtime_reads_interrupted_and_its_attempt_is_closed_as_lost(
     attempt = running_trainer(job)
     wait_for_new_ground(tmp_path, job, attempt["number"], steps=5)
     wait_for_step(job, 5)  # a state flush with the heartbeat's step (the state is what survives)
+    deadline = time.time() + 300  # a committed checkpoint: the next runtime resumes, not restarts
+    while not list((job / "checkpoints").glob("*-step/manifest.json")):
+        assert time.time() < deadline and proc.poll() is None, "no checkpoint was committed"
+        time.sleep(0.1)
     live = run(tmp_path, "status", str(spec), "--json")
     assert json.loads(live.stdout)["phase"] == "running" and "Warning" not in live.stderr, live.stderr
     os.killpg(proc.pid, signal.SIGKILL)  # everything dies at once: nobody writes the state
