@@ -249,8 +249,7 @@ class Chaos:
         held = leases.read(self.store)
         old_proxy.stall()
         deadline = time.time() + 300
-        while (lease := leases.read(self.store)) is not None and lease.generation == held.generation \
-                and not lease.holder_is_dead():
+        while (live := leases.live_holder(self.store)) is not None and live.generation == held.generation:
             if time.time() > deadline:
                 raise AssertionError("the stalled runtime's lease never expired")
             time.sleep(0.2)
@@ -294,8 +293,8 @@ class Chaos:
         state = self.state()
         attempts = state.get("attempts") or []
         lost: dict[str, list[int]] = {k: [] for k in KINDS if k != "second"}
-        skipped = {a["number"]: {s.split(":")[0] for s in a.get("skipped_checkpoints") or []} for a in attempts}
-        kills = []  # (steps lost, whether the next attempt had to skip a corrupted checkpoint)
+        skipped = {a["number"]: [s.split(":")[0] for s in a.get("skipped_checkpoints") or []] for a in attempts}
+        past_corrupted = []  # per entry of lost["kill"]: the next attempt had to skip a corrupted checkpoint
         for record in self.log:  # the step the attempt reached -> where the next one started
             if record["kind"] == "second":
                 continue
@@ -308,16 +307,14 @@ class Chaos:
                 passed = (reached - 1) // SAVE_STEPS * SAVE_STEPS
                 record["in_write"] = record.get("mid_write", False) or resumed < passed
                 if record["kind"] == "kill":
-                    kills.append([reached - resumed,
-                                  bool(skipped.get(record["attempt"] + 1, set()) & set(self.corrupted))])
+                    past_corrupted.append(any(c in self.corrupted for c in skipped.get(record["attempt"] + 1, [])))
         resumed_corrupt = [a["number"] for a in attempts if a.get("resumed_from")
                            and a["resumed_from"]["id"] in self.corrupted
                            and a["started_at"] > self.corrupted[a["resumed_from"]["id"]]]
-        skipped_corrupt = sum(1 for a in attempts for s in a.get("skipped_checkpoints") or []
-                              if s.split(":")[0] in self.corrupted)
+        skipped_corrupt = sum(1 for ids in skipped.values() for c in ids if c in self.corrupted)
         seconds = [r for r in self.log if r["kind"] == "second"]
-        resumed_late = [a["number"] for a in attempts if a.get("resumed_from")
-                        and a["resumed_from"]["id"] in set(self.late_commits())]
+        late = set(self.late_commits())
+        resumed_late = [a["number"] for a in attempts if a.get("resumed_from") and a["resumed_from"]["id"] in late]
         return {"events": dict(Counter(r["kind"] for r in self.log)),
                 "kills_mid_write": sum(1 for r in self.log if r.get("mid_write")),  # a torn folder seen
                 # ... or the next attempt fell back past a save the killed one had begun (on GCS a
@@ -337,8 +334,8 @@ class Chaos:
                 "corrupted": sorted(self.corrupted), "skipped_corrupted": skipped_corrupt,
                 "resumed_from_corrupted": resumed_corrupt, "steps_lost": lost,
                 # a kill after which a corrupted checkpoint was skipped falls back one save further
-                "kills_past_a_corrupted_checkpoint": [n for n, past in kills if past],
-                "kills_not_past_a_corrupted_checkpoint": [n for n, past in kills if not past],
+                "kills_past_a_corrupted_checkpoint": [n for n, p in zip(lost["kill"], past_corrupted, strict=True) if p],
+                "kills_not_past_a_corrupted_checkpoint": [n for n, p in zip(lost["kill"], past_corrupted, strict=True) if not p],
                 "reasons": dict(Counter((a.get("reason") or "").split(" (")[0].split(":")[0] for a in attempts))}
 
 
