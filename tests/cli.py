@@ -90,6 +90,14 @@ def wait_for_new_ground(tmp: Path, job: Path, attempt: int, steps: int = 2, time
                         timeout, f"made no progress past step {beyond}")
 
 
+def wait_for_checkpoint(job: Path, kind: str, submit: subprocess.Popen, timeout: float = 300) -> None:
+    """Wait until a checkpoint of ``kind`` is committed in ``job`` while ``submit`` runs."""
+    deadline = time.time() + timeout
+    while not list((job / "checkpoints").glob(f"*-{kind}/manifest.json")):
+        assert time.time() < deadline and submit.poll() is None, f"no {kind} checkpoint was committed"
+        time.sleep(0.1)
+
+
 def wait_for_step(job: Path, step: int, timeout: float = 120) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:

@@ -14,7 +14,16 @@ import time
 
 import psutil
 import pytest
-from cli import SLOW, run, running_trainer, start, state, wait_for_new_ground, wait_for_step
+from cli import (
+    SLOW,
+    run,
+    running_trainer,
+    start,
+    state,
+    wait_for_checkpoint,
+    wait_for_new_ground,
+    wait_for_step,
+)
 from jobfiles import final_state, job_dir, quick_spec
 
 pytestmark = pytest.mark.slow
@@ -27,10 +36,7 @@ def test_a_vanished_runtime_reads_interrupted_and_its_attempt_is_closed_as_lost(
     attempt = running_trainer(job)
     wait_for_new_ground(tmp_path, job, attempt["number"], steps=5)
     wait_for_step(job, 5)  # a state flush with the heartbeat's step (the state is what survives)
-    deadline = time.time() + 300  # a committed checkpoint: the next runtime resumes, not restarts
-    while not list((job / "checkpoints").glob("*-step/manifest.json")):
-        assert time.time() < deadline and proc.poll() is None, "no checkpoint was committed"
-        time.sleep(0.1)
+    wait_for_checkpoint(job, "step", proc)  # a committed checkpoint: the next runtime resumes, not restarts
     live = run(tmp_path, "status", str(spec), "--json")
     assert json.loads(live.stdout)["phase"] == "running" and "Warning" not in live.stderr, live.stderr
     os.killpg(proc.pid, signal.SIGKILL)  # everything dies at once: nobody writes the state
@@ -129,10 +135,7 @@ def test_a_preempt_checkpoint_that_would_not_fit_the_grace_period_is_not_started
     job = job_dir(spec)
     proc = start(tmp_path, "submit", str(spec), TIMELLM_JOB_TEST_STEP_DELAY_S="0.3", TIMELLM_JOB_TEST_WRITE_DELAY_S="4")
     attempt = running_trainer(job)
-    deadline = time.time() + 300
-    while not list((job / "checkpoints").glob("*-best/manifest.json")):  # the best after epoch 0 (slow to write)
-        assert time.time() < deadline and proc.poll() is None
-        time.sleep(0.2)
+    wait_for_checkpoint(job, "best", proc)  # the best after epoch 0 (slow to write)
     _wait = time.time() + 60
     while (json.loads((tmp_path / "work").joinpath(next(os.walk(tmp_path / "work"))[1][0],
                                                    f"heartbeat-{attempt['number']:03d}.json").read_text())
