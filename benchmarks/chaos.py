@@ -128,6 +128,14 @@ class Chaos:
                 pass
         return {}
 
+    def reported_resume(self, attempt: dict) -> dict:
+        """The checkpoint the attempt resumed from and the ones it skipped: from its trainer's
+        heartbeat, else (no heartbeat file) from its record in state.json."""
+        beat = self.heartbeat(attempt["number"])
+        if "start_step" in beat:
+            return {"resumed_from": beat.get("resumed_from"), "skipped": beat.get("skipped") or []}
+        return {"resumed_from": attempt.get("resumed_from"), "skipped": attempt.get("skipped_checkpoints") or []}
+
     def running_attempt(self, after: int, timeout: float = 180) -> dict | None:
         deadline = time.time() + timeout
         while time.time() < deadline:
@@ -293,7 +301,10 @@ class Chaos:
         state = self.state()
         attempts = state.get("attempts") or []
         lost: dict[str, list[int]] = {k: [] for k in KINDS if k != "second"}
-        skipped = {a["number"]: [s.split(":")[0] for s in a.get("skipped_checkpoints") or []] for a in attempts}
+        # where each attempt resumed and what it skipped, as its trainer reported it (the state of
+        # an attempt whose runtime vanished may not have recorded it yet)
+        reported = {a["number"]: self.reported_resume(a) for a in attempts}
+        skipped = {n: [s.split(":")[0] for s in r["skipped"]] for n, r in reported.items()}
         past_corrupted = []  # per entry of lost["kill"]: the next attempt had to skip a corrupted checkpoint
         for record in self.log:  # the step the attempt reached -> where the next one started
             if record["kind"] == "second":
@@ -308,13 +319,12 @@ class Chaos:
                 record["in_write"] = record.get("mid_write", False) or resumed < passed
                 if record["kind"] == "kill":
                     past_corrupted.append(any(c in self.corrupted for c in skipped.get(record["attempt"] + 1, [])))
-        resumed_corrupt = [a["number"] for a in attempts if a.get("resumed_from")
-                           and a["resumed_from"]["id"] in self.corrupted
-                           and a["started_at"] > self.corrupted[a["resumed_from"]["id"]]]
+        resumed_corrupt = [a["number"] for a in attempts if (r := reported[a["number"]]["resumed_from"])
+                           and r["id"] in self.corrupted and a["started_at"] > self.corrupted[r["id"]]]
         skipped_corrupt = sum(1 for ids in skipped.values() for c in ids if c in self.corrupted)
         seconds = [r for r in self.log if r["kind"] == "second"]
         late = set(self.late_commits())
-        resumed_late = [a["number"] for a in attempts if a.get("resumed_from") and a["resumed_from"]["id"] in late]
+        resumed_late = [n for n, r in reported.items() if r["resumed_from"] and r["resumed_from"]["id"] in late]
         return {"events": dict(Counter(r["kind"] for r in self.log)),
                 "kills_mid_write": sum(1 for r in self.log if r.get("mid_write")),  # a torn folder seen
                 # ... or the next attempt fell back past a save the killed one had begun (on GCS a
@@ -333,6 +343,9 @@ class Chaos:
                 "faults_injected": sum(p.failed for p in self.proxies),
                 "corrupted": sorted(self.corrupted), "skipped_corrupted": skipped_corrupt,
                 "resumed_from_corrupted": resumed_corrupt, "steps_lost": lost,
+                # attempts whose trainer resumed but whose record in state.json does not say so
+                "resume_not_recorded": [a["number"] for a in attempts if reported[a["number"]]["resumed_from"]
+                                        and not a.get("resumed_from")],
                 # a kill after which a corrupted checkpoint was skipped falls back one save further
                 "kills_past_a_corrupted_checkpoint": [n for n, p in zip(lost["kill"], past_corrupted, strict=True) if p],
                 "kills_not_past_a_corrupted_checkpoint": [n for n, p in zip(lost["kill"], past_corrupted, strict=True) if not p],

@@ -15,9 +15,10 @@ Job phases (jobs.status.Phase) as the supervisor drives them::
 
 Each tick (at most ``TICK_S``, and at once when the trainer exits or a signal arrives):
 renew the lease when due, fold the heartbeat into the state, kill a trainer whose heartbeat is
-older than ``run.heartbeat_timeout_s``, flush ``state.json`` now and then, and look for a stop
-request (``timellm-job stop`` from any machine writes ``stop.json``) every ``STOP_POLL_S``: it is
-taken as SIGTERM (with ``now``, as a second signal), and removed.
+older than ``run.heartbeat_timeout_s``, flush ``state.json`` now and then (at once when an
+attempt's resume point and skipped checkpoints are first known), and look for a stop request
+(``timellm-job stop`` from any machine writes ``stop.json``) every ``STOP_POLL_S``: it is taken
+as SIGTERM (with ``now``, as a second signal), and removed.
 
 A crash loop is ``run.crash_loop_limit`` failed attempts in a row that ended at the same step
 with the same reason: restarting again would only repeat it. The restart budget
@@ -68,6 +69,7 @@ class Supervisor:
         self.log_uploaded = 0.0
         self.log_uploader: LogUploader | None = None
         self.plan_said = 0  # the attempt whose memory plan was printed
+        self.resume_recorded = 0  # the attempt whose resume point (and skipped checkpoints) state.json holds
         self.forced = False  # a second signal killed the trainer at once
         self.grace_over = False  # the grace period ran out and the trainer was killed
         self.stopped_without_checkpoint: str | None = None  # why, when stopping killed the trainer
@@ -220,6 +222,11 @@ class Supervisor:
         beat = proc.heartbeat()
         self.state.fold_heartbeat(beat)
         self.on_progress(beat)
+        if beat and "start_step" in beat and self.resume_recorded != proc.attempt:
+            # where the attempt resumed and what it skipped goes on record at once, not at the next
+            # periodic flush: a runtime that vanishes before then would leave it out of the attempt
+            self.resume_recorded = proc.attempt
+            self.state.flush()
         plan = self.state.attempt.memory_plan if self.state.attempt else None
         if plan and self.plan_said != proc.attempt:
             self.plan_said = proc.attempt

@@ -9,6 +9,7 @@ import http.client
 import http.server
 import socket
 import socketserver
+import sys
 import threading
 import time
 from urllib.parse import urlsplit
@@ -80,6 +81,11 @@ class FaultyProxy:
 
         class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
             daemon_threads = True
+
+            def handle_error(self, request, client_address):
+                if isinstance(sys.exc_info()[1], ConnectionError):  # a killed client: expected here
+                    return
+                super().handle_error(request, client_address)
 
         self.server = Server(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"

@@ -2,7 +2,8 @@
 the status says ``interrupted``, never ``running``, the trainer does not outlive its
 orchestrator, and the next submit takes the lease of the dead pid at once, closes the attempt
 the dead runtime left open as ``lost`` and ends bit for bit where one uninterrupted run ends.
-The restart budget is per submit."""
+The restart budget is per submit. Where an attempt resumed is on record as soon as its trainer
+says so."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import json
 import math
 import os
 import signal
+import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -25,6 +28,12 @@ from cli import (
     wait_for_step,
 )
 from jobfiles import final_state, job_dir, quick_spec
+
+from jobs import load_spec, spec_hash
+from orchestrator.attempt import TrainerProcess
+from orchestrator.jobstate import JobState
+from orchestrator.supervisor import Supervisor
+from storage import job_store
 
 pytestmark = pytest.mark.slow
 
@@ -72,7 +81,6 @@ def test_a_vanished_runtime_reads_interrupted_and_its_attempt_is_closed_as_lost(
     # TensorBoard (the tensorboard extra): the job's event files, read by TensorBoard itself
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from storage import job_store
     from storage.metrics_log import read_metrics
 
     records = read_metrics(job_store(str(tmp_path / "root"), "quick"))
@@ -152,3 +160,52 @@ def test_a_preempt_checkpoint_that_would_not_fit_the_grace_period_is_not_started
     assert "more than the 4 s grace period allows" in reason and f"the newest whole checkpoint is {best[0]}" in reason
     assert doc["phase"] == "preempted" and "no preempt checkpoint" in doc["reason"]
     assert not any(c["kind"] == "preempt" for c in doc["checkpoints"])
+
+
+TRAINER = """
+import os, sys, time
+from pathlib import Path
+from trainer.reporting import Heartbeat
+beat, go = Heartbeat(os.environ["TIMELLM_JOB_HEARTBEAT"], interval=0), Path(sys.argv[1])
+beat.beat(force=True, phase="starting", step=0)
+while not (go / "resume").exists():
+    time.sleep(0.05)
+beat.beat(force=True, phase="training", resumed_from={"id": "000000014-step", "step": 14}, start_step=14, step=14,
+          skipped=["000000021-step: model.safetensors: sha256 does not match the manifest"])
+while not (go / "end").exists():
+    time.sleep(0.05)
+"""
+
+
+def test_where_an_attempt_resumed_is_on_record_at_once_not_at_the_next_periodic_flush(tmp_path):
+    """A runtime can vanish seconds after its trainer resumed (a Colab disconnect): state.json
+    must already say which checkpoint the attempt resumed from and which it skipped, not wait
+    for the next periodic flush (the record a new runtime closes the attempt with)."""
+    spec_path = quick_spec(tmp_path)
+    spec, folder = load_spec(spec_path), job_dir(spec_path)
+    job = job_store(str(folder.parent), folder.name)
+    record = JobState(job, spec.name, spec_hash(spec))
+    supervisor = Supervisor(spec, job, record, None, 60.0, lambda n, hint: [], tmp_path, lambda line: None)
+    repo = str(Path(__file__).resolve().parents[1])
+    proc = TrainerProcess([sys.executable, "-c", TRAINER, str(tmp_path)], tmp_path, 1, env={"PYTHONPATH": repo})
+    try:
+        record.begin_attempt(proc.pid, "here", proc.started_at)
+        record.flush()
+        deadline = time.time() + 60
+        while (proc.heartbeat() or {}).get("phase") != "starting":
+            assert time.time() < deadline and not proc.exited.is_set(), proc.log_path.read_text()
+            time.sleep(0.05)
+        supervisor._fold(proc)  # a beat with no resume point: nothing to put on record yet
+        assert state(folder)["attempts"][0].get("resumed_from") is None
+        (tmp_path / "resume").touch()
+        while "start_step" not in (proc.heartbeat() or {}):
+            assert time.time() < deadline and not proc.exited.is_set(), proc.log_path.read_text()
+            time.sleep(0.05)
+        supervisor._fold(proc)  # within the flush interval of the flush above: written at once all the same
+        attempt = state(folder)["attempts"][0]
+        assert attempt["resumed_from"] == {"id": "000000014-step", "step": 14} and attempt["start_step"] == 14
+        assert attempt["skipped_checkpoints"] == ["000000021-step: model.safetensors: sha256 does not match the manifest"]
+    finally:
+        (tmp_path / "end").touch()
+        proc.exited.wait(30)
+
