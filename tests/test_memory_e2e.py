@@ -63,8 +63,8 @@ def test_random_kills_with_micro_batches_checkpointing_and_fp16_end_bit_identica
 
 
 def test_an_out_of_memory_with_auto_plans_smaller_and_goes_on(tmp_path):
-    reference = train_once(tmp_path / "reference", train={"micro_batch_size": 8})
-    spec = quick_spec(tmp_path, train={"micro_batch_size": "auto"})
+    reference = train_once(tmp_path / "reference", train={"micro_batch_size": 8, "epochs": 1})
+    spec = quick_spec(tmp_path, train={"micro_batch_size": "auto", "epochs": 1})
     result = run(tmp_path, "submit", str(spec), TIMELLM_TEST_OOM_ABOVE_MICRO="8")
     assert result.returncode == 0, result.stderr
     doc = state(job_dir(spec))
@@ -81,7 +81,7 @@ def test_an_out_of_memory_with_auto_plans_smaller_and_goes_on(tmp_path):
 
 
 def test_an_out_of_memory_without_auto_fails_at_once_naming_what_to_change(tmp_path):
-    spec = quick_spec(tmp_path, train={"micro_batch_size": 16}, run={"max_restarts": 10})
+    spec = quick_spec(tmp_path, train={"micro_batch_size": 16, "epochs": 1}, run={"max_restarts": 10})
     result = run(tmp_path, "submit", str(spec), TIMELLM_TEST_OOM_ABOVE_MICRO="8")
     assert result.returncode == 1, result.stderr
     doc = state(job_dir(spec))
