@@ -18,6 +18,7 @@ tests/test_chaos.py runs the same engine with a CI-sized plan. Everything runs o
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import random
@@ -128,10 +129,10 @@ class Chaos:
                 pass
         return {}
 
-    def reported_resume(self, attempt: dict) -> dict:
+    @staticmethod
+    def reported_resume(attempt: dict, beat: dict) -> dict:
         """The checkpoint the attempt resumed from and the ones it skipped: from its trainer's
-        heartbeat, else (no heartbeat file) from its record in state.json."""
-        beat = self.heartbeat(attempt["number"])
+        heartbeat ``beat``, else (no heartbeat file) from its record in state.json."""
         if "start_step" in beat:
             return {"resumed_from": beat.get("resumed_from"), "skipped": beat.get("skipped") or []}
         return {"resumed_from": attempt.get("resumed_from"), "skipped": attempt.get("skipped_checkpoints") or []}
@@ -303,14 +304,15 @@ class Chaos:
         lost: dict[str, list[int]] = {k: [] for k in KINDS if k != "second"}
         # where each attempt resumed and what it skipped, as its trainer reported it (the state of
         # an attempt whose runtime vanished may not have recorded it yet)
-        reported = {a["number"]: self.reported_resume(a) for a in attempts}
+        heartbeat = functools.cache(self.heartbeat)  # each attempt's file read once
+        reported = {a["number"]: self.reported_resume(a, heartbeat(a["number"])) for a in attempts}
         skipped = {n: [s.split(":")[0] for s in r["skipped"]] for n, r in reported.items()}
         past_corrupted = []  # per entry of lost["kill"]: the next attempt had to skip a corrupted checkpoint
         for record in self.log:  # the step the attempt reached -> where the next one started
             if record["kind"] == "second":
                 continue
-            reached, resumed = self.heartbeat(record["attempt"]).get("step"), \
-                self.heartbeat(record["attempt"] + 1).get("start_step")
+            reached, resumed = heartbeat(record["attempt"]).get("step"), \
+                heartbeat(record["attempt"] + 1).get("start_step")
             if reached is not None and resumed is not None:
                 lost[record["kind"]].append(reached - resumed)
                 # a save the attempt had passed (saves begin once their step is done) was not
