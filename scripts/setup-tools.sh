@@ -3,6 +3,10 @@
 # strict validation), in their own venv (.venv-tools), so that their pins never meet the project's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# a link (an older checkout committed one) or a venv that no longer runs is made anew
+if [ -L .venv-tools ] || { [ -e .venv-tools ] && ! .venv-tools/bin/python -c '' 2>/dev/null; }; then
+  rm -rf .venv-tools
+fi
 if [ ! -x .venv-tools/bin/python ]; then
   python3 -m venv .venv-tools
 fi

@@ -4,6 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-}"
+# a link or a venv that no longer runs (its Python moved or was removed) is made anew
+if [ -L .venv ] || { [ -e .venv ] && ! .venv/bin/python -c '' 2>/dev/null; }; then
+  rm -rf .venv
+fi
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
