@@ -18,7 +18,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from storage.commit import TMP_PREFIX
+from storage.commit_strategy import TMP_PREFIX
 from storage.layout import CHECKPOINTS
 from storage.manifest import MANIFEST, Manifest, ManifestError, parse_manifest
 from storage.store import Store
@@ -40,9 +40,18 @@ class Listing:
     set_apart: dict[str, str] = field(default_factory=dict)  # folder -> why it is not the job's (kept)
 
 
-def list_checkpoints(job: Store, base: str = CHECKPOINTS, spec_hash: str | None = None) -> Listing:
-    """The job's committed checkpoints under ``base`` (newest first; of ``spec_hash`` when
-    given), and the rest."""
+SpecHashes = str | set[str] | frozenset[str] | tuple[str, ...] | None
+
+
+def _hashes(spec_hash: SpecHashes) -> set[str] | None:
+    return None if spec_hash is None else {spec_hash} if isinstance(spec_hash, str) else set(spec_hash)
+
+
+def list_checkpoints(job: Store, base: str = CHECKPOINTS, spec_hash: SpecHashes = None) -> Listing:
+    """The job's committed checkpoints under ``base`` (newest first; written for ``spec_hash``,
+    or for any of several when given a set: a job's hash and the one an earlier version gave
+    it), and the rest."""
+    hashes = _hashes(spec_hash)
     listing = Listing()
     for name, kind, _ in job.list_dir(base):
         if kind != "directory":
@@ -60,7 +69,7 @@ def list_checkpoints(job: Store, base: str = CHECKPOINTS, spec_hash: str | None 
             continue
         if manifest.id != name:
             listing.set_apart[name] = f"its manifest names checkpoint {manifest.id} (a copied folder)"
-        elif spec_hash is not None and manifest.spec_hash != spec_hash:
+        elif hashes is not None and manifest.spec_hash not in hashes:
             listing.set_apart[name] = "written for another spec"
         else:
             listing.committed.append(manifest)
@@ -76,7 +85,7 @@ def summaries(job: Store, base: str) -> list[dict]:
 
 def check_sizes(job: Store, manifest: Manifest, base: str = CHECKPOINTS) -> list[str]:
     """Cheap check: every listed file exists with its listed size."""
-    folder = f"{base}/{manifest.id}"
+    folder = manifest.data_folder(base)
     present = {name: size for name, kind, size in job.list_dir(folder) if kind == "file"}
     problems = []
     for name, entry in manifest.files.items():
@@ -92,7 +101,7 @@ def verify(job: Store, manifest: Manifest, hashes: bool = True, base: str = CHEC
     problems = check_sizes(job, manifest, base)
     if problems or not hashes:
         return problems
-    folder = f"{base}/{manifest.id}"
+    folder = manifest.data_folder(base)
     names = list(manifest.files)
     with ThreadPoolExecutor(max_workers=max(1, min(4, len(names)))) as pool:  # files in parallel, as load
         digests = list(pool.map(lambda name: job.hash_file(f"{folder}/{name}")[1], names))
@@ -109,7 +118,7 @@ def load(job: Store, manifest: Manifest, names: list[str] | None = None,
     problems = check_sizes(job, manifest, base)
     if problems:
         raise CorruptCheckpoint(manifest.id, problems)
-    folder = f"{base}/{manifest.id}"
+    folder = manifest.data_folder(base)
 
     def read(name: str) -> bytes:
         entry = manifest.files[name]
@@ -135,17 +144,21 @@ class Loaded:
     skipped: list[str]  # "<id>: why" for each newer checkpoint that did not verify
 
 
-def load_newest(job: Store, kinds: tuple[str, ...] | None = None, spec_hash: str | None = None,
-                skipped: list[str] | None = None) -> Loaded | None:
-    """The newest checkpoint (of ``kinds``, written for ``spec_hash``) that verifies, or None.
+def load_newest(job: Store, kinds: tuple[str, ...] | None = None, spec_hash: SpecHashes = None,
+                skipped: list[str] | None = None, at_or_before: list[int] | None = None) -> Loaded | None:
+    """The newest checkpoint (of ``kinds``, written for ``spec_hash``; with ``at_or_before``, at
+    that training position or earlier) that verifies, or None.
 
     Every newer checkpoint passed over is appended to ``skipped`` (and to the result's), with why.
     """
     skipped = [] if skipped is None else skipped
     listing = list_checkpoints(job, spec_hash=spec_hash)
     skipped.extend(f"{name}: {why}" for name, why in sorted(listing.set_apart.items()))
+    skipped.extend(f"{name}: {why}" for name, why in sorted(listing.unreadable.items()))
     for manifest in listing.committed:
         if kinds and manifest.kind not in kinds:
+            continue
+        if at_or_before is not None and list(manifest.progress) > list(at_or_before):
             continue
         try:
             return Loaded(manifest, load(job, manifest), skipped)

@@ -24,6 +24,7 @@ RESULTS = "results.json"
 BACKBONE = "backbone"
 STOP = "stop.json"  # a stop request for the running submit (timellm-job stop)
 TENSORBOARD = "tb"  # TensorBoard event files (trainer.tensorboard), with the tensorboard extra
+SET_APART = "set-apart"  # checkpoints (and documents) that did not verify, moved aside, never deleted
 
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 

@@ -7,10 +7,19 @@ Invariants:
   ifGenerationMatch=0 on GCS, If-None-Match on S3): of any number of takers racing for the
   next generation exactly one wins, and nothing is deleted before it is taken. Generations only
   grow (a released lease is marked released, never removed).
-- A lease document names owner (a random token), host, pid, expiry and its generation. Its
-  holder renews it (rewrites its own document) well before expiry; a holder that dies stops
-  renewing and the lease expires ``ttl_s`` later.
-- A lease is taken over only when expired, released, or held by a dead pid on this host.
+- A new generation is above every generation the job has recorded anywhere: the lease
+  documents, every checkpoint manifest's ``lease_generation`` and ``state.json``'s lease. A
+  lease folder deleted by hand (or a job copied without it) never makes new work rank below old.
+- A lease document names owner (a random token), host, pid, its TTL, a renewal count and its
+  generation, with times of the holder's clock for people to read. Its holder renews it
+  (rewrites its own document, the count one higher) every third of the TTL, timed on its own
+  monotonic clock; a holder that dies stops renewing.
+- Expiry is judged on the observer's own monotonic clock, never by comparing two machines'
+  clocks: a lease is taken over only when released, held by a dead pid on this host, or when
+  its document stayed unchanged for a whole TTL while the taker watched (Kubernetes' leader
+  election judges the same way). A document that changes while watched is a live holder.
+  ``live_holder`` (status, stop, list, import) believes a document whose times say it is live,
+  and watches one whose times say it expired for a renewal interval before calling it gone.
 - Fencing: a holder is *fenced* as soon as a higher generation exists. ``renew`` and
   :class:`Fence` check it; every writer checks its fence right before each commit and stops at
   once (:class:`LeaseLost`) when fenced, leaving the newer holder's objects untouched.
@@ -29,16 +38,45 @@ import re
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Protocol
 
 import psutil
 
-from storage.layout import LEASE, LEASES
+from storage.checkpoints import list_checkpoints
+from storage.documents import read_json
+from storage.layout import LEASE, LEASES, STATE
 from storage.store import Store
 
 _GENERATION = re.compile(r"^(\d{10})\.json$")
 KEEP_GENERATIONS = 3  # the newest documents kept as history; older ones are removed by the holder
 CHECK_RETRY_S = 10.0  # a fence check's retries in all (well under the default renewal interval, 20 s)
+MAX_TTL_S = 24 * 3600.0  # a document claiming a longer TTL is judged with the observer's own
+
+
+class Clock(Protocol):
+    """Time as the lease sees it: ``monotonic`` judges expiry; ``time`` only stamps documents."""
+
+    def time(self) -> float: ...
+
+    def monotonic(self) -> float: ...
+
+    def sleep(self, seconds: float) -> None: ...
+
+
+class SystemClock:
+    def time(self) -> float:
+        return time.time()
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+
+SYSTEM = SystemClock()
 
 
 def _bounded(job: Store, ttl_s: float | None = None) -> Store:
@@ -52,10 +90,12 @@ class Lease:
     owner: str
     host: str
     pid: int
-    acquired_at: float
-    expires_at: float
+    acquired_at: float  # the holder's clock: for people, never compared with another machine's
+    expires_at: float  # likewise
     generation: int = 0
     released: bool = False
+    ttl_s: float = 0.0  # 0: written by a version before it (judged with the observer's TTL)
+    renewals: int = 0
 
     def to_bytes(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -64,22 +104,28 @@ class Lease:
     def from_bytes(cls, data: bytes) -> Lease:
         doc = json.loads(data)
         return cls(**{k: doc[k] for k in ("owner", "host", "pid", "acquired_at", "expires_at")},
-                   generation=int(doc.get("generation", 0)), released=bool(doc.get("released", False)))
+                   generation=int(doc.get("generation", 0)), released=bool(doc.get("released", False)),
+                   ttl_s=float(doc.get("ttl_s", 0.0) or 0.0), renewals=int(doc.get("renewals", 0) or 0))
+
+    def dead_here(self) -> bool:
+        """Held by a process of this host that is gone (no clock involved)."""
+        return self.host == socket.gethostname() and not _pid_alive(self.pid)
 
     def holder_is_dead(self, now: float | None = None) -> bool:
+        """What the document's own times say (a hint for people: expiry is judged by watching,
+        see :func:`acquire` and :func:`live_holder`)."""
         now = time.time() if now is None else now
-        if self.released or self.expires_at <= now:
-            return True
-        return self.host == socket.gethostname() and not _pid_alive(self.pid)
+        return self.released or self.expires_at <= now or self.dead_here()
+
+    def ttl(self, fallback: float) -> float:
+        return self.ttl_s if 0 < self.ttl_s <= MAX_TTL_S else fallback
 
 
 class LeaseHeld(RuntimeError):
-    def __init__(self, holder: Lease):
+    def __init__(self, holder: Lease, why: str = "its lease was renewed while this submit watched it"):
         self.holder = holder
-        left = max(0.0, holder.expires_at - time.time())
-        super().__init__(f"the job is held by orchestrator pid {holder.pid} on {holder.host} "
-                         f"(lease expires in {left:.0f} s, at {time.strftime('%H:%M:%S', time.localtime(holder.expires_at))}"
-                         f"); wait for it, or stop that process")
+        super().__init__(f"the job is held by orchestrator pid {holder.pid} on {holder.host} ({why}); "
+                         f"wait for it to end, or stop it (timellm-job stop)")
 
 
 class LeaseLost(RuntimeError):
@@ -141,33 +187,108 @@ def read(job: Store) -> Lease | None:
     return None
 
 
-def live_holder(job: Store) -> Lease | None:
-    """The lease's holder, while it lives (not expired, not released, not a dead pid on this host)."""
+def live_holder(job: Store, clock: Clock = SYSTEM, ttl_s: float = 60.0) -> Lease | None:
+    """The lease's holder, while it lives: not released, not a dead pid on this host, and either
+    its document's times say it lives or, when they say it expired (which a clock ahead of the
+    holder's also says), the document changes within one renewal interval while watched."""
     holder = read(job)
-    return holder if holder is not None and not holder.holder_is_dead() else None
+    if holder is None or holder.dead_here():
+        return None
+    if holder.expires_at > clock.time():
+        return holder
+    watch = holder.ttl(ttl_s) / 3 + _poll_s(ttl_s) * 2  # one renewal, and a poll to see it
+    start, first = clock.monotonic(), _current(job)
+    while clock.monotonic() - start < watch:
+        clock.sleep(_poll_s(ttl_s))
+        now = _current(job)
+        if now != first:
+            newer = read(job)
+            return newer if newer is not None and not newer.dead_here() else None
+    return None
 
 
-def acquire(job: Store, ttl_s: float) -> Lease:
-    """Take the next generation of the lease, or raise LeaseHeld naming the live holder."""
+def recorded_generation(job: Store) -> int:
+    """The highest lease generation the job has recorded anywhere: its lease documents, its
+    checkpoint manifests and its state document (0: none)."""
+    return max(newest_generation(job), _recorded_elsewhere(job))
+
+
+def _recorded_elsewhere(job: Store) -> int:
+    """The highest generation in the job's manifests and state document. Each is written by a
+    holder after its lease document exists, so a taker that reads these and then finds the lease
+    folder unchanged knows of no live holder above what it judged."""
+    found = [m.lease_generation or 0 for m in list_checkpoints(job).committed]
+    try:
+        state = read_json(job, STATE)
+    except ValueError:  # a torn state.json records nothing readable
+        state = None
+    lease = state.get("lease") if isinstance(state, dict) else None
+    if isinstance(lease, dict) and isinstance(lease.get("generation"), int):
+        found.append(lease["generation"])
+    return max(found, default=0)
+
+
+def _current(job: Store) -> tuple[int, bytes | None]:
+    """The top generation and its document's bytes (the legacy lease.json when there is none)."""
+    top = newest_generation(job)
+    try:
+        return top, job.read_bytes(_path(top) if top else LEASE)
+    except FileNotFoundError:
+        return top, None
+
+
+def acquire(job: Store, ttl_s: float, clock: Clock = SYSTEM,
+            on_wait: Callable[[Lease, float], None] | None = None) -> Lease:
+    """Take the next generation of the lease, or raise LeaseHeld naming the live holder.
+
+    A document that is not released and not held by a dead pid of this host is watched: if it
+    changes, its holder lives (LeaseHeld); once it stayed the same for a whole TTL on this
+    machine's monotonic clock, its holder is gone, whatever its times say. ``on_wait`` is told
+    once when watching starts (the holder, and for how long at most).
+    """
     job = _bounded(job, ttl_s)
-    for _ in range(5):
-        top = newest_generation(job)
-        holder = _read_generation(job, top) if top else _legacy(job)
-        if top and holder is None:
+    watched: tuple[int, bytes] | None = None
+    since = 0.0
+    while True:
+        top, raw = _current(job)
+        if top and raw is None:
+            continue  # pruned between the listing and the read: list again
+        holder = _parse(raw, top) if raw is not None else None
+        if holder is not None and not holder.released and not holder.dead_here():
+            key = (top, raw)
+            if watched is not None and key != watched:
+                raise LeaseHeld(holder)
+            if watched is None:
+                watched, since = key, clock.monotonic()
+                if on_wait is not None:
+                    on_wait(holder, holder.ttl(ttl_s))
+            left = holder.ttl(ttl_s) - (clock.monotonic() - since)
+            if left > 0:
+                clock.sleep(min(_poll_s(ttl_s), left))
+                continue
+        elsewhere = _recorded_elsewhere(job)
+        if newest_generation(job) != top:
+            watched = None  # a taker came in meanwhile: judge its document
             continue
-        if holder is not None and not holder.holder_is_dead():
-            raise LeaseHeld(holder)
-        now = time.time()
-        mine = Lease(uuid.uuid4().hex, socket.gethostname(), os.getpid(), now, now + ttl_s, top + 1)
+        now = clock.time()
+        generation = max(top, elsewhere) + 1
+        mine = Lease(uuid.uuid4().hex, socket.gethostname(), os.getpid(), now, now + ttl_s, generation,
+                     ttl_s=ttl_s)
         try:
             job.create(_path(mine.generation), mine.to_bytes())  # the conditional takeover
         except FileExistsError:
-            continue  # another taker won this generation: judge its lease
+            # another taker won this generation a moment ago: it lives
+            winner = _read_generation(job, generation)
+            raise LeaseHeld(winner or Lease("?", "?", -1, 0.0, 0.0), "it took the lease as this submit tried to") \
+                from None
         for old in generations(job)[:-KEEP_GENERATIONS]:
             if old < mine.generation:
                 job.remove(_path(old))
         return mine
-    raise LeaseHeld(read(job) or Lease("?", "?", -1, 0.0, 0.0))
+
+
+def _poll_s(ttl_s: float) -> float:
+    return max(0.05, min(1.0, ttl_s / 12))
 
 
 def check(job: Store, generation: int, owner: str | None = None) -> None:
@@ -185,25 +306,25 @@ def check(job: Store, generation: int, owner: str | None = None) -> None:
                         f"this writer holds generation {generation})")
 
 
-def renew(job: Store, lease: Lease, ttl_s: float) -> Lease:
+def renew(job: Store, lease: Lease, ttl_s: float, clock: Clock = SYSTEM) -> Lease:
     """Extend the lease; LeaseLost if it was taken over (checked before and after the write:
     a takeover landing between them is seen at the next check, before any commit)."""
     job = _bounded(job, ttl_s)
     check(job, lease.generation, lease.owner)
-    lease.expires_at = time.time() + ttl_s
+    lease.expires_at, lease.ttl_s, lease.renewals = clock.time() + ttl_s, ttl_s, lease.renewals + 1
     job.replace(_path(lease.generation), lease.to_bytes())
     check(job, lease.generation, lease.owner)
     return lease
 
 
-def release(job: Store, lease: Lease) -> None:
+def release(job: Store, lease: Lease, clock: Clock = SYSTEM) -> None:
     """Mark the lease released (its generation stays taken, so generations only grow)."""
     if newest_generation(job) != lease.generation:
         return
     current = _read_generation(job, lease.generation)
     if current is not None and current.owner == lease.owner:
         lease.released = True
-        lease.expires_at = time.time()
+        lease.expires_at = clock.time()
         job.replace(_path(lease.generation), lease.to_bytes())
 
 

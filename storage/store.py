@@ -11,6 +11,8 @@ Invariants:
 - ``create`` is create-only: it raises FileExistsError when the object exists (O_EXCL/link
   locally, ifGenerationMatch=0 on GCS, If-None-Match on S3).
 - Paths given to a Store are relative to its root and may not escape it.
+- ``private`` documents are created readable by their owner alone (0600) where the store has
+  file modes; object stores keep them as their bucket's access rules say.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from storage.backends import CHUNK, Backend, backend_for
 from storage.retry import StorageError, call
 
 PROBE_S = float(os.environ.get("TIMELLM_JOB_PROBE_S", "15"))  # a root that does not answer fails this fast
+PRIVATE_MODE = 0o600  # documents that may hold secrets (the stored job.yaml), on stores with file modes
 Buffers = bytes | bytearray | memoryview | list | tuple  # a list: the file is their concatenation
 
 
@@ -151,19 +154,38 @@ class Store:
     def read_bytes(self, rel: str) -> bytes:
         return self._call(lambda: self.fs.cat_file(self.full(rel)), rel, "reading")
 
-    def create(self, rel: str, data: bytes) -> None:
-        """Write ``data`` only if nothing is at ``rel``; FileExistsError otherwise."""
+    def create(self, rel: str, data: bytes, private: bool = False) -> None:
+        """Write ``data`` only if nothing is at ``rel``; FileExistsError otherwise. ``private``:
+        readable by its owner alone where the store has file modes (a disk, a mount)."""
         path = self.full(rel)
-        return self._call(lambda: self.backend.create(path, data), rel, "creating")
+        mode = PRIVATE_MODE if private else None
+        return self._call(lambda: self.backend.create(path, data, mode), rel, "creating")
 
-    def replace(self, rel: str, data: bytes, durable: bool = True) -> None:
+    def replace(self, rel: str, data: bytes, durable: bool = True, private: bool = False) -> None:
         """Atomically replace the object at ``rel`` with ``data`` (readers see old or new).
 
         ``durable=False`` skips the fsyncs (still atomic): for documents rewritten every
         second whose loss in a crash costs nothing, like the trainer's heartbeat.
         """
         path = self.full(rel)
-        return self._call(lambda: self.backend.replace(path, data, durable), rel, "replacing")
+        mode = PRIVATE_MODE if private else None
+        return self._call(lambda: self.backend.replace(path, data, durable, mode), rel, "replacing")
+
+    def copy_file(self, src: str, dst: str) -> int:
+        """Stream the file at ``src`` to ``dst`` (never whole in memory); returns its size."""
+        s, d = self.full(src), self.full(dst)
+
+        def copy() -> int:
+            size = 0
+            if self.backend.local:
+                os.makedirs(posixpath.dirname(d), exist_ok=True)
+            with self.fs.open(s, "rb", block_size=CHUNK) as f, self.fs.open(d, "wb") as out:
+                while chunk := f.read(CHUNK):
+                    out.write(chunk)
+                    size += len(chunk)
+            return size
+
+        return self._call(copy, dst, "copying")
 
     def remove(self, rel: str, recursive: bool = False) -> None:
         path = self.full(rel)

@@ -72,3 +72,12 @@ def final_state_of(store) -> dict:
             "final_optimizer": {k: v.sha256 for k, v in final.files.items() if k.startswith("optimizer-")},
             "final_step": final.step, "best_model": best.files["model.safetensors"].sha256,
             "best_step": best.step, "results": results}
+
+
+def file_of(store, ckpt_id: str, name: str, base: str = "checkpoints") -> str:
+    """Where a committed checkpoint's file lies in its store (relative): in the checkpoint's own
+    folder on POSIX, under the writer's prefix its manifest names on object stores."""
+    from storage.manifest import MANIFEST, parse_manifest
+
+    manifest = parse_manifest(store.read_bytes(f"{base}/{ckpt_id}/{MANIFEST}"))
+    return f"{manifest.data_folder(base)}/{name}"
