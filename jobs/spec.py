@@ -11,6 +11,12 @@ Invariants:
 - The ``data``, ``model`` and ``train`` sections define the trained model; :func:`training_fields`
   gives them so a resumed job can be compared with the stored one. The memory plan's fields
   (``MEMORY_FIELDS``) say how a step is computed, not what is trained: they may change on resume.
+- A job is identified by what it trains on: :func:`spec_hash` covers the data file's *content*
+  (its sha256, computed by storage.data_digest) and not ``data.path``, so the same job with the
+  same CSV elsewhere is the same job; a changed CSV is another. ``spec_hash(spec)`` without a
+  digest is the hash earlier versions gave a job (over the path), still accepted on read.
+- YAML aliases and anchors are refused (a few hundred bytes can expand to gigabytes), and every
+  size has an upper bound a machine can hold.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # matched whole (fullmatch): no trailing newline
 TRAINING_SECTIONS = ("data", "model", "train")
 # How a step is computed, not what is trained: the memory plan's fields may change between
 # submits of one job (after an out-of-memory diagnosis, on another card) and are left out of
@@ -121,14 +127,16 @@ class BackboneSpec(_Section):
 
 class ModelSpec(_Section):
     backbone: BackboneSpec
-    llm_layers: int | None = Field(default=None, ge=1)
+    llm_layers: int | None = Field(default=None, ge=1, le=1024)
     quantization: Literal["nf4", "int8", "none"] = "none"
-    d_model: int = Field(default=32, ge=1)
-    d_ff: int = Field(default=128, ge=1)
-    n_heads: int = Field(default=8, ge=1)
-    patch_len: int = Field(default=16, ge=1)
-    stride: int = Field(default=8, ge=1)
-    num_tokens: int = Field(default=1000, ge=1)
+    # upper bounds far above the paper's settings (d_model 16/32, d_ff 32/128, 8 heads, 1000
+    # tokens) and below what would not fit any machine; pre-flight checks what fits this one
+    d_model: int = Field(default=32, ge=1, le=8192)
+    d_ff: int = Field(default=128, ge=1, le=16384)
+    n_heads: int = Field(default=8, ge=1, le=256)
+    patch_len: int = Field(default=16, ge=1, le=100_000)
+    stride: int = Field(default=8, ge=1, le=100_000)
+    num_tokens: int = Field(default=1000, ge=1, le=1_000_000)
     dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
     description: str | None = None
     # the backbone's compute dtype (bitsandbytes' compute dtype and its activations; the trainable
@@ -146,8 +154,8 @@ class ModelSpec(_Section):
 
 class TrainSpec(_Section):
     epochs: int = Field(default=10, ge=1, le=100_000)
-    batch_size: int = Field(default=24, ge=1)
-    eval_batch_size: int = Field(default=8, ge=1)
+    batch_size: int = Field(default=24, ge=1, le=1_000_000)
+    eval_batch_size: int = Field(default=8, ge=1, le=1_000_000)
     learning_rate: float = Field(default=0.001, gt=0.0, le=10.0)
     patience: int = Field(default=10, ge=1)
     seed: int = Field(default=2021, ge=0, lt=2**32)
@@ -201,7 +209,7 @@ class JobSpec(_Section):
     @field_validator("name")
     @classmethod
     def _safe_name(cls, v: str) -> str:
-        if not NAME_RE.match(v) or ".." in v:
+        if not NAME_RE.fullmatch(v) or ".." in v:
             raise ValueError("must be 1-128 letters, digits, '.', '_' or '-', start with a letter or digit, "
                              "and contain no '..' (it names a folder under the storage root)")
         return v
@@ -231,6 +239,14 @@ class JobSpec(_Section):
         if problems:
             raise SpecError(problems)
         return self
+
+
+def data_storage_options(spec: JobSpec) -> dict | None:
+    """``storage.options`` apply to ``data.path`` when both are on the same kind of store."""
+    def scheme(url: str) -> str:
+        return url.split("://", 1)[0] if "://" in url else "file"
+
+    return spec.storage.options if scheme(spec.data.path) == scheme(spec.storage.root) != "file" else None
 
 
 def _is_url(path: str) -> bool:
@@ -326,12 +342,29 @@ def load_spec(path: str | Path, root: str | None = None, sets: tuple[str, ...] =
     except (OSError, UnicodeDecodeError) as exc:
         raise SpecError([f"{path}: cannot read: {exc}"]) from None
     try:
-        raw = yaml.safe_load(text)
+        raw = safe_load_no_aliases(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         raise SpecError([f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}"]) from None
     return parse_spec(raw, path.resolve().parent, root=root, sets=sets)
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """yaml's safe loader, refusing aliases: a job spec never needs one, and a few hundred bytes of
+    nested aliases expand into gigabytes (a 'billion laughs')."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.events.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not accepted in a job spec; "
+                                              "write the value out", event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def safe_load_no_aliases(text: str) -> Any:
+    """``yaml.safe_load`` without aliases (see :class:`_NoAliasLoader`)."""
+    return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def training_fields(spec: JobSpec) -> dict[str, Any]:
@@ -355,10 +388,23 @@ def without_new_defaults(fields: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def spec_hash(spec: JobSpec) -> str:
-    """A stable hash of the training sections, recorded in every checkpoint manifest."""
-    blob = json.dumps(training_fields(spec), sort_keys=True, separators=(",", ":")).encode()
+def spec_hash(spec: JobSpec, data_sha256: str | None = None) -> str:
+    """A stable hash of the training sections, recorded in every checkpoint manifest.
+
+    With ``data_sha256`` (the data file's content, storage.data_digest) the hash covers what the
+    data is instead of where it lies: the job's identity. Without it, the hash earlier versions
+    wrote (over ``data.path``): their checkpoints are still the job's (:func:`job_hashes`)."""
+    fields = training_fields(spec)
+    if data_sha256 is not None:
+        fields["data"] = {**fields["data"], "path": None, "sha256": data_sha256}
+    blob = json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()
+
+
+def job_hashes(spec: JobSpec, data_sha256: str | None) -> frozenset[str]:
+    """Every spec hash the job's checkpoints may carry: by content (this version's, when the
+    data could be read) and by path (earlier versions')."""
+    return frozenset(h for h in (spec_hash(spec, data_sha256) if data_sha256 else None, spec_hash(spec)) if h)
 
 
 def diff_fields(stored: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:

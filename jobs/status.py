@@ -107,7 +107,9 @@ class JobStatus(BaseModel):
     lease: LeaseInfo | None = None
     metrics: dict[str, Any] | None = None
     updated_at: float | None = None
-    spec_hash: str | None = None
+    spec_hash: str | None = None  # the job's identity: its training fields and its data's content
+    data_sha256: str | None = None  # what the data file held when the job trained (storage.data_digest)
+    rebuilt: str | None = None  # why this document was rebuilt from storage (an unreadable state.json)
     memory_plan: dict[str, Any] | None = None  # the plan in force: the newest attempt's
     preemption_notice: dict[str, Any] | None = None  # the watcher: provider, url, problem (None: working)
     unsafe_single_writer: str | None = None  # why the store runs without create-only writes (None: it has them)

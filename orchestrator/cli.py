@@ -16,8 +16,9 @@ import time
 
 import click
 
-from jobs import SpecError, load_spec, spec_hash
+from jobs import SpecError, load_spec
 from jobs.messages import first_line
+from orchestrator.identity import identify
 from storage import StorageError, Unreachable, job_store
 
 ROOT_HELP = "Storage root URL (overrides storage.root): a path, file://, gs://, s3://, memory://."
@@ -105,7 +106,7 @@ def status(spec: str, root: str | None, as_json: bool, verify: bool, plot: str |
     if not job.exists("job.yaml") and not job.exists("state.json"):
         click.echo(f"error: no job {job_spec.name!r} under {job_spec.storage.root}", err=True)
         sys.exit(1)
-    doc = collect(job, job_spec.name, verify_hashes=verify, spec_hash=spec_hash(job_spec))
+    doc = collect(job, job_spec.name, verify_hashes=verify, spec_hash=identify(job_spec, job).hashes)
     if plot:
         try:
             import matplotlib  # noqa: F401
@@ -140,7 +141,8 @@ def export_best_cmd(spec: str, root: str | None, out: str) -> None:
 
     job_spec, job = _job_of(spec, root)
     try:
-        metrics = export_best(job, out, job_spec.storage.options if "://" in out else None, spec_hash(job_spec))
+        metrics = export_best(job, out, job_spec.storage.options if "://" in out else None,
+                              identify(job_spec, job).hashes)
     except (ExportError, StorageError) as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(1)
@@ -157,20 +159,25 @@ def export_best_cmd(spec: str, root: str | None, out: str) -> None:
 @click.option("--as", "kind", type=click.Choice(["step", "best"]), default="step", show_default=True,
               help="For a single file: commit it as a step checkpoint (resume from it) or as the best.")
 @click.option("--weights-only", is_flag=True, help="Import the parameters alone (fresh Adam and schedule).")
-def import_cmd(spec: str, source: str, root: str | None, sets: tuple[str, ...], kind: str, weights_only: bool) -> None:
+@click.option("--add", is_flag=True, help="Add the run to a job that has checkpoints or results already "
+              "(refused without it); nothing of the job's is deleted, and its best is replaced only by a "
+              "lower validation loss.")
+def import_cmd(spec: str, source: str, root: str | None, sets: tuple[str, ...], kind: str, weights_only: bool,
+               add: bool) -> None:
     """Import a checkpoint or a whole run of the upstream Time-LLM code, so `submit` resumes from it.
 
     SOURCE is a torch.save file (a dict with model/optimizer/scheduler/epoch/global_step, or a bare
     state dict), or a run folder as the upstream fork writes it (`checkpoint`, the best, beside
     `checkpoint_step_N/checkpoint.pt`): its best and its newest step are both adopted. Files are
     read with torch.load(weights_only=True) (numpy scalars allowed, nothing unpickled) and
-    memory-mapped. A job that exists with another spec is refused (exit 2), as by submit.
+    memory-mapped. A job that exists with another spec is refused (exit 2), as by submit; so is one
+    that has checkpoints or results already, unless --add is given.
     """
     from orchestrator.submit import InputError, adopt, check_stored_spec
 
     job_spec, job = _job_of(spec, root, sets)  # validates the spec (exit 2) before torch is loaded
     try:
-        check_stored_spec(job, job_spec)
+        check_stored_spec(job, job_spec, identify(job_spec, job))
     except InputError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)
@@ -179,7 +186,7 @@ def import_cmd(spec: str, source: str, root: str | None, sets: tuple[str, ...], 
 
     with private_copy("job.yaml", spec_to_yaml(job_spec).encode()) as resolved:  # no option in an argv
         argv = [sys.executable, "-m", "trainer", "import", str(resolved), source, "--as", kind]
-        code = subprocess.call(argv + (["--weights-only"] if weights_only else []))
+        code = subprocess.call(argv + (["--weights-only"] if weights_only else []) + (["--add"] if add else []))
     if code == 0:
         adopt(job, job_spec)
     sys.exit(code)
@@ -251,7 +258,7 @@ def predict(source: str, input_csv: str, out: str | None, root: str | None) -> N
         if source.endswith((".yaml", ".yml")):
             job_spec, job = _job_of(source, root)
             try:
-                export_best(job, tmp, None, spec_hash(job_spec))
+                export_best(job, tmp, None, identify(job_spec, job).hashes)
             except (ExportError, StorageError) as err:
                 click.echo(f"error: {err}", err=True)
                 sys.exit(1)

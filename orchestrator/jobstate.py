@@ -33,7 +33,7 @@ def load_status(job: Store, name: str) -> JobStatus:
     return JobStatus.model_validate(doc) if doc else JobStatus(name=name)
 
 
-def checkpoint_infos(job: Store, spec_hash: str | None = None,
+def checkpoint_infos(job: Store, spec_hash: str | frozenset[str] | None = None,
                      listing: Listing | None = None) -> tuple[list[CheckpointInfo], Best | None]:
     """The job's checkpoints (of ``spec_hash``, or in ``listing``) and its best, as the status shows them."""
     infos, best = [], None
@@ -54,8 +54,8 @@ def fold_results(status: JobStatus, job: Store) -> None:
 
 
 class JobState:
-    def __init__(self, job: Store, name: str, spec_hash: str | None = None):
-        self.job, self.spec_hash = job, spec_hash
+    def __init__(self, job: Store, name: str, spec_hash: str | frozenset[str] | None = None):
+        self.job, self.spec_hash = job, spec_hash  # the job's hashes (orchestrator.identity)
         self.status = load_status(job, name)
         self.last_flush = 0.0
         self.fence: Fence | None = None  # set with the lease: a fenced writer never writes state.json
@@ -63,6 +63,11 @@ class JobState:
     @property
     def attempt(self) -> Attempt | None:
         return self.status.attempts[-1] if self.status.attempts else None
+
+    def record_identity(self, spec_hash: str, data_sha256: str | None) -> None:
+        """What the job is: its spec hash and its data's content (kept once known)."""
+        self.status.spec_hash = spec_hash
+        self.status.data_sha256 = data_sha256 or self.status.data_sha256
 
     def set_lease(self, lease: Lease | None) -> None:
         self.status.lease = LeaseInfo(owner=lease.owner, host=lease.host, pid=lease.pid,

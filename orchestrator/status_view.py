@@ -33,7 +33,10 @@ def collect(job: Store, name: str, verify_hashes: bool = False, spec_hash: str |
     status.checkpoints = infos
     status.best = best or status.best
     holder = leases.read(job)
-    live = holder is not None and not holder.holder_is_dead()
+    live_one = leases.live_holder(job) if holder is not None else None  # watched, not clock-compared
+    live = live_one is not None
+    if live_one is not None:
+        holder = live_one
     status.lease = LeaseInfo(owner=holder.owner, host=holder.host, pid=holder.pid,
                              expires_at=holder.expires_at) if live else None
     beat_time = (status.heartbeat or {}).get("time")
@@ -41,9 +44,8 @@ def collect(job: Store, name: str, verify_hashes: bool = False, spec_hash: str |
     phase = effective_phase(status.phase, live)
     if phase is not status.phase:
         status.phase = phase
-        gone = (f"its lease expired at {time.strftime('%H:%M:%S', time.localtime(holder.expires_at))}"
-                if holder is not None and holder.expires_at <= time.time() else
-                f"its pid {holder.pid} on {holder.host} is gone" if holder is not None else "it holds no lease")
+        gone = (f"its pid {holder.pid} on {holder.host} is gone" if holder is not None and holder.dead_here() else
+                "its lease was not renewed while watched" if holder is not None else "it holds no lease")
         status.reason = (f"the orchestrator vanished: {gone}; last heartbeat "
                          f"{_age(status.heartbeat_age_s)} ago" if status.heartbeat_age_s is not None else
                          f"the orchestrator vanished: {gone}") + "; run submit again to resume"

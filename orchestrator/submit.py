@@ -4,7 +4,9 @@ Invariants:
 - Nothing is written anywhere (storage or local) before the spec, the storage, the data, the
   device and the backbone folder have been checked; a failed check exits 2 naming the field.
 - A resubmitted job whose ``data``, ``model`` or ``train`` section differs from the stored spec
-  is refused (exit 2, naming each field); a completed job is reported, not retrained (exit 0).
+  is refused (exit 2, naming each field); ``data.path`` may differ (the job moved: Colab, then a
+  VM) as long as the file's content is the one the job trained on, and a changed content is
+  refused naming ``data.path``. A completed job is reported, not retrained (exit 0).
 - The lease is held from before the first write until the end; a live holder means exit 3.
 """
 
@@ -21,8 +23,9 @@ from pathlib import Path
 
 import yaml
 
-from jobs import JobSpec, Phase, SpecError, load_spec, spec_hash, training_fields
+from jobs import JobSpec, Phase, SpecError, load_spec, training_fields
 from jobs.spec import diff_fields, spec_to_yaml, without_new_defaults
+from orchestrator.identity import Identity, identify
 from orchestrator.jobstate import JobState
 from orchestrator.notice import NoticeWatcher
 from orchestrator.progress_view import ProgressView
@@ -34,11 +37,11 @@ from orchestrator.supervisor import (
     Supervisor,
     default_log,
 )
-from storage import StorageError, Store, Unreachable, job_store
+from storage import StorageError, Store, Unreachable, job_store, list_checkpoints
 from storage import lease as leases
 from storage.commit_strategy import strategy_for
 from storage.documents import read_json
-from storage.layout import RESULTS, SPEC, STOP
+from storage.layout import RESULTS, SPEC, STATE, STOP
 from storage.private import private_copy, write_private
 
 SECRET = re.compile(r"key|secret|token|password|credential", re.IGNORECASE)
@@ -53,6 +56,7 @@ class Prepared:
     spec: JobSpec
     job: Store
     workdir: Path
+    identity: Identity
 
 
 def trainer_argv(spec: JobSpec, local_spec: Path, attempt: int, memory_hint: dict | None = None,
@@ -146,18 +150,43 @@ def redacted_yaml(spec: JobSpec) -> str:
     return yaml.safe_dump(doc, sort_keys=False)
 
 
-def check_stored_spec(job: Store, spec: JobSpec) -> None:
-    """A job that exists must be resumed with the model it was started with (InputError)."""
+def _without_path(fields: dict) -> dict:
+    return {**fields, "data": {k: v for k, v in (fields.get("data") or {}).items() if k != "path"}}
+
+
+def recorded_data_sha256(job: Store) -> str | None:
+    """The data content the job trained on, as it recorded it (state.json, else its newest
+    checkpoint); None for a job of an earlier version, which did not record it."""
+    try:
+        doc = read_json(job, STATE) or {}
+    except ValueError:
+        doc = {}
+    if isinstance(doc.get("data_sha256"), str):
+        return doc["data_sha256"]
+    for m in list_checkpoints(job).committed:
+        if isinstance(m.metadata.get("data_sha256"), str):
+            return m.metadata["data_sha256"]
+    return None
+
+
+def check_stored_spec(job: Store, spec: JobSpec, identity: Identity | None = None) -> None:
+    """A job that exists must be resumed with the model it was started with, on the data it
+    was started with, wherever that file lies now (InputError)."""
     try:
         stored = yaml.safe_load(job.read_bytes(SPEC).decode())
     except FileNotFoundError:
         return
-    differences = diff_fields(without_new_defaults({k: stored.get(k) for k in ("data", "model", "train")}),
-                              training_fields(spec))
+    differences = diff_fields(_without_path(without_new_defaults({k: stored.get(k) for k in ("data", "model", "train")})),
+                              _without_path(training_fields(spec)))
     if differences:
         raise InputError("this job exists with another spec; a resume must train the same model. "
                          "Differences:\n  " + "\n  ".join(differences) +
                          "\nUse another name (or root) for a different job.")
+    recorded = recorded_data_sha256(job)
+    if identity is not None and identity.data_sha256 and recorded and recorded != identity.data_sha256:
+        raise InputError(f"data.path: {spec.data.path} holds other data than this job trained on (sha256 "
+                         f"{identity.data_sha256[:12]}…, the job's {recorded[:12]}…); a resume must train on the "
+                         "same data. Point data.path at the job's file, or use another name for a new job.")
 
 
 def adopt(job: Store, spec: JobSpec) -> None:
@@ -168,7 +197,10 @@ def adopt(job: Store, spec: JobSpec) -> None:
             job.create(SPEC, redacted_yaml(spec).encode())
         except FileExistsError:
             pass
-    JobState(job, spec.name, spec_hash(spec)).flush()
+    identity = identify(spec, job)
+    state = JobState(job, spec.name, identity.hashes)
+    state.record_identity(identity.hash, identity.data_sha256)
+    state.flush()
 
 
 def prepare(spec_path: str, root: str | None, sets: tuple[str, ...]) -> Prepared:
@@ -182,9 +214,10 @@ def prepare(spec_path: str, root: str | None, sets: tuple[str, ...]) -> Prepared
         raise InputError(f"storage.root: {err}") from None
     check_create_only(job, spec)
     check_reachable(job)
-    check_stored_spec(job, spec)
     preflight(spec)
-    return Prepared(spec, job, workdir_for(spec))
+    identity = identify(spec, remember=True)  # the data read (pre-flight): what the job trains on
+    check_stored_spec(job, spec, identity)
+    return Prepared(spec, job, workdir_for(spec), identity)
 
 
 def submit(spec_path: str, root: str | None, sets: tuple[str, ...], log=default_log) -> int:
@@ -198,7 +231,7 @@ def submit(spec_path: str, root: str | None, sets: tuple[str, ...], log=default_
         return EXIT_FAILED
     spec, job = prep.spec, prep.job
     results = read_json(job, RESULTS)
-    state = JobState(job, spec.name, spec_hash(spec))
+    state = JobState(job, spec.name, prep.identity.hashes)
     if results and state.status.phase == Phase.COMPLETED:
         test = results.get("test", {})
         log(f"job {spec.name} is completed already (best step {results.get('best_step')}, "
@@ -222,7 +255,8 @@ def submit(spec_path: str, root: str | None, sets: tuple[str, ...], log=default_
         write_private(local_spec, spec_to_yaml(spec).encode())  # credentials: 0600, never in an argv
         if job.exists(STOP):  # a request that no running submit took: not for this one
             job.remove(STOP)
-        state = JobState(job, spec.name, spec_hash(spec))  # reloaded under the lease
+        state = JobState(job, spec.name, prep.identity.hashes)  # reloaded under the lease
+        state.record_identity(prep.identity.hash, prep.identity.data_sha256)
         lost = state.close_lost(previous)
         if lost is not None:
             log(f"attempt {lost.number} of a runtime that vanished is closed: {lost.reason}")

@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from jobs import JobSpec, Phase, spec_hash
+from jobs import JobSpec, Phase
 from jobs.status import describe_plan
 from orchestrator.attempt import ExitClass, Outcome, TrainerProcess, classify
 from orchestrator.jobstate import JobState
@@ -63,7 +63,7 @@ class Supervisor:
         self.wake = threading.Event()
         self.stop_signal: int | None = None
         self.stop_at: float | None = None
-        self.lease_renewed = time.time()
+        self.lease_renewed = time.monotonic()  # renewals are timed on this machine's monotonic clock
         self.renew_failing = False
         self.proc: TrainerProcess | None = None
         self.log_uploaded = 0.0
@@ -137,7 +137,7 @@ class Supervisor:
             self.say(f"warning: could not copy the trainer log: {exc}")
 
     def _renew_lease_if_due(self) -> None:
-        now = time.time()
+        now = time.monotonic()
         if now - self.lease_renewed >= self.renew_every:
             try:
                 self.lease = leases.renew(self.job, self.lease, self.lease_ttl_s)
@@ -211,7 +211,7 @@ class Supervisor:
     def _newest(self) -> str:
         """Where a resume will start: the job's newest committed checkpoint."""
         try:
-            newest = list_checkpoints(self.job, spec_hash=spec_hash(self.spec)).committed
+            newest = list_checkpoints(self.job, spec_hash=self.state.spec_hash).committed
         except StorageError:
             return ""
         return f"; the newest checkpoint is {newest[0].id} (step {newest[0].step})" if newest else \

@@ -7,9 +7,9 @@ Invariants:
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
+from jobs.spec import NAME_RE
 from storage.retry import StorageError
 from storage.store import Store
 
@@ -26,12 +26,9 @@ STOP = "stop.json"  # a stop request for the running submit (timellm-job stop)
 TENSORBOARD = "tb"  # TensorBoard event files (trainer.tensorboard), with the tensorboard extra
 SET_APART = "set-apart"  # checkpoints (and documents) that did not verify, moved aside, never deleted
 
-_SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-
-
 def job_store(root: str, name: str, options: dict[str, Any] | None = None) -> Store:
     """The Store of one job: ``<root>/<name>``. Refuses names that would escape the root."""
-    if not _SAFE.match(name) or ".." in name:
+    if not NAME_RE.fullmatch(name) or ".." in name:  # the spec's rule, whole (no trailing newline)
         raise StorageError(f"job name {name!r} is not a safe folder name")
     return Store(root, options).child(name)
 

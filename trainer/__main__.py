@@ -26,6 +26,7 @@ def _args(argv):
     ap.add_argument("source", nargs="?", help="import: an upstream Time-LLM checkpoint or run folder (path or URL)")
     ap.add_argument("--as", dest="kind", choices=["step", "best"], default="step")
     ap.add_argument("--weights-only", action="store_true")
+    ap.add_argument("--add", action="store_true", help="import: into a job that has checkpoints or results already")
     ap.add_argument("--root")
     ap.add_argument("--set", dest="sets", action="append", default=[])
     ap.add_argument("--attempt", type=int, default=1)
@@ -61,7 +62,8 @@ def main(argv=None) -> int:
             print("import: give the checkpoint or run folder to import (a path or URL)", file=sys.stderr)
             return 2
         try:
-            import_checkpoint(spec, a.source, a.kind, a.weights_only, spec.storage.options if "://" in a.source else None)
+            import_checkpoint(spec, a.source, a.kind, a.weights_only, spec.storage.options if "://" in a.source else None,
+                              add=a.add)
             return 0
         except (ImportRefused, DataError, BackboneError) as err:
             print(f"error: {err}", file=sys.stderr)

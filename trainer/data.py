@@ -58,10 +58,9 @@ def read_frame(path: str, storage_options: dict | None = None) -> pd.DataFrame:
 
 def data_options(spec) -> dict | None:
     """``storage.options`` apply to ``data.path`` when both are on the same kind of store."""
-    def scheme(url: str) -> str:
-        return url.split("://", 1)[0] if "://" in url else "file"
+    from jobs.spec import data_storage_options
 
-    return spec.storage.options if scheme(spec.data.path) == scheme(spec.storage.root) != "file" else None
+    return data_storage_options(spec)
 
 
 def borders(kind: str, n_rows: int, seq_len: int) -> tuple[list[int], list[int]]:

@@ -8,9 +8,12 @@ that order, so the job resumes from the step (newer) and keeps the imported best
 validation loss (the step's ``val_loss_min``) a new best must beat.
 
 Invariants: nothing is written unless every file read matches the job's model by name and shape
-(and the optimizer and scheduler too, unless ``weights_only``); every result is committed through
-storage's protocol like any checkpoint and verified against its manifest; a job whose lease is
-live is not touched. Files are read from local disk memory-mapped (remote ones are streamed to a
+(and the optimizer and scheduler too, unless ``weights_only``) and its position in training
+(``epoch``, ``global_step``) lies within the job's; every result is committed through storage's
+protocol like any checkpoint and verified against its manifest; a job whose lease is live is not
+touched. A job that has checkpoints or results already is refused unless the caller says to add
+the run (``add``); an import adds and never removes: it runs no retention, and the job's best
+stays its best unless the imported one has a lower validation loss (storage.retention). Files are read from local disk memory-mapped (remote ones are streamed to a
 local temporary file first), so the frozen LLM inside them is never read into memory.
 """
 
@@ -45,6 +48,29 @@ STEP_FILE = "checkpoint.pt"
 
 class JobBusy(RuntimeError):
     pass
+
+
+def has_history(job) -> str | None:
+    """What the job holds already (checkpoints, results), in words; None for an empty job."""
+    from storage import list_checkpoints
+    from storage.layout import RESULTS
+
+    held = [m.id for m in list_checkpoints(job).committed]
+    parts = [f"{len(held)} checkpoint{'s' if len(held) != 1 else ''} ({', '.join(held[:3])}"
+             f"{', ...' if len(held) > 3 else ''})"] if held else []
+    if job.exists(RESULTS):
+        parts.append("results.json (it is complete)")
+    return " and ".join(parts) or None
+
+
+def _check_position(trainer: Trainer, up: Upstream, source: str) -> None:
+    """The file's place in training must be one this job has: never negative, never past its end."""
+    total, epochs = trainer.total_steps, trainer.spec.train.epochs
+    if not 0 <= up.global_step <= total:
+        raise ImportRefused(f"global_step: {up.global_step} in {source} is not a step of this job "
+                            f"(0 to {total}: train.epochs {epochs} x {trainer.steps_per_epoch} steps per epoch)")
+    if not 0 <= up.epoch <= epochs:
+        raise ImportRefused(f"epoch: {up.epoch} in {source} is not an epoch of this job (0 to {epochs}, train.epochs)")
 
 
 def _split(url: str) -> tuple[str, str]:
@@ -138,8 +164,9 @@ def _commit(trainer: Trainer, kind: str, source: str) -> Manifest:
 
 
 def import_checkpoint(spec, source: str, kind: str = "step", weights_only: bool = False,
-                      source_options: dict | None = None) -> list[Manifest]:
-    """Import a file (as ``kind``) or a whole upstream run folder; returns what was committed."""
+                      source_options: dict | None = None, add: bool = False) -> list[Manifest]:
+    """Import a file (as ``kind``) or a whole upstream run folder; returns what was committed.
+    ``add``: into a job that has checkpoints or results already (else ImportRefused)."""
     # no backbone cache writes: an import that is refused must leave nothing behind
     spec = spec.model_copy(update={"run": spec.run.model_copy(update={"backbone_cache": False})})
     trainer = Trainer(spec, attempt=0, background_saves=False)
@@ -147,6 +174,11 @@ def import_checkpoint(spec, source: str, kind: str = "step", weights_only: bool 
     if holder is not None:
         raise JobBusy(f"job {spec.name} is running (orchestrator pid {holder.pid} on {holder.host}); "
                       "stop it before importing")
+    held = has_history(trainer.job)
+    if held and not add:
+        raise ImportRefused(f"job {spec.name} has {held} already: importing into it could change what it "
+                            "resumes from. Give --add to add the run to it (its best replaces the job's only if "
+                            "its validation loss is lower; nothing is deleted), or import into a new job name")
     # committed under the job's newest lease generation, so the import is ordered after the
     # checkpoints already there; a submit that starts meanwhile fences the import out
     trainer.fence = leases.Fence(trainer.job, leases.newest_generation(trainer.job))
@@ -158,9 +190,11 @@ def import_checkpoint(spec, source: str, kind: str = "step", weights_only: bool 
     best = read(best_url, source_options) if best_url else None
     step = read(step_url, source_options) if step_url else None
     trainer.build()
+    trainer.saver.retention = False  # an import adds; retention runs at the job's next commit
     for up, url in ((best, best_url), (step, step_url)):
         if up is not None:
             _check_model(trainer, up, url)
+            _check_position(trainer, up, url)
     full = step if step is not None else best  # the file that carries the training state
     if not weights_only:
         _check_training_state(trainer, full)

@@ -43,12 +43,16 @@ from dataclasses import dataclass
 
 import torch
 
-from jobs import JobSpec, spec_hash
+from jobs import JobSpec, job_hashes, spec_hash
 from storage import job_store, list_checkpoints, load_newest
 from storage.checkpoints import CorruptCheckpoint, Loaded, load
+from storage.data_digest import DataUnreadable, data_sha256
 from storage.documents import read_json, write_json
 from storage.layout import RESULTS
 from storage.lease import Fence, LeaseLost
+from storage.manifest import Manifest
+from storage.retention import rank_bests
+from storage.set_apart import set_apart
 from trainer import distributed, memory
 from trainer import state as ckpt_state
 from trainer.backbone import BackboneError, default_device, hub_cache_bytes, load_backbone
@@ -176,7 +180,12 @@ class Trainer:
         self.spec, self.attempt = spec, attempt
         self.previous_plan = previous_plan  # the memory plan of the job's last attempt (its state)
         self.plan: memory.MemoryPlan | None = None
-        self.hash = spec_hash(spec)
+        try:  # the job is what it trains on: its data's content, wherever the file lies
+            self.data_sha256 = data_sha256(spec.data.path, data_options(spec), remember=True)
+        except DataUnreadable as exc:
+            raise DataError(f"data.path: {exc}") from None
+        self.hash = spec_hash(spec, self.data_sha256)
+        self.hashes = job_hashes(spec, self.data_sha256)  # this version's, and earlier versions' (by path)
         self.job = job_store(spec.storage.root, spec.name, spec.storage.options)
         # the orchestrator's lease (generation, owner): every commit checks it is still theirs
         self.fence = Fence(self.job, *lease) if lease else None
@@ -225,6 +234,17 @@ class Trainer:
             distributed.barrier(world)
         self.startup["backbone"] = time.time()
         self.heartbeat.beat(force=True, backbone_source=self.backbone.source)
+        self._fresh_training_state()
+        self.host_buffers = ckpt_state.HostBuffers()
+        self.saver = CheckpointSaver(self.job, self.hash, spec.storage.save_total_limit,
+                                     background=self.background_saves, fence=self.fence,
+                                     spec_hashes=self.hashes) if world.main else None
+        self.startup["built"] = time.time()
+
+    def _fresh_training_state(self) -> None:
+        """The trainable model, optimizer, schedule and loss scaler as a new job starts them (the
+        same seeds as any first start: a retrain from nothing computes what the first run did)."""
+        spec, world = self.spec, self.world
         torch.manual_seed(spec.train.seed)  # trainable weights do not depend on how the backbone was built
         self.model = TimeLLM(spec.model, spec.data, self.backbone).to(self.device)
         self.model.train()
@@ -239,10 +259,6 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(torch.device(self.device).type, enabled=self.compute_dtype == "fp16")
         self.batch_per_process = spec.train.batch_size // world.size
         self.progress = ckpt_state.Progress()
-        self.host_buffers = ckpt_state.HostBuffers()
-        self.saver = CheckpointSaver(self.job, self.hash, spec.storage.save_total_limit,
-                                     background=self.background_saves, fence=self.fence) if world.main else None
-        self.startup["built"] = time.time()
 
     def _report(self, **record) -> None:
         """A metrics record: to the metrics log and, with the extra, to TensorBoard."""
@@ -254,18 +270,20 @@ class Trainer:
         self.metrics.flush()
         self.tb.flush()
 
-    def resume(self) -> None:
-        """Continue from the newest checkpoint that verifies, reporting the ones skipped."""
+    def resume(self, at_or_before: list[int] | None = None) -> None:
+        """Continue from the newest checkpoint that verifies (with ``at_or_before``, the newest
+        at that training position or earlier), reporting the ones skipped."""
         skipped: list[str] = []
         loaded = None
         if self.world.main:
             with self.heartbeat.keepalive(DOWNLOAD_LIMIT_S, "reading the checkpoint"):
-                loaded = load_newest(self.job, spec_hash=self.hash, skipped=skipped)  # never mix specs
+                loaded = load_newest(self.job, spec_hash=self.hashes, skipped=skipped,  # never mix specs
+                                     at_or_before=at_or_before)
             for line in skipped:
                 print(f"skipping checkpoint {line}", file=sys.stderr, flush=True)
         chosen = distributed.broadcast(self.world, loaded.manifest.id if loaded else None)
         if chosen is not None and loaded is None:  # another rank: the same checkpoint, verified again
-            manifest = next(m for m in list_checkpoints(self.job, spec_hash=self.hash).committed if m.id == chosen)
+            manifest = next(m for m in list_checkpoints(self.job, spec_hash=self.hashes).committed if m.id == chosen)
             loaded = Loaded(manifest, load(self.job, manifest), [])
         resumed = None
         if loaded is not None:
@@ -336,6 +354,7 @@ class Trainer:
                 extra = {"scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}
                 snap = ckpt_state.capture(self.model, self.optimizer, self.scheduler, p, self.host_buffers, rng, extra)
                 meta = {"epoch": p.epoch, "batch": p.batch, "best_val": p.best_val, "attempt": self.attempt,
+                        "data_sha256": self.data_sha256,
                         "scaling": self.scaling, "memory_plan": self.plan.to_json() if self.plan else None}
                 if kind == "best":
                     meta["val_loss"] = p.best_val
@@ -435,23 +454,32 @@ class Trainer:
         running = time.time() - self._eval_since if getattr(self, "_eval_since", None) else 0.0
         self.heartbeat.beat(eval_batch=batch, eval_batches=batches, eval_s=round(self.spent["eval_s"] + running, 3))
 
-    def finish(self) -> dict:
-        """Final checkpoint, the best model reloaded (verified) and tested; results written."""
+    def finish(self) -> dict | None:
+        """Final checkpoint, the best model reloaded (verified) and tested; results written.
+        None when the best has to be trained again (see :meth:`_best_to_test`)."""
         p = self.progress
         self.save("step", wait=True)
         self.heartbeat.beat(force=True, phase="testing", step=p.global_step)
-        best = [m for m in list_checkpoints(self.job, spec_hash=self.hash).committed if m.kind == "best"]
-        best_id = distributed.broadcast(self.world, best[0].id if best else None)
-        best = [m for m in best if m.id == best_id]
-        if not best:
+        chosen = self._best_to_test() if self.world.main else None
+        decision = distributed.broadcast(self.world, chosen if not isinstance(chosen, tuple) else chosen[0].id)
+        if isinstance(decision, list):  # retrain: the position at or before which to resume
+            self.retrain_from = decision
+            return None
+        if decision is None:
             raise CorruptCheckpoint("best", ["no best checkpoint was committed"])
-        files = load(self.job, best[0], [ckpt_state.MODEL_FILE])
+        if isinstance(chosen, tuple):
+            best, files = chosen
+        else:  # another rank: the checkpoint rank 0 chose, verified again as it is read
+            best = next(m for m in list_checkpoints(self.job, spec_hash=self.hashes).committed if m.id == decision)
+            files = load(self.job, best, [ckpt_state.MODEL_FILE])
         ckpt_state.load_trainable(self.model, ckpt_state.tensors_from(files[ckpt_state.MODEL_FILE]))
         with self._evaluating():
             test = evaluate(self.model, self.splits.test, self.spec.train.eval_batch_size, self.device,
                             self.spec.data.features, self.stop, splits=self.splits, on_batch=self._eval_beat)
-        results = {"spec_hash": self.hash, "best_checkpoint": best[0].id, "scaling": self.scaling, "best_step": best[0].step,
-                   "val_loss": p.best_val, "epochs_trained": p.epoch, "global_step": p.global_step,
+        results = {"spec_hash": self.hash, "data_sha256": self.data_sha256, "best_checkpoint": best.id,
+                   "scaling": self.scaling, "best_step": best.step,
+                   "val_loss": best.val_loss if best.val_loss is not None else p.best_val,
+                   "epochs_trained": p.epoch, "global_step": p.global_step,
                    "stopped_early": p.stopped_early, "test": {
                        "mse": test.mse, "mae": test.mae, "mse_data_units": test.mse_raw,
                        "mae_data_units": test.mae_raw, "samples": test.samples}}
@@ -463,8 +491,48 @@ class Trainer:
             self.fence.check()
         write_json(self.job, RESULTS, results)
         print(f"test mse {test.mse:.6f} mae {test.mae:.6f} (data units: mse {test.mse_raw:.4f} "
-              f"mae {test.mae_raw:.4f}) from {best[0].id}", file=sys.stderr, flush=True)
+              f"mae {test.mae_raw:.4f}) from {best.id}", file=sys.stderr, flush=True)
         return results
+
+    def _best_to_test(self) -> tuple[Manifest, dict] | list[int] | None:
+        """The job's best (the lowest validation loss) whose model verifies, with its bytes.
+
+        A best that does not verify is set apart (moved, never deleted) and the next is tried.
+        When the one set apart was this run's own best, the run trains it again instead: the
+        position to resume at or before is returned (a list), and the loop goes on from the
+        newest whole checkpoint there (or from the start), so the job ends as it would have
+        (bit for bit on a CPU). None: the job has no best at all."""
+        p = self.progress
+        own = self._own_best_position()
+        bests = [m for m in list_checkpoints(self.job, spec_hash=self.hashes).committed if m.kind == "best"]
+        lost_own = own is not None and not any(m.step == p.best_step for m in bests)  # set apart earlier
+        for m in rank_bests(bests):
+            try:
+                return m, load(self.job, m, [ckpt_state.MODEL_FILE])
+            except CorruptCheckpoint as exc:
+                where = set_apart(self.job, m, "; ".join(exc.problems), fence=self.fence)
+                print(f"best checkpoint {m.id} does not verify ({'; '.join(exc.problems)}): set apart as {where}",
+                      file=sys.stderr, flush=True)
+                if own is not None and m.step == p.best_step and m.val_loss == p.best_val:
+                    lost_own = True
+                    break
+        if lost_own:
+            print(f"training again from the newest whole checkpoint at or before the best (step {p.best_step})",
+                  file=sys.stderr, flush=True)
+            return own
+        return None
+
+    def _own_best_position(self) -> list[int] | None:
+        """Where this run committed its best: right after validating the epoch it improved in."""
+        p = self.progress
+        epoch = next((h["epoch"] for h in reversed(p.history) if h["step"] == p.best_step), None)
+        return None if p.best_step is None or epoch is None else [p.best_step, epoch + 1, 0]
+
+    def restart_from(self, at_or_before: list[int]) -> None:
+        """Train again from the newest whole checkpoint at or before ``at_or_before``, or from
+        the start when there is none."""
+        self._fresh_training_state()
+        self.resume(at_or_before=at_or_before)
 
     def run(self) -> int:
         try:
@@ -480,7 +548,7 @@ class Trainer:
     def _run(self) -> int:
         self.stop.install()
         done = read_json(self.job, RESULTS)
-        if done and done.get("spec_hash") == self.hash:
+        if done and done.get("spec_hash") in self.hashes:
             print("the job is complete already: nothing to train", file=sys.stderr, flush=True)
             return EXIT_OK
         try:
@@ -488,13 +556,17 @@ class Trainer:
             self.stop.check()
             self.resume()
             self.plan_memory()
-            spec, p = self.spec, self.progress
-            line = ProgressLine(self.total_steps, p.global_step, quiet=not self.world.main)
-            while p.epoch < spec.train.epochs and not p.stopped_early:
-                self.train_epoch(line)
-                self.validate_epoch()
-                self.stop.check()
-            self.finish()
+            spec = self.spec
+            while True:
+                p = self.progress
+                line = ProgressLine(self.total_steps, p.global_step, quiet=not self.world.main)
+                while p.epoch < spec.train.epochs and not p.stopped_early:
+                    self.train_epoch(line)
+                    self.validate_epoch()
+                    self.stop.check()
+                if self.finish() is not None:
+                    break
+                self.restart_from(self.retrain_from)  # the best did not verify: train it again
             self.heartbeat.beat(force=True, phase="completed")
             return EXIT_OK
         except Preempted as pre:
@@ -537,7 +609,7 @@ class Trainer:
                 why = (f"the newest commit of this state took {saver.last_commit_s:.0f} s, more than the "
                        f"{self.spec.run.grace_period_s:.0f} s grace period allows")
             if why is not None:
-                newest = list_checkpoints(self.job, spec_hash=self.hash).committed
+                newest = list_checkpoints(self.job, spec_hash=self.hashes).committed
                 ref = f"{newest[0].id} (step {newest[0].step})" if newest else "none"
                 why += (f"; the newest whole checkpoint is {ref}, "
                         f"{self.progress.global_step - (newest[0].step if newest else 0)} steps before this one")

@@ -6,7 +6,13 @@ Invariants:
 - At most one write is in flight: ``submit`` first waits for the previous one.
 - A failed background save is re-raised on the training thread at the next ``submit``/``wait``
   (a checkpoint that silently did not happen is worse than a crash).
-- An id that is committed already is skipped: on a deterministic resume it holds the same bytes.
+- An id that is committed already is verified, not assumed: when its files match its manifest it
+  is kept (on a deterministic resume it holds the same bytes; on a GPU a run's own earlier bytes)
+  and nothing is written; when they do not (bitrot, a sync that zero-filled a file), it is set
+  apart (storage.set_apart: moved, never deleted) and committed again from this snapshot.
+- A best is read back and verified after its commit before it counts as whole: retention keeps
+  the previous best until then. A best that does not read back whole is set apart and written
+  again once; a second failure is an error.
 - Retention keeps the newest checkpoint of each kind known whole by hash (``verified``: what
   this saver committed, and what the trainer read back and verified), whatever the sizes say.
 - With a fence (the orchestrator's lease generation), a commit or clean-up of a writer whose
@@ -16,14 +22,18 @@ Invariants:
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
 
 from storage import AlreadyCommitted, Store, commit_checkpoint
+from storage.checkpoints import verify
+from storage.layout import CHECKPOINTS, checkpoint_id
 from storage.lease import Fence
-from storage.manifest import Manifest
+from storage.manifest import MANIFEST, Manifest, ManifestError, parse_manifest
 from storage.retention import clean_up
+from storage.set_apart import set_apart
 from trainer.state import Snapshot
 
 BACKGROUND_NICE = int(os.environ.get("TIMELLM_JOB_SAVER_NICE", "10"))
@@ -37,11 +47,18 @@ def _lower_priority() -> None:
         pass
 
 
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
 class CheckpointSaver:
     def __init__(self, job: Store, spec_hash: str, save_total_limit: int, background: bool = True,
                  on_commit: Callable[[Manifest], None] | None = None, background_workers: int = 4,
-                 fence: Fence | None = None):
+                 fence: Fence | None = None, spec_hashes: frozenset[str] | None = None,
+                 retention: bool = True):
         self.job, self.spec_hash, self.limit, self.fence = job, spec_hash, save_total_limit, fence
+        self.spec_hashes = spec_hashes or frozenset({spec_hash})  # the job's (earlier versions' too)
+        self.retention = retention  # False: commit only, delete nothing (an import adds, never removes)
         self.background_workers = background_workers
         self.background, self.on_commit = background, on_commit
         self._thread: threading.Thread | None = None
@@ -57,11 +74,11 @@ class CheckpointSaver:
             _lower_priority()
         started = time.monotonic()
         try:
-            manifest = commit_checkpoint(self.job, step, kind, snapshot.to_files(), self.spec_hash,
-                                         progress=progress, metadata=metadata,
-                                         workers=self.background_workers if off_thread else 4, fence=self.fence)
-        except AlreadyCommitted:
-            return
+            manifest = self._commit(snapshot, step, kind, progress, metadata, off_thread)
+            if manifest is None:
+                return
+            if kind == "best":  # the previous best stays until this one reads back whole
+                manifest = self._read_back(manifest, snapshot, progress, metadata, off_thread)
         except BaseException as exc:  # noqa: BLE001 - handed to the training thread
             self._error = exc
             return
@@ -69,11 +86,60 @@ class CheckpointSaver:
         self.verified.add(manifest.id)
         self.last_commit_s = time.monotonic() - started
         try:
-            clean_up(self.job, self.limit, spec_hash=self.spec_hash, fence=self.fence, verified=self.verified)
+            if self.retention:
+                clean_up(self.job, self.limit, spec_hash=self.spec_hashes, fence=self.fence, verified=self.verified)
             if self.on_commit:
                 self.on_commit(manifest)
         except BaseException as exc:  # noqa: BLE001
             self._error = exc
+
+    def _commit(self, snapshot: Snapshot, step: int, kind: str, progress: list[int], metadata: dict,
+                off_thread: bool) -> Manifest | None:
+        """Commit the snapshot; None when its id is committed already and verifies (kept as is)."""
+        def commit() -> Manifest:
+            return commit_checkpoint(self.job, step, kind, snapshot.to_files(), self.spec_hash,
+                                     progress=progress, metadata=metadata,
+                                     workers=self.background_workers if off_thread else 4, fence=self.fence)
+
+        try:
+            return commit()
+        except AlreadyCommitted:
+            pass
+        ckpt_id = checkpoint_id(step, kind)
+        try:
+            existing = parse_manifest(self.job.read_bytes(f"{CHECKPOINTS}/{ckpt_id}/{MANIFEST}"))
+        except (FileNotFoundError, ManifestError) as exc:
+            _say(f"warning: checkpoint {ckpt_id} exists and cannot be read ({exc}); it is left as it is "
+                 "and this save is skipped")
+            return None
+        if existing.spec_hash not in self.spec_hashes:
+            _say(f"warning: checkpoint {ckpt_id} holds another spec's checkpoint; this save is skipped")
+            return None
+        problems = verify(self.job, existing)
+        if not problems:
+            self.verified.add(existing.id)  # read back: every hash matched
+            return None
+        where = set_apart(self.job, existing, "; ".join(problems), fence=self.fence)
+        _say(f"checkpoint {ckpt_id} was committed but does not verify ({'; '.join(problems)}): set apart as "
+             f"{where}; committing it again")
+        return commit()
+
+    def _read_back(self, manifest: Manifest, snapshot: Snapshot, progress: list[int], metadata: dict,
+                   off_thread: bool) -> Manifest:
+        problems = verify(self.job, manifest)
+        if not problems:
+            return manifest
+        where = set_apart(self.job, manifest, "; ".join(problems), fence=self.fence)
+        _say(f"best checkpoint {manifest.id} did not read back whole ({'; '.join(problems)}): set apart as "
+             f"{where}; writing it again")
+        again = commit_checkpoint(self.job, manifest.step, "best", snapshot.to_files(), self.spec_hash,
+                                  progress=progress, metadata=metadata,
+                                  workers=self.background_workers if off_thread else 4, fence=self.fence)
+        problems = verify(self.job, again)
+        if problems:
+            raise OSError(f"best checkpoint {again.id} did not read back whole twice: {'; '.join(problems)}; "
+                          f"the store loses bytes ({self.job.url})")
+        return again
 
     def submit(self, snapshot: Snapshot, step: int, kind: str, progress: list[int], metadata: dict,
                wait: bool = False) -> None:
