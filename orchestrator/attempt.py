@@ -195,7 +195,10 @@ def classify(returncode: int, signalled_by_us: int | None, hung_for: float | Non
         said = [ln.strip() for ln in log_tail.splitlines() if ln.strip().startswith("out of memory")]
         return Outcome(ExitClass.OUT_OF_MEMORY, returncode, None, said[-1] if said else "out of memory")
     lowered = log_tail.lower()
-    if "out of memory" in lowered:
+    if "no space left" in lowered or "errno 28" in lowered or "disk is full" in lowered:
+        kind = ("the store is full (no space left on the device) while writing: free space there, lower "
+                "storage.save_total_limit, or point storage.root elsewhere")
+    elif "out of memory" in lowered:
         kind = "CUDA out of memory" if "cuda" in lowered else "out of memory"
     elif "cuda error" in lowered or "cublas" in lowered or "nccl" in lowered:
         kind = "CUDA error"

@@ -39,6 +39,9 @@ def _job_of(spec_path: str, root: str | None, sets: tuple[str, ...] = ()):
     except Unreachable as err:
         click.echo(f"error: storage.root: {err}", err=True)
         sys.exit(1)
+    except StorageError as err:  # a file where the folder would be: bad input
+        click.echo(f"error: storage.root: {err}", err=True)
+        sys.exit(2)
     return spec, job
 
 
@@ -82,14 +85,16 @@ def main(debug: bool) -> None:
 @click.argument("spec", type=click.Path(dir_okay=False))
 @click.option("--root", help=ROOT_HELP)
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a field, e.g. train.epochs=3.")
-def submit(spec: str, root: str | None, sets: tuple[str, ...]) -> None:
+@click.option("--allow-low-space", is_flag=True,
+              help="Start even when the store reports less free space than the job is estimated to hold.")
+def submit(spec: str, root: str | None, sets: tuple[str, ...], allow_low_space: bool) -> None:
     """Validate, take the job's lease, and train it to the end, restarting the trainer as needed.
 
     Run it again after a disconnect or a preemption: it resumes from the newest verified checkpoint.
     """
     from orchestrator.submit import submit as run_submit
 
-    sys.exit(run_submit(spec, root, sets))
+    sys.exit(run_submit(spec, root, sets, allow_low_space=allow_low_space))
 
 
 @main.command()

@@ -19,6 +19,7 @@ from storage import CorruptCheckpoint, Store, list_checkpoints, load, open_store
 from storage.checkpoints import verify
 from storage.documents import read_json
 from storage.layout import RESULTS, SPEC
+from storage.retention import rank_bests
 
 MODEL = "model.safetensors"
 FORMAT = "timellm-job/export-v1"
@@ -28,9 +29,11 @@ class ExportError(RuntimeError):
     pass
 
 
-def export_best(job: Store, out_url: str, out_options: dict | None = None, spec_hash: str | None = None) -> dict:
+def export_best(job: Store, out_url: str, out_options: dict | None = None,
+                spec_hash: str | frozenset[str] | None = None) -> dict:
     """Export the job's best checkpoint (of ``spec_hash``: never another spec's)."""
-    best = next((m for m in list_checkpoints(job, spec_hash=spec_hash).committed if m.kind == "best"), None)
+    ranked = rank_bests([m for m in list_checkpoints(job, spec_hash=spec_hash).committed if m.kind == "best"])
+    best = ranked[0] if ranked else None  # the lowest validation loss, never the newest arrival
     if best is None:
         raise ExportError(f"no best checkpoint under {job.url_of('checkpoints')} yet")
     others = {k: v for k, v in best.files.items() if k != MODEL}

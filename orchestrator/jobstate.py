@@ -8,6 +8,10 @@ Invariants:
 - Ended attempts are never rewritten; the document is reloaded from storage at start, so a
   resubmitted job keeps its history, and its memory plan (``memory_plan``: the newest attempt's),
   which the next attempt reuses on the same card (``memory_hint``).
+- The document is derived: one that cannot be read (torn, written by hand or by another version)
+  is rebuilt from what storage holds (checkpoints, results, the attempts that left logs or
+  metrics, so a new attempt never takes an old one's number), marked ``rebuilt`` with why; the
+  writer keeps the unreadable bytes under ``set-apart/`` before replacing them.
 """
 
 from __future__ import annotations
@@ -16,12 +20,16 @@ import time
 from typing import Any
 
 from jobs import Attempt, JobStatus, Phase
+from jobs.messages import first_line
 from jobs.status import Best, CheckpointInfo, CheckpointRef, LeaseInfo, goodput
 from storage import Store, list_checkpoints
 from storage.checkpoints import Listing
 from storage.documents import read_json, write_json
-from storage.layout import RESULTS, STATE
+from storage.layout import RESULTS, SET_APART, STATE
 from storage.lease import Fence, Lease
+from storage.log_segments import log_attempts
+from storage.metrics_log import metrics_attempts
+from storage.retention import rank_bests
 
 
 def _clock(t: float) -> str:
@@ -29,40 +37,88 @@ def _clock(t: float) -> str:
 
 
 def load_status(job: Store, name: str) -> JobStatus:
-    doc = read_json(job, STATE)
-    return JobStatus.model_validate(doc) if doc else JobStatus(name=name)
+    """The job's status document, or one rebuilt from storage when it cannot be read."""
+    return read_status(job, name)[0]
+
+
+def read_status(job: Store, name: str) -> tuple[JobStatus, str | None]:
+    """The status document and, when it could not be read (and was rebuilt), why."""
+    try:
+        doc = read_json(job, STATE)
+        return (JobStatus.model_validate(doc) if doc else JobStatus(name=name)), None
+    except ValueError as exc:  # not JSON, or not a status document (pydantic's errors are ValueErrors)
+        why = f"state.json could not be read ({first_line(exc, 200)})"
+        return rebuild_status(job, name, why), why
+
+
+def rebuild_status(job: Store, name: str, why: str) -> JobStatus:
+    """What storage alone tells of a job: its progress from the newest checkpoint, its results,
+    and a closed attempt for each attempt number that left a log or metrics."""
+    status = JobStatus(name=name, rebuilt=f"{why}; rebuilt from storage")
+    committed = list_checkpoints(job).committed
+    if committed:
+        newest = committed[0]
+        status.global_step = newest.step
+        status.epoch = int(newest.metadata.get("epoch") or 0)
+    numbers = sorted(set(log_attempts(job)) | set(metrics_attempts(job)))
+    for n in range(1, (numbers[-1] if numbers else 0) + 1):
+        status.attempts.append(Attempt(number=n, started_at=0.0, ended_at=0.0,
+                                       reason="unknown: its record was in the state.json that could not be read"))
+    fold_results(status, job)
+    if status.metrics:
+        status.phase = Phase.COMPLETED
+    return status
 
 
 def checkpoint_infos(job: Store, spec_hash: str | frozenset[str] | None = None,
                      listing: Listing | None = None) -> tuple[list[CheckpointInfo], Best | None]:
     """The job's checkpoints (of ``spec_hash``, or in ``listing``) and its best, as the status shows them."""
-    infos, best = [], None
-    for m in (listing or list_checkpoints(job, spec_hash=spec_hash)).committed:
-        infos.append(CheckpointInfo(id=m.id, step=m.step, kind=m.kind, bytes=m.bytes, created_at=m.created_at))
-        if m.kind == "best" and best is None:
-            loss = m.metadata.get("val_loss", m.metadata.get("best_val"))
-            best = Best(step=m.step, val_loss=float(loss) if loss is not None else float("nan"), checkpoint=m.id)
+    committed = (listing or list_checkpoints(job, spec_hash=spec_hash)).committed
+    infos = [CheckpointInfo(id=m.id, step=m.step, kind=m.kind, bytes=m.bytes, created_at=m.created_at)
+             for m in committed]
+    ranked = rank_bests([m for m in committed if m.kind == "best"])  # the lowest validation loss
+    best = None
+    if ranked:
+        m = ranked[0]
+        best = Best(step=m.step, val_loss=m.val_loss if m.val_loss is not None else float("nan"), checkpoint=m.id)
     return infos, best
 
 
 def fold_results(status: JobStatus, job: Store) -> None:
-    """The test metrics of a completed job, from its ``results.json``."""
-    results = read_json(job, RESULTS)
-    if results:
+    """The test metrics of a completed job, from its ``results.json`` (with the checkpoint they
+    were measured on, so they are never shown beside another)."""
+    try:
+        results = read_json(job, RESULTS)
+    except ValueError:
+        return
+    if isinstance(results, dict) and results:
         status.metrics = {"test": results.get("test"), "val_loss": results.get("val_loss"),
-                          "best_step": results.get("best_step")}
+                          "best_step": results.get("best_step"), "checkpoint": results.get("best_checkpoint")}
 
 
 class JobState:
     def __init__(self, job: Store, name: str, spec_hash: str | frozenset[str] | None = None):
         self.job, self.spec_hash = job, spec_hash  # the job's hashes (orchestrator.identity)
-        self.status = load_status(job, name)
+        self.status, self.unreadable = read_status(job, name)
         self.last_flush = 0.0
         self.fence: Fence | None = None  # set with the lease: a fenced writer never writes state.json
 
     @property
     def attempt(self) -> Attempt | None:
         return self.status.attempts[-1] if self.status.attempts else None
+
+    def keep_unreadable(self) -> str | None:
+        """Under the lease, before the rebuilt document replaces an unreadable one: its bytes go
+        under set-apart/ (returns where; None when there was nothing to keep)."""
+        if not self.unreadable:
+            return None
+        try:
+            data = self.job.read_bytes(STATE)
+        except FileNotFoundError:
+            return None
+        where = f"{SET_APART}/state.json.unreadable-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+        self.job.replace(where, data)
+        return where
 
     def record_identity(self, spec_hash: str, data_sha256: str | None) -> None:
         """What the job is: its spec hash and its data's content (kept once known)."""

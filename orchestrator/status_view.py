@@ -13,12 +13,16 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from jobs.messages import first_line
 from jobs.status import LeaseInfo, describe_plan, effective_phase, goodput
-from orchestrator.jobstate import checkpoint_infos, fold_results, load_status
+from orchestrator.jobstate import checkpoint_infos, fold_results, load_status, read_status
 from storage import Store, list_checkpoints
 from storage import lease as leases
 from storage.checkpoints import summaries, verify
 from storage.layout import BACKBONE
+from storage.set_apart import list_set_apart
+
+STALE_S = 60.0  # a running job's state.json older than this is not current (its ETA is not shown)
 
 
 def collect(job: Store, name: str, verify_hashes: bool = False, spec_hash: str | None = None) -> dict[str, Any]:
@@ -26,6 +30,10 @@ def collect(job: Store, name: str, verify_hashes: bool = False, spec_hash: str |
     listing = list_checkpoints(job, spec_hash=spec_hash)
     infos, best = checkpoint_infos(job, listing=listing)
     status.set_apart = [{"folder": k, "why": v} for k, v in sorted(listing.set_apart.items())]
+    status.set_apart += [{"folder": f"checkpoints/{k}", "why": f"its manifest cannot be read: {v}"}
+                         for k, v in sorted(listing.unreadable.items())]
+    status.set_apart += [{"folder": n["folder"], "why": f"moved aside: {n.get('why')}", "moved": True}
+                         for n in list_set_apart(job)]
     if verify_hashes:
         manifests = {m.id: m for m in listing.committed}
         for info in infos:
@@ -63,14 +71,20 @@ def collect(job: Store, name: str, verify_hashes: bool = False, spec_hash: str |
 
 
 def summary(job: Store, name: str) -> dict[str, Any]:
-    """One line of ``list``: from the state document and the lease alone (no checkpoint listing)."""
-    status = load_status(job, name)
+    """One line of ``list``: from the state document and the lease alone (no checkpoint listing).
+    A job whose state.json cannot be read is shown as ``unreadable``, never an error."""
+    try:
+        status, unreadable = read_status(job, name)
+    except Exception as exc:  # noqa: BLE001 - one job's trouble never hides the others
+        return {"name": name, "phase": "unreadable", "global_step": 0, "total_steps": None, "best_val_loss": None,
+                "heartbeat_age_s": None, "host": None, "problem": first_line(exc)}
     holder = leases.live_holder(job)
     beat = (status.heartbeat or {}).get("time")
-    return {"name": name, "phase": effective_phase(status.phase, holder is not None).value, "global_step": status.global_step,
+    phase = "unreadable" if unreadable else effective_phase(status.phase, holder is not None).value
+    return {"name": name, "phase": phase, "global_step": status.global_step,
             "total_steps": status.total_steps, "best_val_loss": status.best.val_loss if status.best else None,
             "heartbeat_age_s": round(time.time() - beat, 1) if beat else None,
-            "host": holder.host if holder else None}
+            "host": holder.host if holder else None, **({"problem": unreadable} if unreadable else {})}
 
 
 def render_list(rows: list[dict[str, Any]], console: Console | None = None) -> None:
@@ -119,11 +133,13 @@ def render(doc: dict[str, Any], console: Console | None = None) -> None:
     attempts = doc.get("attempts") or []
     current = attempts[-1] if attempts else None
     rate = (doc.get("heartbeat") or {}).get("steps_per_s")  # the trainer's own rate: the log's ETA too
-    if current and current.get("ended_at") is None and total and rate:
+    stale = doc["phase"] in ("running", "restarting") and doc.get("updated_at") is not None \
+        and time.time() - doc["updated_at"] > STALE_S
+    if current and current.get("ended_at") is None and total and rate and not stale:
         eta = duration((total - step) / rate)
     beat = doc.get("heartbeat") or {}
-    detail = ""
-    if doc["phase"] == "running" and beat.get("phase") in ("validating", "testing"):
+    detail = f" (state.json last written {_age(time.time() - doc['updated_at'])} ago: not current)" if stale else ""
+    if doc["phase"] == "running" and beat.get("phase") in ("validating", "testing") and not stale:
         done = f" {beat['eval_batch']}/{beat['eval_batches']}" if beat.get("eval_batches") else ""
         detail = f" ({beat['phase']}{done})"
     head.add_row("phase", f"[bold]{doc['phase']}[/bold]{detail}" + (f" ({doc['reason']})" if doc.get("reason") else ""))
@@ -134,10 +150,15 @@ def render(doc: dict[str, Any], console: Console | None = None) -> None:
                      f"{beat['loss']:.4f}")
     best = doc.get("best")
     head.add_row("best", f"val loss {best['val_loss']:.6f} at step {best['step']} ({best['checkpoint']})" if best else "-")
-    test = (doc.get("metrics") or {}).get("test")
+    metrics = doc.get("metrics") or {}
+    test = metrics.get("test")
     if test:
-        head.add_row("test", f"mse {test['mse']:.6f} mae {test['mae']:.6f} "
-                             f"(data units: mse {test['mse_data_units']:.4f} mae {test['mae_data_units']:.4f})")
+        of = metrics.get("checkpoint")
+        other = f" of {of}, not of the best" if of and best and of != best["checkpoint"] else ""
+        head.add_row("test" + other, f"mse {test['mse']:.6f} mae {test['mae']:.6f} "
+                                     f"(data units: mse {test['mse_data_units']:.4f} mae {test['mae_data_units']:.4f})")
+    if doc.get("rebuilt"):
+        head.add_row("state", f"[yellow]{doc['rebuilt']}[/yellow]")
     head.add_row("heartbeat", _age(doc.get("heartbeat_age_s")) + " ago" if doc.get("heartbeat_age_s") is not None else "-")
     lease = doc.get("lease")
     head.add_row("lease", f"pid {lease['pid']} on {lease['host']}, expires "
@@ -181,7 +202,8 @@ def render(doc: dict[str, Any], console: Console | None = None) -> None:
                                                   if a.get("skipped_checkpoints") else ""))
         console.print(t)
     for apart in doc.get("set_apart") or []:
-        console.print(f"[yellow]not this job's checkpoint: {apart['folder']}: {apart['why']}[/yellow]")
+        what = "set apart" if apart.get("moved") else "not this job's checkpoint"
+        console.print(f"[yellow]{what}: {apart['folder']}: {apart['why']}[/yellow]")
     if doc.get("checkpoints"):
         t = Table(title="checkpoints")
         for col in ("id", "kind", "step", "size", "verified"):

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -43,8 +44,7 @@ from storage.commit_strategy import strategy_for
 from storage.documents import read_json
 from storage.layout import RESULTS, SPEC, STATE, STOP
 from storage.private import private_copy, write_private
-
-SECRET = re.compile(r"key|secret|token|password|credential", re.IGNORECASE)
+from storage.store import NotAFolder
 
 
 class InputError(Exception):
@@ -103,7 +103,10 @@ def check_reachable(job: Store) -> None:
     """The storage root can be written: a local root's nearest existing folder is writable; an
     object store's bucket exists and answers (Unreachable if it does not answer within
     storage.store.PROBE_S). Nothing is created."""
-    job.probe()
+    try:
+        job.probe()
+    except NotAFolder as exc:
+        raise InputError(f"storage.root: {exc}") from None
     if job.is_local:
         path = Path(job.root)
         while not path.exists():
@@ -122,31 +125,103 @@ def check_reachable(job: Store) -> None:
         raise InputError(f"storage.root: cannot reach {job.url}: {exc}") from None
 
 
-def preflight(spec: JobSpec) -> None:
-    """The trainer's own checks (data, device, backbone), in a subprocess: we never import torch.
-    It reads the resolved spec from a private file: no option (credentials) reaches its argv."""
+def preflight(spec: JobSpec) -> dict:
+    """The trainer's own checks (data, device, backbone, memory), in a subprocess: we never
+    import torch. It reads the resolved spec from a private file: no option (credentials)
+    reaches its argv. Returns the job's estimated footprint (trainer.footprint; {} if unknown)."""
     with private_copy("job.yaml", spec_to_yaml(spec).encode()) as path:
         result = subprocess.run([sys.executable, "-m", "trainer", "check", str(path)], capture_output=True, text=True)
     if result.returncode == 2:
         raise InputError(result.stderr.strip())
     if result.returncode != 0:
         raise InputError(f"the pre-flight check failed:\n{result.stderr.strip()[-2000:]}")
+    if result.stderr.strip():  # warnings (a hub that does not answer): the user sees them
+        print(result.stderr.strip(), file=sys.stderr)
+    lines = [ln for ln in result.stdout.splitlines() if ln.startswith("{")]
+    try:
+        return json.loads(lines[-1]) if lines else {}
+    except ValueError:
+        return {}
+
+
+# what a job holds at most, in checkpoints: save_total_limit steps, the best and the one before it
+# (kept until the newer verifies), a preempt checkpoint, and one being written
+EXTRA_CHECKPOINTS = 4
+
+
+def check_space(job: Store, spec: JobSpec, estimate: dict, allow_low_space: bool) -> str | None:
+    """Refuse (InputError naming storage.save_total_limit) a job that would not fit the free
+    space its store reports (a disk or a mount such as Drive; object stores report none).
+    Returns a warning instead with ``allow_low_space``; None when it fits or cannot be told."""
+    if not job.is_local or not estimate.get("checkpoint_bytes"):
+        return None
+    path = Path(job.root)
+    while not path.exists():
+        path = path.parent
+    free = shutil.disk_usage(path).free
+    held = sum(m.bytes for m in list_checkpoints(job).committed)
+    cache = estimate.get("backbone_cache_bytes", 0) if spec.run.backbone_cache else 0
+    count = spec.storage.save_total_limit + EXTRA_CHECKPOINTS
+    need = cache + count * estimate["checkpoint_bytes"] - held
+    if need <= free:
+        return None
+    gb = 1e9
+    why = (f"storage.save_total_limit: the job will hold about {(need + held) / gb:.1f} GB at {job.url} "
+           f"({f'a backbone cache of {cache / gb:.1f} GB and ' if cache else ''}up to {count} checkpoints of "
+           f"{estimate['checkpoint_bytes'] / gb:.2f} GB: save_total_limit {spec.storage.save_total_limit} steps, the best "
+           f"and the one before it, a preempt checkpoint and one being written), but only {free / gb:.1f} GB are free "
+           f"there. Lower storage.save_total_limit, free space (on Google Drive, deleted files stay in its trash and "
+           f"count against the quota until the trash is emptied), or pass --allow-low-space")
+    if allow_low_space:
+        return why
+    raise InputError(why)
+
+
+# storage.options whose values are harmless to keep in the stored spec (everything else is
+# redacted, at any depth): where the store is, never who may use it
+HARMLESS_OPTIONS = {"project", "region", "region_name", "endpoint_url", "endpoint", "location",
+                    "default_location", "use_ssl", "requester_pays", "version_aware", "anon",
+                    "consistency", "cache_timeout", "listings_expiry_time", "auto_mkdir", "target_protocol",
+                    "client_kwargs", "config_kwargs", "s3_additional_kwargs", "default_block_size",
+                    "fixed_upload_size", "addressing_style", "signature_version", "timeout", "retries"}
+TOKEN_METHODS = {"anon", "google_default", "cache", "cloud", "browser"}  # gcsfs: how, not what
+_URL = re.compile(r"^(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<userinfo>[^@/?#]*@)?(?P<rest>[^?#]*)(?P<query>\?[^#]*)?(?P<frag>#.*)?$")
+
+
+def redacted_url(value: str) -> str:
+    """A URL without its user-info (``user:password@``) and its query (where signed URLs and
+    SAS tokens carry their signatures); any other string as it is."""
+    m = _URL.match(value) if isinstance(value, str) else None
+    if not m or not (m.group("userinfo") or m.group("query")):
+        return value
+    return f"{m.group('scheme')}{'<redacted>@' if m.group('userinfo') else ''}{m.group('rest')}" \
+           f"{'?<redacted>' if m.group('query') else ''}"
 
 
 def redacted(value, key: str = ""):
-    """``value`` with every entry whose key names a secret replaced, at any depth."""
-    if SECRET.search(key):
-        return "<redacted>"
+    """``storage.options`` as the stored spec keeps them: a value survives only under a key
+    known to be harmless (``HARMLESS_OPTIONS``; ``token`` only when it names a method such as
+    ``anon``), URLs lose their user-info and signatures, and everything else is redacted."""
     if isinstance(value, dict):
-        return {k: redacted(v, str(k)) for k, v in value.items()}
+        return {k: redacted(v, str(k)) if str(k) in HARMLESS_OPTIONS or str(k) == "token" else "<redacted>"
+                for k, v in value.items()} if not key or key in HARMLESS_OPTIONS else "<redacted>"
+    if key == "token":
+        return value if isinstance(value, str) and value in TOKEN_METHODS else "<redacted>"
     if isinstance(value, list):
-        return [redacted(v) for v in value]
+        return [redacted(v, key) for v in value] if key in HARMLESS_OPTIONS else "<redacted>"
+    if isinstance(value, str):
+        return redacted_url(value)
     return value
 
 
 def redacted_yaml(spec: JobSpec) -> str:
     doc = spec.model_dump(mode="json")
     doc["storage"]["options"] = redacted(doc["storage"]["options"])
+    doc["storage"]["root"] = redacted_url(doc["storage"]["root"])
+    doc["data"]["path"] = redacted_url(doc["data"]["path"])
+    notice = doc["run"].get("preemption_notice")
+    if notice and notice.get("url"):
+        notice["url"] = redacted_url(notice["url"])
     return yaml.safe_dump(doc, sort_keys=False)
 
 
@@ -194,7 +269,7 @@ def adopt(job: Store, spec: JobSpec) -> None:
     state document listing its checkpoints, so ``status``, ``export-best`` and ``submit`` see it."""
     if not job.exists(SPEC):
         try:
-            job.create(SPEC, redacted_yaml(spec).encode())
+            job.create(SPEC, redacted_yaml(spec).encode(), private=True)
         except FileExistsError:
             pass
     identity = identify(spec, job)
@@ -203,7 +278,7 @@ def adopt(job: Store, spec: JobSpec) -> None:
     state.flush()
 
 
-def prepare(spec_path: str, root: str | None, sets: tuple[str, ...]) -> Prepared:
+def prepare(spec_path: str, root: str | None, sets: tuple[str, ...], allow_low_space: bool = False) -> Prepared:
     """Validate without writing: raises InputError (exit 2) naming what is wrong."""
     try:
         spec = load_spec(spec_path, root=root, sets=sets)
@@ -214,15 +289,19 @@ def prepare(spec_path: str, root: str | None, sets: tuple[str, ...]) -> Prepared
         raise InputError(f"storage.root: {err}") from None
     check_create_only(job, spec)
     check_reachable(job)
-    preflight(spec)
+    estimate = preflight(spec)
     identity = identify(spec, remember=True)  # the data read (pre-flight): what the job trains on
     check_stored_spec(job, spec, identity)
+    low = check_space(job, spec, estimate, allow_low_space)
+    if low:
+        print(f"warning: {low}", file=sys.stderr)
     return Prepared(spec, job, workdir_for(spec), identity)
 
 
-def submit(spec_path: str, root: str | None, sets: tuple[str, ...], log=default_log) -> int:
+def submit(spec_path: str, root: str | None, sets: tuple[str, ...], log=default_log,
+           allow_low_space: bool = False) -> int:
     try:
-        prep = prepare(spec_path, root, sets)
+        prep = prepare(spec_path, root, sets, allow_low_space)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -249,7 +328,7 @@ def submit(spec_path: str, root: str | None, sets: tuple[str, ...], log=default_
     code = None
     try:
         if not job.exists(SPEC):
-            job.create(SPEC, redacted_yaml(spec).encode())
+            job.create(SPEC, redacted_yaml(spec).encode(), private=True)
         prep.workdir.mkdir(parents=True, exist_ok=True)
         local_spec = prep.workdir / "job.yaml"
         write_private(local_spec, spec_to_yaml(spec).encode())  # credentials: 0600, never in an argv
@@ -257,6 +336,10 @@ def submit(spec_path: str, root: str | None, sets: tuple[str, ...], log=default_
             job.remove(STOP)
         state = JobState(job, spec.name, prep.identity.hashes)  # reloaded under the lease
         state.record_identity(prep.identity.hash, prep.identity.data_sha256)
+        if state.unreadable:
+            kept = state.keep_unreadable()
+            log(f"warning: {state.unreadable}: rebuilt from storage (checkpoints, results, logs)"
+                + (f"; the unreadable file is kept as {kept}" if kept else ""))
         lost = state.close_lost(previous)
         if lost is not None:
             log(f"attempt {lost.number} of a runtime that vanished is closed: {lost.reason}")

@@ -18,7 +18,13 @@ renew the lease when due, fold the heartbeat into the state, kill a trainer whos
 older than ``run.heartbeat_timeout_s``, flush ``state.json`` now and then (at once when an
 attempt's resume point and skipped checkpoints are first known), and look for a stop request
 (``timellm-job stop`` from any machine writes ``stop.json``) every ``STOP_POLL_S``: it is taken
-as SIGTERM (with ``now``, as a second signal), and removed.
+as SIGTERM (with ``now``, as a second signal), and removed. A stop file that cannot be read (torn,
+written by hand) is still a stop request: it is taken as SIGTERM, with a warning.
+
+No exception in a tick ends supervision: a tick that fails (a store that answers nothing, a full
+disk under state.json) is reported once and the trainer runs on, watched as before; the next
+tick tries again. An error outside the ticks stops the trainer as on SIGTERM (it commits a
+preempt checkpoint), closes its attempt with the error as its reason, and the job fails (exit 1).
 
 A crash loop is ``run.crash_loop_limit`` failed attempts in a row that ended at the same step
 with the same reason: restarting again would only repeat it. The restart budget
@@ -38,6 +44,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from jobs import JobSpec, Phase
+from jobs.messages import first_line
 from jobs.status import describe_plan
 from orchestrator.attempt import ExitClass, Outcome, TrainerProcess, classify
 from orchestrator.jobstate import JobState
@@ -74,6 +81,7 @@ class Supervisor:
         self.grace_over = False  # the grace period ran out and the trainer was killed
         self.stopped_without_checkpoint: str | None = None  # why, when stopping killed the trainer
         self.stop_polled = time.time()
+        self.tick_failing: str | None = None  # the error the last tick failed with (said once)
 
     # ------------------------------------------------------------------ signals
     def install_signals(self) -> None:
@@ -98,9 +106,15 @@ class Supervisor:
         if time.time() - self.stop_polled < STOP_POLL_S:
             return
         self.stop_polled = time.time()
-        request = read_json(self.job, STOP)
+        try:
+            request = read_json(self.job, STOP)
+        except ValueError as exc:  # torn or written by hand: still somebody asking to stop
+            self.say(f"warning: the stop request cannot be read ({exc}); stopping as asked")
+            request = {}
         if request is None:
             return
+        if not isinstance(request, dict):
+            request = {}
         self.job.remove(STOP)
         self.say(f"stop requested from {request.get('host', '?')} (pid {request.get('pid', '?')})"
                  + (": at once" if request.get("now") else ""))
@@ -159,8 +173,7 @@ class Supervisor:
         while self.stop_signal is None and (left := until - time.time()) > 0:
             self.wake.wait(min(TICK_S, left))
             self.wake.clear()
-            self._renew_lease_if_due()
-            self._stop_requested()
+            self._safe_tick(None)
 
     def _tick(self, proc: TrainerProcess) -> float | None:
         """Housekeeping while the trainer runs; returns the hang duration when it hung."""
@@ -183,6 +196,30 @@ class Supervisor:
         self.state.flush(force=False)
         return None
 
+    def _safe_tick(self, proc: TrainerProcess | None) -> float | None:
+        """A tick whose failure is said once and survived (fencing excepted: that ends us);
+        without a trainer (between attempts), the lease and the stop request only."""
+        try:
+            if proc is None:
+                self._renew_lease_if_due()
+                self._stop_requested()
+                hung_for = None
+            else:
+                hung_for = self._tick(proc)
+        except leases.LeaseLost:
+            raise
+        except Exception as exc:  # noqa: BLE001 - see the module docstring
+            why = f"{type(exc).__name__}: {first_line(exc)}"
+            if why != self.tick_failing:
+                self.say(f"warning: supervision could not do its housekeeping ({why}); "
+                         "the trainer runs on, and the next tick tries again")
+            self.tick_failing = why
+            return None
+        if self.tick_failing is not None:
+            self.say("supervision's housekeeping works again")
+            self.tick_failing = None
+        return hung_for
+
     def _watch(self, proc: TrainerProcess) -> Outcome:
         hung_for = None
         while not proc.exited.is_set():
@@ -190,7 +227,7 @@ class Supervisor:
             self.wake.clear()
             if proc.exited.is_set():
                 break
-            hung_for = self._tick(proc)
+            hung_for = self._safe_tick(proc)
             if hung_for is not None:
                 break
         proc.exited.wait()
@@ -263,6 +300,28 @@ class Supervisor:
                 self.proc.kill()
             self.say(f"error: {lost}; stopped the trainer, wrote nothing")
             return EXIT_HELD
+        except Exception as exc:  # noqa: BLE001 - never leave the attempt open and the trainer orphaned
+            return self._abandon(exc)
+
+    def _abandon(self, exc: BaseException) -> int:
+        """Supervision failed outside a tick: stop the trainer as on SIGTERM (a preempt checkpoint
+        within the grace period), close its attempt with the error, and fail the job."""
+        why = f"supervision failed: {type(exc).__name__}: {first_line(exc)}"
+        proc = self.proc
+        if proc is not None and not proc.exited.is_set():
+            proc.signal_group(signal.SIGTERM)
+            if not proc.exited.wait(self.spec.run.grace_period_s):
+                proc.signal_group(signal.SIGKILL)
+                proc.exited.wait(10)
+        if proc is not None:
+            self.state.end_attempt(proc.returncode, None, why)
+        self.state.set_phase(Phase.FAILED, why)
+        try:
+            self.state.flush()
+        except Exception as flush_exc:  # noqa: BLE001 - the store may be what failed
+            self.say(f"warning: could not record the failure in state.json: {first_line(flush_exc)}")
+        self.say(f"error: {why}")
+        return EXIT_FAILED
 
     def _loop(self) -> int:
         restarts_in_a_row = restarts_here = 0

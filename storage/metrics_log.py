@@ -43,6 +43,18 @@ class MetricsLog:
             self.segment, self.lines = self.segment + 1, []
 
 
+def metrics_attempts(job: Store) -> list[int]:
+    """The attempts that wrote metrics, in order."""
+    found = set()
+    for name, kind, _ in job.list_dir(METRICS):
+        if kind == "file" and name.startswith("attempt-") and name.endswith(".jsonl"):
+            try:
+                found.add(int(name.split("-")[1]))
+            except (IndexError, ValueError):
+                continue
+    return sorted(found)
+
+
 def read_metrics(job: Store) -> list[dict]:
     """Every metrics record of the job, in attempt and segment order."""
     records = []

@@ -13,6 +13,9 @@ Invariants:
 - Paths given to a Store are relative to its root and may not escape it.
 - ``private`` documents are created readable by their owner alone (0600) where the store has
   file modes; object stores keep them as their bucket's access rules say.
+- Every read and existence check asks the store itself: fsspec's cached listings (s3fs and
+  gcsfs answer ``exists`` and ``cat_file`` from a listing made earlier) are dropped for the path
+  first, so an object another process wrote since is never hidden.
 """
 
 from __future__ import annotations
@@ -46,6 +49,10 @@ class Written:
 
 class Unreachable(StorageError):
     """The store did not answer (network, endpoint, credentials): nothing was read or written."""
+
+
+class NotAFolder(StorageError):
+    """The store's root, or a folder above it, is a file: bad input, not an outage."""
 
 
 class Store:
@@ -100,6 +107,8 @@ class Store:
             try:
                 self.fs.ls(self.root or "/", detail=False)
                 answer.append(None)
+            except NotADirectoryError:
+                answer.append(NotAFolder(f"{self.url}: a file stands where its folder would be"))
             except FileNotFoundError:
                 answer.append(None)
             except BaseException as exc:  # noqa: BLE001 - judged below
@@ -110,6 +119,8 @@ class Store:
         asker.join(within_s)
         if not answer:
             raise Unreachable(f"cannot reach {self.url}: no answer within {within_s:.0f} s")
+        if isinstance(answer[0], NotAFolder):
+            raise answer[0]
         if answer[0] is not None:
             exc = answer[0]
             cause = first_line(exc)
@@ -122,6 +133,11 @@ class Store:
         other.retry_s = retry_s if self.retry_s is None else min(retry_s, self.retry_s)
         return other
 
+    def _fresh(self, path: str) -> str:
+        """``path``, with any listing fsspec cached of it or its folders dropped (see above)."""
+        self.fs.invalidate_cache(path)
+        return path
+
     def _call(self, fn, rel: str, what: str):
         """Reads answer FileNotFoundError; a write that finds no bucket/folder is a StorageError."""
         answers = (FileNotFoundError, FileExistsError) if what in ("reading", "checking", "hashing") \
@@ -130,7 +146,7 @@ class Store:
 
     # --- queries -----------------------------------------------------------------------------
     def exists(self, rel: str) -> bool:
-        return self._call(lambda: self.fs.exists(self.full(rel)), rel, "checking")
+        return self._call(lambda: self.fs.exists(self._fresh(self.full(rel))), rel, "checking")
 
     def list_dir(self, rel: str = "") -> list[tuple[str, str, int]]:
         """(name, type, size) of the entries directly under ``rel``; [] if it does not exist."""
@@ -152,7 +168,7 @@ class Store:
 
     # --- whole small objects -----------------------------------------------------------------
     def read_bytes(self, rel: str) -> bytes:
-        return self._call(lambda: self.fs.cat_file(self.full(rel)), rel, "reading")
+        return self._call(lambda: self.fs.cat_file(self._fresh(self.full(rel))), rel, "reading")
 
     def create(self, rel: str, data: bytes, private: bool = False) -> None:
         """Write ``data`` only if nothing is at ``rel``; FileExistsError otherwise. ``private``:
@@ -224,12 +240,12 @@ class Store:
 
     def read_file(self, rel: str) -> tuple[bytearray, str]:
         """Read a whole file and its sha256 in one pass over the bytes."""
-        path = self.full(rel)
+        path = self._fresh(self.full(rel))
         return self._call(lambda: self.backend.read(path), rel, "reading")
 
     def download(self, rel: str, dest: str | os.PathLike) -> int:
         """Stream a file to a local path (never whole in memory); returns its size."""
-        path = self.full(rel)
+        path = self._fresh(self.full(rel))
 
         def get() -> int:
             size = 0
@@ -243,7 +259,7 @@ class Store:
 
     def hash_file(self, rel: str) -> tuple[int, str]:
         """Size and sha256 of a file, streamed (nothing kept in memory)."""
-        path = self.full(rel)
+        path = self._fresh(self.full(rel))
 
         def run() -> tuple[int, str]:
             digest, size = hashlib.sha256(), 0

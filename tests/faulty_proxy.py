@@ -27,6 +27,7 @@ class FaultyProxy:
         self.lock = threading.Lock()
         self.flowing = threading.Event()
         self.flowing.set()
+        self.in_flight = 0  # requests past the gate and not yet answered
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -44,6 +45,15 @@ class FaultyProxy:
                 body = self.rfile.read(length) if length else b""
                 proxy.carry(len(body))
                 proxy.flowing.wait()  # a stalled path: the request waits, unanswered
+                with proxy.lock:
+                    proxy.in_flight += 1
+                try:
+                    self._forward(body)
+                finally:
+                    with proxy.lock:
+                        proxy.in_flight -= 1
+
+            def _forward(self, body: bytes):
                 with proxy.lock:
                     proxy.count += 1
                     fail = proxy.every > 0 and proxy.count % proxy.every == 0
@@ -105,6 +115,12 @@ class FaultyProxy:
     def stall(self) -> None:
         """Hold every request (those in flight and new ones) unanswered until :meth:`resume`."""
         self.flowing.clear()
+
+    def settled(self) -> bool:
+        """Stalled, and no request that passed the gate before the stall is still under way:
+        from now on nothing reaches the upstream until :meth:`resume`."""
+        with self.lock:
+            return not self.flowing.is_set() and self.in_flight == 0
 
     def resume(self) -> None:
         self.flowing.set()

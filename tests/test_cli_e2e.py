@@ -164,6 +164,24 @@ def test_completed_job_is_reported_not_retrained_and_exports_predict(reference, 
     assert np.allclose(predicted["OT"].to_numpy(), forecast[:, 0], rtol=1e-8, atol=1e-9)
     from_export = run(tmp_path, "predict", str(out), "--input", str(tmp_path / "input.csv"))
     assert from_export.returncode == 0 and from_export.stdout == (tmp_path / "forecast.csv").read_text()
+    # issue 23, item 12: a history with a blank, an inf or dates that do not increase is refused
+    # naming the row and the column (was: blank forecast columns, exit 0)
+    from trainer.predict import forecast_csv
+
+    bad = frame.reset_index(drop=True)
+    for column, row, value, said in (("OT", 30, float("nan"), "not a finite number"),
+                                     ("OT", 5, float("inf"), "not a finite number"),
+                                     ("date", 40, bad["date"].iloc[10], "does not come after"),
+                                     ("date", 41, bad["date"].iloc[40], "does not come after")):
+        broken = bad.copy()
+        broken.loc[row, column] = value
+        with pytest.raises(ValueError, match=rf"row {row + 2}\b.*column '{column}'.*{said}"):
+            forecast_csv(forecaster, broken)
+    broken = bad.copy()
+    broken.loc[30, "OT"] = float("nan")
+    broken.to_csv(tmp_path / "blank.csv", index=False)
+    refused = run(tmp_path, "predict", str(out), "--input", str(tmp_path / "blank.csv"))
+    assert refused.returncode == 2 and "row 32" in refused.stderr and "'OT'" in refused.stderr
     plot = tmp_path / "loss.png"
     shown = run(tmp_path, "status", str(spec), "--plot", str(plot))
     assert shown.returncode == 0 and plot.read_bytes()[:4] == b"\x89PNG"

@@ -13,9 +13,7 @@ import servers
 from cli import start
 from jobfiles import quick_spec
 
-from orchestrator.submit import redacted
-
-pytestmark = pytest.mark.slow
+from orchestrator.submit import redacted, redacted_url
 
 
 def test_secrets_are_redacted_at_any_depth():
@@ -23,7 +21,28 @@ def test_secrets_are_redacted_at_any_depth():
            "token": {"type": "service_account", "private_key": "p"}, "project": "p1", "list": [{"password": "x"}]}
     assert redacted(doc) == {"key": "<redacted>", "client_kwargs": {"endpoint_url": "http://127.0.0.1",
                                                                     "aws_session_token": "<redacted>"},
-                             "token": "<redacted>", "project": "p1", "list": [{"password": "<redacted>"}]}
+                             "token": "<redacted>", "project": "p1", "list": "<redacted>"}
+
+
+def test_every_option_is_redacted_but_the_harmless_ones():
+    """Issue 23, item 11: redaction by key name let connection_string, headers.Authorization,
+    passwd, sas and URL user-info reach storage. Now a value survives only under a key known to
+    be harmless, a token only when it names a method (anon), and URLs lose user-info and query."""
+    doc = {"connection_string": "DefaultEndpointsProtocol=https;AccountKey=SECRET1",
+           "headers": {"Authorization": "Bearer SECRET2"}, "passwd": "SECRET3", "sas": "sv=2&sig=SECRET4",
+           "project": "my-project", "region_name": "us-east-1", "token": "anon",
+           "client_kwargs": {"endpoint_url": "https://user:SECRET5@minio.local:9000", "api_key": "SECRET6"}}
+    out = redacted(doc)
+    assert "SECRET" not in repr(out)
+    assert out["project"] == "my-project" and out["region_name"] == "us-east-1" and out["token"] == "anon"
+    assert out["client_kwargs"]["endpoint_url"] == "https://<redacted>@minio.local:9000"
+    assert redacted({"token": "/home/me/key.json"}) == {"token": "<redacted>"}
+    assert redacted_url("https://acct.blob.core.windows.net/c/ETTh1.csv?sv=2022&sig=SECRET") == \
+        "https://acct.blob.core.windows.net/c/ETTh1.csv?<redacted>"
+    assert redacted_url("gs://bucket/root") == "gs://bucket/root"
+
+
+@pytest.mark.slow
 
 
 def test_a_planted_secret_reaches_no_stored_file_and_no_argv(s3_server, tmp_path):

@@ -110,3 +110,25 @@ def test_enospc_mid_write_fails_clearly_and_loses_nothing(tiny_disk):
         commit_checkpoint(job, 20, "step", {"model.safetensors": os.urandom(2_000_000)}, "x")
     assert [m.id for m in list_checkpoints(job).committed] == [good.id]
     assert load(job, good) == small
+
+
+@pytest.mark.parametrize("kind", ["s3", "gcs"])
+def test_an_object_written_by_another_process_after_a_listing_is_never_hidden(kind, request):
+    """s3fs and gcsfs answer exists and cat_file from a listing cached earlier: a manifest that
+    another process committed after this one listed the folder read as missing (found by the
+    stalled-writer test, issue 23). Every read asks the store."""
+    server = request.getfixturevalue(f"{kind}_server")
+    unique = uuid.uuid4().hex[:8]
+    if kind == "s3":
+        root, options = f"s3://{servers.S3_BUCKET}/cache-{unique}", servers.s3_options(server)
+    else:
+        root, options = f"gs://{servers.GCS_BUCKET}/cache-{unique}", servers.gcs_options(server)
+    mine = job_store(root, "job", options)
+    mine.write_file("checkpoints/x/w1/model.safetensors", b"1")
+    assert [n for n, _, _ in mine.list_dir("checkpoints/x")] == ["w1"]  # the listing is cached now
+    import fsspec
+
+    theirs, _ = fsspec.core.url_to_fs(root, skip_instance_cache=True, **options)
+    theirs.pipe_file(mine.full("checkpoints/x/manifest.json"), b"{}")  # another process commits
+    assert mine.exists("checkpoints/x/manifest.json")
+    assert mine.read_bytes("checkpoints/x/manifest.json") == b"{}"

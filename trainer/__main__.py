@@ -3,8 +3,10 @@
 import: commit an upstream Time-LLM checkpoint as the job's (exit 2 when it does not fit).
 run: train the job (resuming from its newest verified checkpoint); exit 0 done, 2 bad input,
 4 out of memory (the diagnosis is the last line), 143/130 preempted by SIGTERM/SIGINT, 1 anything else.
-check: the pre-flight checks that need torch or the data (device, data length, backbone folder);
-prints nothing and exits 0 when all is well, else one line per problem and exit 2.
+check: the pre-flight checks that need torch or the data (device, data length, backbone folder,
+what fits in memory); exits 0 when all is well, printing the job's estimated footprint as one
+JSON line on standard output (trainer.footprint; ``{}`` when it cannot be sized), else one line
+per problem on standard error and exit 2.
 """
 
 from __future__ import annotations
@@ -50,9 +52,12 @@ def main(argv=None) -> int:
     if a.command == "check":  # before every start: it imports no more than it needs
         from trainer.preflight import preflight
 
-        problems = preflight(spec)
+        estimate: dict = {}
+        problems = preflight(spec, estimate)
         for p in problems:
             print(p, file=sys.stderr)
+        if not problems:
+            print(json.dumps(estimate, sort_keys=True))
         return 2 if problems else 0
     if a.command == "import":
         from storage import StorageError

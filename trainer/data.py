@@ -137,9 +137,17 @@ def load_splits(data_spec, storage_options: dict | None = None) -> Splits:
     if start[1] < 0:
         raise DataError(f"data.seq_len: {data_spec.seq_len} is longer than the training split ({end[0]} rows)")
     train_rows = values[start[0]:end[0]]
-    mean, std = train_rows.mean(axis=0), train_rows.std(axis=0)
-    std = np.where(std == 0, 1.0, std)
-    scaled = torch.from_numpy(((values - mean) / std).astype(np.float32))
+    with np.errstate(over="ignore", invalid="ignore"):
+        mean, std = train_rows.mean(axis=0), train_rows.std(axis=0)
+        std = np.where(std == 0, 1.0, std)
+        scaled64 = (values - mean) / std
+        scaled32 = scaled64.astype(np.float32)
+    for i, column in enumerate(columns):  # finite statistics and values after scaling, or a clear no
+        if not (np.isfinite(mean[i]) and np.isfinite(std[i]) and np.isfinite(scaled32[:, i]).all()):
+            raise DataError(f"data.path: column {column!r} of {data_spec.path}: its values (up to "
+                            f"{np.abs(values[:, i]).max():.3g}) are too large to scale (mean {mean[i]:.3g}, "
+                            f"spread {std[i]:.3g}): training would see inf or NaN at its first step")
+    scaled = torch.from_numpy(scaled32)
     train_end = (end[0] - data_spec.seq_len) * data_spec.percent // 100 + data_spec.seq_len
     per_channel = data_spec.features in ("M", "S")
     make = lambda a, b, split: WindowSet(scaled[a:b], data_spec.seq_len, data_spec.pred_len, per_channel, split)  # noqa: E731

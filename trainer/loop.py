@@ -529,10 +529,14 @@ class Trainer:
         return None if p.best_step is None or epoch is None else [p.best_step, epoch + 1, 0]
 
     def restart_from(self, at_or_before: list[int]) -> None:
-        """Train again from the newest whole checkpoint at or before ``at_or_before``, or from
-        the start when there is none."""
+        """Train again from the newest whole checkpoint at or before ``at_or_before`` (the lost
+        best's position), or from the start when there is none. A checkpoint at exactly that
+        position holds the best's own state (both are taken after that epoch's validation, with
+        nothing computed between them): the best is committed again from it at once."""
         self._fresh_training_state()
         self.resume(at_or_before=at_or_before)
+        if self.progress.order() == list(at_or_before) and self.progress.best_step == at_or_before[0]:
+            self.save("best", wait=True)
 
     def run(self) -> int:
         try:

@@ -83,12 +83,33 @@ def forecast_csv(forecaster: Forecaster, frame, date_column: str = "date"):
                          f"{', '.join(forecaster.columns)})")
     if len(frame) < forecaster.seq_len:
         raise ValueError(f"--input: {len(frame)} rows, the model needs the last {forecaster.seq_len}")
-    history = frame[forecaster.columns].to_numpy(dtype=np.float64)[-forecaster.seq_len:]
+    window = frame.iloc[-forecaster.seq_len:]
+    try:
+        history = window[forecaster.columns].to_numpy(dtype=np.float64)
+    except ValueError as exc:
+        raise ValueError(f"--input: non-numeric values in the last {forecaster.seq_len} rows: {exc}") from None
+    bad = np.argwhere(~np.isfinite(history))
+    if len(bad):
+        row, col = bad[0]
+        value = window[forecaster.columns[col]].iloc[row]
+        raise ValueError(f"--input: row {window.index[row] + 2} (the header is row 1), column "
+                         f"{forecaster.columns[col]!r}: {value!r} is not a finite number; the model reads the last "
+                         f"{forecaster.seq_len} rows, every value a number")
     out = forecaster.predict(history)
     names = forecaster.columns if forecaster.features == "M" else forecaster.columns[-1:]
     result = pd.DataFrame(out, columns=names)
     if date_column in frame.columns:
-        dates = pd.to_datetime(frame[date_column].iloc[-forecaster.seq_len:])
+        try:
+            dates = pd.to_datetime(window[date_column])
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"--input: column {date_column!r}: not dates: {exc}") from None
+        steps = dates.diff().iloc[1:]
+        if len(steps) and not (steps > pd.Timedelta(0)).all():
+            at = int(np.argmax(~(steps > pd.Timedelta(0)).to_numpy())) + 1
+            raise ValueError(f"--input: row {window.index[at] + 2}, column {date_column!r}: "
+                             f"{window[date_column].iloc[at]!r} does not come after the row before it "
+                             f"({window[date_column].iloc[at - 1]!r}); the dates must increase, so the "
+                             "forecast's dates can continue them")
         step = dates.diff().iloc[-1]
         future = [dates.iloc[-1] + step * (i + 1) for i in range(forecaster.pred_len)]
         result.insert(0, date_column, [d.strftime("%Y-%m-%d %H:%M:%S") for d in future])

@@ -5,6 +5,11 @@ small file) is fetched once: a repo or revision that does not exist, or a gated 
 token, is a problem; a hub that does not answer is only a warning (the run retries it, and a job
 whose quantized backbone is cached beside it needs no hub at all).
 
+From the backbone's config it sizes the job (trainer.footprint): trainable layers that would not
+fit this machine's memory (weights, gradients, Adam) are a problem naming the field that sizes
+them; the estimate of a checkpoint's and the backbone cache's bytes is printed on standard
+output as one JSON line, for ``submit``'s check of the store's free space.
+
 It runs before every start of a job (the orchestrator waits on it), so it stays cheap: the one
 costly check is the quantization's, a 16x16 layer quantized and run on the job's device by the
 installed bitsandbytes (about 1.5 s on a CPU, most of it importing bitsandbytes), because some
@@ -14,21 +19,26 @@ releases install fine and then cannot run a quantization on a device (0.45 and N
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import sys
 
+import psutil
 import torch
 
 from jobs import JobSpec
 from jobs.messages import first_line
-from trainer import memory
+from trainer import footprint, memory
 from trainer.backbone import BackboneError, HubUnreachable, default_device, from_hub
 from trainer.data import DataError, data_options, load_splits
 
 
-def preflight(spec: JobSpec) -> list[str]:
+def preflight(spec: JobSpec, estimate: dict | None = None) -> list[str]:
+    """The problems found (one line each); ``estimate`` receives the job's footprint, when the
+    backbone's config told enough to size it (trainer.footprint)."""
     problems = []
     device = None
+    config = None
     try:
         device = default_device(spec.train.device)
         if device == "cuda" and spec.train.nproc > torch.cuda.device_count():
@@ -45,7 +55,10 @@ def preflight(spec: JobSpec) -> list[str]:
         problems.append(str(err))
     pretrained = spec.model.backbone.pretrained
     if pretrained and not os.path.isdir(pretrained):
-        problems += hub_problems(pretrained, spec.model.backbone.revision)
+        found, config = hub_config(pretrained, spec.model.backbone.revision)
+        problems += found
+    if device is not None:
+        problems += size_problems(spec, device, config, estimate)
     if spec.model.quantization != "none":
         if importlib.util.find_spec("bitsandbytes") is None:
             problems.append(f"model.quantization: {spec.model.quantization} needs bitsandbytes, "
@@ -57,16 +70,48 @@ def preflight(spec: JobSpec) -> list[str]:
     return problems
 
 
-def hub_problems(name: str, revision: str | None) -> list[str]:
+def hub_config(name: str, revision: str | None):
+    """(problems, the hub backbone's config or None)."""
     from transformers import AutoConfig
 
     try:
-        from_hub(lambda: AutoConfig.from_pretrained(name, revision=revision), name, within_s=0)
+        return [], from_hub(lambda: AutoConfig.from_pretrained(name, revision=revision), name, within_s=0)
     except HubUnreachable as err:
         print(f"warning: {err}", file=sys.stderr)  # not a problem: the run retries
     except (OSError, ValueError) as exc:
         cause = first_line(exc)
-        return [f"model.backbone.pretrained: cannot load {name!r}: {cause}"]
+        return [f"model.backbone.pretrained: cannot load {name!r}: {cause}"], None
+    return [], None
+
+
+def backbone_dims(spec: JobSpec, hub: object | None) -> footprint.BackboneDims | None:
+    b = spec.model.backbone
+    if b.random is not None:
+        return footprint.random_dims(b.random)
+    if b.pretrained and os.path.isdir(b.pretrained):
+        try:
+            with open(os.path.join(b.pretrained, "config.json")) as f:
+                return footprint.dims_of(json.load(f))
+        except (OSError, ValueError):
+            return None
+    return footprint.dims_of(hub) if hub is not None else None
+
+
+def size_problems(spec: JobSpec, device: str, hub: object | None, estimate: dict | None) -> list[str]:
+    """Trainable layers that would not fit the device (its memory, or the host's for a CPU)."""
+    dims = backbone_dims(spec, hub)
+    if dims is None:
+        return []
+    card = memory.card_of(device)
+    dtype = memory.compute_dtype(spec.model.compute_dtype, card)
+    size = footprint.footprint(spec, dims, 4 if dtype == "fp32" else 2)
+    if estimate is not None:
+        estimate.update(size.to_json())
+    total = card.total_bytes if card.gpu and card.total_bytes else psutil.virtual_memory().total
+    if size.training_bytes > 0.9 * total:
+        return [f"{size.largest_field}: the trainable layers ({size.trainable_parameters:,} parameters) need about "
+                f"{size.training_bytes / 2**30:.1f} GiB for their weights, gradients and Adam's moments, more than "
+                f"this {'GPU' if card.gpu else 'machine'}'s {total / 2**30:.1f} GiB; lower {size.largest_field}"]
     return []
 
 

@@ -4,6 +4,8 @@ Invariants:
 - The heartbeat is a small local JSON document (path from ``TIMELLM_JOB_HEARTBEAT``) replaced
   atomically at most every ``interval`` seconds and at every event; the orchestrator reads it.
 - The metrics log (storage.metrics_log) is written at every checkpoint and at exit.
+- A phase change clears what belonged to the phase before (an evaluation's batch counts), so a
+  reader never shows ``testing 11/11`` from the validation that preceded a 24-batch test.
 """
 
 from __future__ import annotations
@@ -34,8 +36,13 @@ class Heartbeat:
         self.doc: dict[str, Any] = {"pid": os.getpid()}
         self.lock = threading.Lock()
 
+    PHASE_FIELDS = ("eval_batch", "eval_batches")  # belong to one phase; cleared when it changes
+
     def beat(self, force: bool = False, **fields: Any) -> None:
         with self.lock:
+            if "phase" in fields and fields["phase"] != self.doc.get("phase"):
+                for key in self.PHASE_FIELDS:
+                    self.doc.pop(key, None)
             self.doc.update(fields)
             now = time.time()
             if self.store is None or (not force and now - self.last < self.interval):

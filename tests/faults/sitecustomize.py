@@ -17,11 +17,19 @@ product's modules as they are imported. Nothing in the product reads these varia
   (it installs and imports, then fails at the first quantization).
 - ``TIMELLM_TEST_HOST_ALLOC_MB``: ``trainer run`` touches that much host memory as it starts (a
   real allocation, for the kernel's OOM killer under a memory-limited cgroup).
+- ``TIMELLM_TEST_PERTURB_SAVES``: every checkpoint this process writes holds other bytes than the
+  same checkpoint of an unperturbed run (its trainer_state.json names this process): two writers
+  of one id differ, as they do on a GPU, where a scribble into another's checkpoint shows.
+- ``TIMELLM_TEST_CLOCK_OFFSET_S``: this process's wall clock (time.time) runs that many seconds
+  ahead (negative: behind); its monotonic clock is untouched: a host whose clock is off.
+- The test-only fsspec filesystems ``faulty://`` and ``faultymem://`` (tests/faults/faultyfs.py)
+  are registered in every process, with the faults of ``TIMELLM_TEST_FAULT_PLAN``.
 """
 
 from __future__ import annotations
 
 import importlib.machinery
+import json
 import os
 import sys
 import time
@@ -74,6 +82,21 @@ def _patch_model(module) -> None:
     module.TimeLLM.forward = forward_that_runs_out
 
 
+def _patch_state(module) -> None:
+    if not _env("TIMELLM_TEST_PERTURB_SAVES"):
+        return
+    to_files = module.Snapshot.to_files
+
+    def perturbed(self):
+        files = to_files(self)
+        doc = json.loads(files[module.STATE_FILE])
+        doc["test_perturbed_by"] = os.getpid()
+        files[module.STATE_FILE] = json.dumps(doc, sort_keys=True).encode()
+        return files
+
+    module.Snapshot.to_files = perturbed
+
+
 def _patch_store(module) -> None:
     delay = _env("TIMELLM_JOB_TEST_WRITE_DELAY_S")
     if not delay:
@@ -102,7 +125,8 @@ def _patch_bnb(module) -> None:
     module.quantize_4bit = no_cpu
 
 
-PATCHES = {"bitsandbytes.functional": _patch_bnb, "trainer.loop": _patch_loop, "trainer.model.timellm": _patch_model, "storage.store": _patch_store}
+PATCHES = {"bitsandbytes.functional": _patch_bnb, "trainer.loop": _patch_loop, "trainer.model.timellm": _patch_model,
+           "storage.store": _patch_store, "trainer.state": _patch_state}
 
 
 class _Finder:
@@ -125,3 +149,11 @@ class _Finder:
 
 
 sys.meta_path.insert(0, _Finder())
+
+_offset = _env("TIMELLM_TEST_CLOCK_OFFSET_S")
+if _offset:
+    _real_time = time.time
+    time.time = lambda: _real_time() + _offset  # noqa: E731 - the whole process sees a skewed clock
+
+if os.environ.get("TIMELLM_TEST_FAULT_PLAN") or os.environ.get("TIMELLM_TEST_FAULTYFS"):
+    import faultyfs  # noqa: F401  (registers faulty:// and faultymem://)

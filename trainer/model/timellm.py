@@ -18,6 +18,19 @@ from trainer.model.prompt import build_prompts, description_for
 from trainer.model.reprogramming import ReprogrammingLayer, text_prototypes
 
 
+def trainable_parameters(model_spec, data_spec, vocab: int, d_llm: int) -> dict[str, int]:
+    """The trainable parameters of :class:`TimeLLM`, by the spec field that sizes each part,
+    without building it (pre-flight's memory and storage estimates; tests check it against the
+    built model)."""
+    m = model_spec
+    keys = m.d_ff * m.n_heads  # the reprogramming layer's queries/keys/values (d_keys = d_ff)
+    patches = num_patches(data_spec.seq_len, m.patch_len, m.stride)
+    return {"model.d_model": m.patch_len * m.d_model * 3 + m.d_model * keys + keys,
+            "model.num_tokens": vocab * m.num_tokens + m.num_tokens,
+            "model.d_ff": 2 * (d_llm * keys + keys) + keys * d_llm + d_llm,
+            "data.pred_len": m.d_ff * patches * data_spec.pred_len + data_spec.pred_len}
+
+
 class TimeLLM(nn.Module):
     def __init__(self, model_spec, data_spec, backbone: Backbone):
         super().__init__()
