@@ -182,7 +182,7 @@ class Chaos:
         if not committed or committed[0].kind == "best":
             return None
         target = committed[0]
-        path = f"checkpoints/{target.id}/model.safetensors"
+        path = f"{target.data_folder('checkpoints')}/model.safetensors"  # its writer's prefix on object stores
         data = bytearray(self.store.read_bytes(path))
         data[len(data) // 2] ^= 0xFF
         self.store.replace(path, bytes(data))  # a flipped byte in place: the manifest no longer matches

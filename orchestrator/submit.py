@@ -158,7 +158,10 @@ def check_space(job: Store, spec: JobSpec, estimate: dict, allow_low_space: bool
     path = Path(job.root)
     while not path.exists():
         path = path.parent
-    free = shutil.disk_usage(path).free
+    usage = shutil.disk_usage(path)
+    if usage.total == 0:  # a filesystem that reports no size (/proc, some FUSE mounts): cannot tell
+        return None
+    free = usage.free
     held = sum(m.bytes for m in list_checkpoints(job).committed)
     cache = estimate.get("backbone_cache_bytes", 0) if spec.run.backbone_cache else 0
     count = spec.storage.save_total_limit + EXTRA_CHECKPOINTS

@@ -5,7 +5,8 @@ Invariants:
   preempt, the newest imported checkpoint, and the job's best: the best with the *lowest
   validation loss* (never the newest by arrival: an imported run with a worse best does not
   displace the job's own), together with every best that ranks between it and the first best
-  known whole by hash, so the previous best stays until a better one has verified. Of each kind,
+  known whole by hash (and hashed again before a best below it is deleted: bytes rot after they
+  verified), so the previous best stays until a better one has verified. Of each kind,
   the newest checkpoint known whole by its hashes (``verified``: those this process committed,
   hashing the bytes as it wrote them, or read back and verified) is kept too, so a checkpoint
   whose sizes are right but whose bytes are not can never make retention delete the last
@@ -34,7 +35,7 @@ from __future__ import annotations
 
 import math
 
-from storage.checkpoints import Listing, check_sizes, list_checkpoints
+from storage.checkpoints import Listing, check_sizes, list_checkpoints, verify
 from storage.commit_strategy import TMP_PREFIX, strategy_for, writer_generation
 from storage.documents import read_json
 from storage.layout import CHECKPOINTS, RESULTS
@@ -61,9 +62,12 @@ def plan(job: Store, listing: Listing, save_total_limit: int, verified: set[str]
     keep: set[str] = {m.id for m in listing.committed if m.id in (pinned or ())}
     whole_steps = [m for m in by_kind.get("step", []) if not check_sizes(job, m)]
     keep.update(m.id for m in whole_steps[:save_total_limit])
-    for m in rank_bests([m for m in by_kind.get("best", []) if not check_sizes(job, m)]):
+    bests = rank_bests([m for m in by_kind.get("best", []) if not check_sizes(job, m)])
+    for i, m in enumerate(bests):
         keep.add(m.id)
-        if m.id in verified:  # the previous bests are kept until one at least as good has verified
+        if m.id in verified:  # the previous bests are kept until one at least as good has verified,
+            if i + 1 < len(bests) and verify(job, m):  # and is whole still, hashed again before any goes
+                continue
             break
     for kind in ("preempt", "imported"):
         whole = [m for m in by_kind.get(kind, []) if not check_sizes(job, m)]

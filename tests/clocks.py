@@ -79,3 +79,33 @@ class Renewer:
     def __exit__(self, *exc) -> None:
         self.done.set()
         self.thread.join()
+
+
+class HolderRenewsMeanwhile(ManualClock):
+    """A taker's clock during whose waits a live holder renews its lease every third of its TTL,
+    stamping its document with its own clock, ``holder_offset_s`` off: instant and repeatable."""
+
+    def __init__(self, job, holder, ttl_s: float, holder_offset_s: float):
+        super().__init__()
+        self.job, self.holder, self.ttl_s, self.renewed = job, holder, ttl_s, self.now
+        self.holder_clock = _Offset(self, holder_offset_s)
+
+    def sleep(self, seconds: float) -> None:
+        super().sleep(seconds)
+        if self.now - self.renewed >= self.ttl_s / 3:
+            leases.renew(self.job, self.holder, self.ttl_s, self.holder_clock)
+            self.renewed = self.now
+
+
+class _Offset:
+    def __init__(self, base: ManualClock, offset_s: float):
+        self.base, self.offset_s = base, offset_s
+
+    def time(self) -> float:
+        return self.base.time() + self.offset_s
+
+    def monotonic(self) -> float:
+        return self.base.monotonic()
+
+    def sleep(self, seconds: float) -> None:
+        self.base.sleep(seconds)

@@ -48,6 +48,9 @@ CORPUS = [
     ({"name": "../escape"}, "name"),
     ({"name": "a/b"}, "name"),
     ({"extra_section": "1"}, "extra_section"),
+    # issue 23, item 14: values that passed validation and then crash-looped
+    ({"model.d_model": "1e11"}, "model.d_model"),
+    ({"model.num_tokens": "1000000", "model.backbone.random.vocab_size": "200000"}, "model.num_tokens"),
 ]
 
 
@@ -242,13 +245,66 @@ def test_an_unreachable_storage_root_fails_in_bounded_time_in_one_line(tmp_path,
 
 
 def test_an_unexpected_error_is_one_line_and_its_traceback_comes_with_debug(tmp_path):
+    """A disk that answers every read with EIO (tests/faults/faultyfs.py): one line, exit 1."""
+    from faults.faultyfs import write_plan
+
     spec = quick_spec(tmp_path)
     job = tmp_path / "root" / "quick"
     job.mkdir(parents=True)
-    (job / "state.json").write_text("{not json")
-    plain = run(tmp_path, "status", str(spec), timeout=120)
+    (job / "state.json").write_text("{}")
+    plan = tmp_path / "faults.json"
+    write_plan(plan, [{"op": "read", "kind": "eio", "match": "state.json"}])
+    faulty = {"TIMELLM_TEST_FAULT_PLAN": str(plan), "TIMELLM_JOB_STORAGE_RETRY_S": "1"}
+    root = f"faulty://{tmp_path / 'root'}"
+    plain = run(tmp_path, "status", str(spec), "--root", root, timeout=120, **faulty)
     assert plain.returncode == 1 and "Traceback" not in plain.stderr
-    assert plain.stderr.strip().splitlines() == [plain.stderr.strip()] and "not valid JSON" in plain.stderr
+    assert plain.stderr.strip().splitlines() == [plain.stderr.strip()] and "Input/output error" in plain.stderr
     assert "--debug" in plain.stderr
-    debug = run(tmp_path, "--debug", "status", str(spec), timeout=120)
+    debug = run(tmp_path, "--debug", "status", str(spec), "--root", root, timeout=120, **faulty)
     assert debug.returncode == 1 and "Traceback" in debug.stderr
+
+
+def test_a_name_is_matched_whole_and_yaml_aliases_are_refused(tmp_path):
+    """Issue 23, item 15: a name ending in a newline passed (``$`` is not a full match), and a
+    412-byte YAML alias bomb ran 22 s into a MemoryError."""
+    raw = yaml.safe_load(quick_spec(tmp_path).read_text())
+    bad = tmp_path / "newline.yaml"
+    bad.write_text(yaml.safe_dump({**raw, "name": "quick\n"}))
+    with pytest.raises(SpecError, match="^name:"):
+        load_spec(bad)
+    bomb = tmp_path / "bomb.yaml"
+    lines = ["a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    lines += [f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]" for i in range(8)]
+    bomb.write_text("\n".join(lines) + "\n")
+    started = time.monotonic()
+    with pytest.raises(SpecError, match="aliases"):
+        load_spec(bomb)
+    assert time.monotonic() - started < 5
+
+
+def test_a_storage_root_that_is_a_file_exits_2_and_writes_nothing(tmp_path):
+    spec = quick_spec(tmp_path)
+    (tmp_path / "afile").write_text("not a folder")
+    result = run(tmp_path, "submit", str(spec), "--root", str(tmp_path / "afile"), timeout=120)
+    assert result.returncode == 2 and "storage.root" in result.stderr, result.stderr
+    assert (tmp_path / "afile").read_text() == "not a folder" and not (tmp_path / "work").exists()
+
+
+def test_values_too_large_to_scale_are_refused_naming_the_column(tmp_path):
+    """Issue 23, item 14: a CSV of 1e308 values passed, then every attempt's loss was NaN at step
+    1 (lease taken, files written, three crashes, exit 1). Pre-flight refuses it, naming the column."""
+    spec = quick_spec(tmp_path)
+    raw = yaml.safe_load(spec.read_text())
+    lines = open(raw["data"]["path"]).read().splitlines()
+    header, rows = lines[0], lines[1:]
+    ot = header.split(",").index("OT")
+    huge = []
+    for i, row in enumerate(rows):
+        cells = row.split(",")
+        cells[ot] = f"{(-1) ** i * 1e308}"
+        huge.append(",".join(cells))
+    (tmp_path / "huge.csv").write_text("\n".join([header, *huge]) + "\n")
+    result = run(tmp_path, "submit", str(spec), "--set", f"data.path={tmp_path / 'huge.csv'}", timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "data.path" in result.stderr and "'OT'" in result.stderr and "too large to scale" in result.stderr
+    assert not (tmp_path / "root").exists() and not (tmp_path / "work").exists()

@@ -29,3 +29,18 @@ def test_keepalive_beats_during_a_long_call_then_falls_silent_after_its_limit(tm
 def test_without_a_heartbeat_file_keepalive_does_nothing():
     with Heartbeat(None).keepalive(limit_s=1, what="x"):
         pass
+
+
+def test_a_phase_change_clears_the_previous_phases_batch_counts(tmp_path):
+    """Issue 23, item 17: the progress line showed 'testing 11/11' when the test had 24 batches:
+    the validation's counts lived on into the test until its first (throttled) batch beat."""
+    path = tmp_path / "heartbeat.json"
+    beat = Heartbeat(str(path), interval=60)
+    beat.beat(force=True, phase="validating")
+    beat.beat(force=True, eval_batch=11, eval_batches=11)
+    beat.beat(force=True, phase="testing")
+    doc = json.loads(path.read_text())
+    assert doc["phase"] == "testing" and "eval_batch" not in doc and "eval_batches" not in doc
+    beat.beat(eval_batch=1, eval_batches=24)  # throttled: not written yet, but kept for the next
+    beat.beat(force=True, phase="testing")  # the same phase: the counts stay
+    assert json.loads(path.read_text())["eval_batches"] == 24

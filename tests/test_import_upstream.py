@@ -219,3 +219,18 @@ def test_a_multi_gb_frozen_part_costs_no_memory_to_import(tmp_path):
     fat_mb = _peak_rss_mb(tmp_path, tmp_path / "fat" / "fat.yaml", tmp_path / "fat.pt")
     trainable_mb = sum(p.numel() * 4 for p in params.values()) * 3 / 2**20  # parameters + Adam's moments
     assert fat_mb - slim_mb <= 1.5 * trainable_mb + 300, (slim_mb, fat_mb)
+
+
+@pytest.mark.parametrize("step, epoch, field", [(-5, 0, "global_step"), (10**12, 0, "global_step")])
+def test_a_position_outside_the_job_is_refused_naming_the_field_and_nothing_is_left(tmp_path, step, epoch, field):
+    """Issue 23, item 13: a negative global_step gave a traceback and left a temporary folder;
+    10**12 was accepted. The file's place in training must be one of the job's."""
+    spec = quick_spec(tmp_path)
+    path, _, _ = upstream_checkpoint(spec, tmp_path)
+    obj = torch.load(path, weights_only=False)
+    obj["global_step"], obj["epoch"] = step, epoch
+    torch.save(obj, path)
+    result = run(tmp_path, "import", str(spec), str(path))
+    assert result.returncode == 2 and f"{field}:" in result.stderr and "Traceback" not in result.stderr, result.stderr
+    root = tmp_path / "root" / "quick"
+    assert not (root / "checkpoints").exists() or not any((root / "checkpoints").iterdir())

@@ -132,3 +132,22 @@ def test_an_object_written_by_another_process_after_a_listing_is_never_hidden(ki
     theirs.pipe_file(mine.full("checkpoints/x/manifest.json"), b"{}")  # another process commits
     assert mine.exists("checkpoints/x/manifest.json")
     assert mine.read_bytes("checkpoints/x/manifest.json") == b"{}"
+
+
+def test_a_job_that_would_not_fit_the_disk_is_refused_naming_save_total_limit(tiny_disk, tmp_path):
+    """Issue 23, item 16: a store that will not hold the job was found out hours in. submit
+    estimates the backbone cache and the checkpoints the job will hold and compares them with the
+    free space the disk reports; --allow-low-space goes on, and when the disk then fills, the
+    attempt says so in plain words."""
+    from cli import run, state
+    from jobfiles import quick_spec
+
+    spec = quick_spec(tmp_path, storage={"root": str(tiny_disk / "root")},
+                      run={"max_restarts": 1, "crash_loop_limit": 2})
+    refused = run(tmp_path, "submit", str(spec), timeout=300)
+    assert refused.returncode == 2 and "storage.save_total_limit" in refused.stderr, refused.stderr
+    assert "GB are free" in refused.stderr and not (tiny_disk / "root").exists()
+    went_on = run(tmp_path, "submit", str(spec), "--allow-low-space", timeout=600)
+    assert went_on.returncode == 1, went_on.stderr
+    reasons = [a["reason"] for a in state(tiny_disk / "root" / "quick")["attempts"]]
+    assert reasons and all("the store is full" in r for r in reasons), reasons
