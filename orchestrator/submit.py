@@ -320,8 +320,13 @@ def submit(spec_path: str, root: str | None, sets: tuple[str, ...], log=default_
             f"test mse {test.get('mse')}, mae {test.get('mae')}): nothing to do")
         return EXIT_COMPLETED
     previous = leases.read(job)  # a vanished orchestrator's, if any: it closes its attempt as lost
+
+    def watching(holder: leases.Lease, ttl: float) -> None:
+        log(f"the job's lease names pid {holder.pid} on {holder.host}: taking the job over once its lease "
+            f"stays unrenewed for {ttl:.0f} s, judged on this machine's clock (a live holder renews it)")
+
     try:
-        lease = leases.acquire(job, lease_ttl_s())
+        lease = leases.acquire(job, lease_ttl_s(), on_wait=watching)
     except leases.LeaseHeld as held:
         print(f"error: {held}", file=sys.stderr)
         return EXIT_HELD

@@ -249,9 +249,11 @@ def acquire(job: Store, ttl_s: float, clock: Clock = SYSTEM,
     job = _bounded(job, ttl_s)
     watched: tuple[int, bytes] | None = None
     since = 0.0
+    pruned = 0
     while True:
         top, raw = _current(job)
-        if top and raw is None:
+        if top and raw is None and pruned < 5:
+            pruned += 1
             continue  # pruned between the listing and the read: list again
         holder = _parse(raw, top) if raw is not None else None
         if holder is not None and not holder.released and not holder.dead_here():

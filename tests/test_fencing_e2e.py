@@ -200,7 +200,7 @@ def test_a_writer_stalled_mid_checkpoint_on_s3_never_writes_into_the_next_holder
             target = mid_checkpoint()  # still no manifest once nothing more can land: frozen there
             if target is None:
                 proxy.resume()
-        b = start(tmp_path / "b", "submit", str(spec_b), TIMELLM_JOB_LEASE_TTL_S=TTL, **SLOW)
+        b = start(tmp_path / "b", "submit", str(spec_b), TIMELLM_JOB_LEASE_TTL_S=TTL)  # B at full speed
 
         def b_committed_target() -> bool:
             return any(m.id == target and m.lease_generation == 2 for m in list_checkpoints(store).committed)

@@ -57,3 +57,27 @@ def test_the_loss_plot_shades_the_work_each_loss_cost(tmp_path):
     marked = plot_losses(records, attempts, str(out), "job")
     assert marked["lost"] == [(50, 57)]  # the preemption lost nothing
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_stale_state_shows_no_eta_and_says_it_is_not_current():
+    """Issue 23, item 15: on a full disk the orchestrator cannot write state.json, and status
+    went on showing the ETA of the last document it could write."""
+    import io
+    import time
+
+    from rich.console import Console
+
+    from orchestrator.status_view import STALE_S, render
+
+    def shown(updated_at: float) -> str:
+        doc = {"name": "job", "phase": "running", "global_step": 10, "total_steps": 100, "epoch": 0,
+               "heartbeat": {"steps_per_s": 2.0, "phase": "training"}, "updated_at": updated_at,
+               "attempts": [{"number": 1, "started_at": time.time() - 60, "ended_at": None, "pid": 1}],
+               "checkpoints": [], "restarts": 0}
+        out = io.StringIO()
+        render(doc, Console(file=out, width=200))
+        return out.getvalue()
+
+    fresh, stale = shown(time.time()), shown(time.time() - STALE_S - 30)
+    assert "ETA 00:00:45" in fresh and "not current" not in fresh
+    assert "ETA -" in stale and "state.json last written" in stale and "not current" in stale
