@@ -49,7 +49,7 @@ CORPUS = [
     ({"name": "a/b"}, "name"),
     ({"extra_section": "1"}, "extra_section"),
     # issue 23, item 14: values that passed validation and then crash-looped
-    ({"model.d_model": "1e11"}, "model.d_model"),
+    ({"model.d_model": "1.0e+11"}, "model.d_model"),  # YAML reads 1e11 as a string; this is a float
     ({"model.num_tokens": "1000000", "model.backbone.random.vocab_size": "200000"}, "model.num_tokens"),
 ]
 
