@@ -6,4 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh test
 bash scripts/setup-tools.sh  # SkyPilot, hadolint, nbformat for tests/test_packaging.py
-exec .venv/bin/python -m pytest -q --durations=25 "$@"
+# two test files at once (pytest-xdist; a file's tests stay together, so its module fixtures are
+# built once); each process runs one intra-op thread (tests/conftest.py), so the two do not spin
+# against each other on 2 cores. Arguments go to pytest: `-n 0` runs one file at a time.
+exec .venv/bin/python -m pytest -q -n 2 --dist loadfile --durations=25 "$@"

@@ -22,6 +22,12 @@ BIG_SPEC = SHARED / "spec" / "jobs" / "etth1-llama3-nf4.yaml"
 FAULTS = Path(__file__).parent / "faults"
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(FAULTS), os.environ.get("PYTHONPATH")) if p)
 
+# One intra-op thread per process (set before torch is imported here or in any process a test
+# starts): scripts/test.sh runs two test files at once, and two processes that each spin as many
+# threads as there are cores slow each other 10-30 times on 2 cores. A reference run and the runs
+# compared with it always share this setting (CPU results depend on the thread count).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 # Never reach a cloud metadata server or a real endpoint from tests.
 os.environ.setdefault("NO_GCE_CHECK", "true")
 os.environ.setdefault("HF_ENDPOINT", "http://127.0.0.1:9")  # no test reaches huggingface.co; hub tests serve their own

@@ -100,7 +100,8 @@ def test_two_runtimes_on_one_drive_folder_through_two_lagging_mounts(reference, 
     Then the first runtime's uploads fall behind (the mirror holds back its side): the second
     mount sees its lease expire while it still trains and commits, so a second runtime takes the
     next generation there; once that generation reaches the first mount, the first runtime is
-    fenced and exits 3. Its checkpoints the second mount had not seen arrive when its uploads
+    fenced and exits 3 (its trainer is held with SIGSTOP from its unseen checkpoint until then,
+    so a fast machine cannot finish the job before the takeover). Its checkpoints the second mount had not seen arrive when its uploads
     resume; the job ends on the second mount bit for bit where one uninterrupted run ends, and
     both mounts end alike."""
     from lagging_mirror import LaggingMirror
@@ -124,6 +125,9 @@ def test_two_runtimes_on_one_drive_folder_through_two_lagging_mounts(reference, 
         seen = max(m["step"] for m in _committed(job_b).values())
         _wait("a checkpoint the second mount has not seen",
               lambda: max(m["step"] for m in _committed(job_a).values()) > seen, alive=[first])
+        # the first trainer is held from here until generation 2 reaches its mount, so it cannot
+        # finish the job before the takeover however fast it trains (its orchestrator renews on)
+        os.kill(attempt["pid"], signal.SIGSTOP)
         _wait("the lease to expire as the second mount sees it",
               lambda: _lease_docs(job_b)[1]["expires_at"] < time.time(), alive=[first])
         assert first.poll() is None  # ... while the first runtime lives and renews it on its own mount
@@ -131,6 +135,9 @@ def test_two_runtimes_on_one_drive_folder_through_two_lagging_mounts(reference, 
         second = start(tmp_path, "submit", str(spec), "--root", str(mount_b / "runs"),
                        TIMELLM_JOB_LEASE_TTL_S=TTL, **on_b, **SLOW)
         _wait("the second runtime's lease", lambda: 2 in _lease_docs(job_b), alive=[second])
+        _wait("generation 2 on the first mount", lambda: 2 in _lease_docs(job_a), alive=[second])
+        if not _gone(attempt["pid"]):  # its orchestrator may have stopped it already, fenced
+            os.kill(attempt["pid"], signal.SIGCONT)
         out, _ = first.communicate(timeout=300)  # fenced once generation 2 reaches its mount
         assert first.returncode == 3 and "fenced" in out, out
         assert _gone(attempt["pid"])
