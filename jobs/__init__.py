@@ -1,6 +1,7 @@
 """What a job is: the spec schema and the status document. Imports nothing else of ours."""
 
-from jobs.spec import JobSpec, SpecError, job_hashes, load_spec, parse_spec, spec_hash, training_fields
+from jobs.identity import job_hashes, spec_hash, training_fields
+from jobs.spec import JobSpec, SpecError, load_spec, parse_spec
 from jobs.status import Attempt, JobStatus, Phase
 
 __all__ = ["JobSpec", "SpecError", "job_hashes", "load_spec", "parse_spec", "spec_hash", "training_fields",

@@ -25,7 +25,8 @@ from pathlib import Path
 import yaml
 
 from jobs import JobSpec, Phase, SpecError, load_spec, training_fields
-from jobs.spec import diff_fields, spec_to_yaml, without_new_defaults
+from jobs.identity import diff_fields, without_new_defaults
+from jobs.spec import spec_to_yaml
 from orchestrator.identity import Identity, identify
 from orchestrator.jobstate import JobState
 from orchestrator.notice import NoticeWatcher

@@ -85,7 +85,8 @@ def main(argv=None) -> int:
 
     early = Heartbeat(os.environ.get("TIMELLM_JOB_HEARTBEAT") if os.environ.get("RANK", "0") == "0" else None)
     with early.keepalive(STARTUP_LIMIT_S, "starting"):
-        from trainer.loop import Trainer, watch_parent
+        from trainer.loop import Trainer
+        from trainer.stopping import watch_parent
 
     watch_parent()
     try:

@@ -37,9 +37,7 @@ import os
 import signal
 import socket
 import sys
-import threading
 import time
-from dataclasses import dataclass
 
 import torch
 
@@ -57,117 +55,17 @@ from trainer import distributed, memory
 from trainer import state as ckpt_state
 from trainer.backbone import BackboneError, default_device, hub_cache_bytes, load_backbone
 from trainer.backbone_cache import load_cached, prefetch
-from trainer.data import (
-    DataError,
-    Splits,
-    data_options,
-    eval_batches,
-    eval_rounds,
-    load_splits,
-    train_batches,
-)
+from trainer.data import DataError, data_options, load_splits, train_batches
+from trainer.evaluation import evaluate, target
 from trainer.grad_checkpointing import set_gradient_checkpointing
 from trainer.model import TimeLLM
 from trainer.reporting import Heartbeat, MetricsLog, ProgressLine
 from trainer.saver import CheckpointSaver
+from trainer.stopping import Preempted, StopFlag
 from trainer.tensorboard import TensorBoardLog
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_FENCED, EXIT_OUT_OF_MEMORY, EXIT_SIGTERM, EXIT_SIGINT = 0, 2, 3, 4, 143, 130
 DOWNLOAD_LIMIT_S = 4 * 3600  # downloading 16 GB on a slow link; after it, silence reads as a hang
-
-
-class Preempted(Exception):
-    def __init__(self, signum: int):
-        self.signum = signum
-
-
-class StopFlag:
-    """Set by SIGTERM/SIGINT; checked between steps, so the current step always finishes. With
-    several processes the check is collective: all stop at the same step if any was signalled."""
-
-    def __init__(self, world: distributed.World = distributed.World()):
-        self.signum: int | None = None
-        self.world, self.device = world, "cpu"
-
-    def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.signum = signum
-
-    def check(self) -> None:
-        if distributed.any_true(self.world, self.signum is not None, self.device):
-            raise Preempted(self.signum or signal.SIGTERM)
-
-
-def watch_parent() -> None:
-    """Exit when the orchestrator that started us dies (belt to PR_SET_PDEATHSIG's braces); under
-    torchrun, when torchrun dies (it dies with the orchestrator)."""
-    parent = os.environ.get("TIMELLM_JOB_PARENT_PID")
-    if not parent:
-        return
-    if distributed.under_launcher():
-        parent = str(os.getppid())
-
-    def run():
-        while True:
-            if os.getppid() != int(parent):
-                os._exit(137)
-            time.sleep(0.5)
-
-    threading.Thread(target=run, name="parent-watch", daemon=True).start()
-
-
-@dataclass
-class Evaluation:
-    mse: float
-    mae: float
-    mse_raw: float | None = None
-    mae_raw: float | None = None
-    samples: int = 0
-
-
-def _target(out: torch.Tensor, features: str) -> torch.Tensor:
-    return out[..., -1:] if features == "MS" else out
-
-
-def evaluate(model, windows, batch_size: int, device: str, features: str, stop: StopFlag,
-             splits: Splits | None = None, on_batch=None) -> Evaluation:
-    """MSE/MAE over every sample (no dropped batch); in the data's units too when ``splits``.
-    With several processes each evaluates its share of the batches and the sums are added."""
-    world = stop.world
-    model.eval()
-    se = ae = se_raw = ae_raw = 0.0
-    count = n = 0
-    batches = eval_batches(windows, batch_size, world.rank, world.size)
-    rounds = eval_rounds(windows, batch_size, world.size)
-    with torch.no_grad():
-        for i in range(rounds):
-            stop.check()  # the same number of checks on every rank
-            batch = next(batches, None)
-            if batch is None:
-                continue
-            x, y, channel = batch
-            if on_batch is not None:
-                on_batch(i + 1, rounds)
-            pred = _target(model(x.to(device)).float().cpu(), features)
-            y = _target(y, features)
-            se += float(((pred - y) ** 2).double().sum())
-            ae += float((pred - y).abs().double().sum())
-            count += y.numel()
-            n += y.shape[0]
-            if splits is not None:
-                ch = torch.where(channel < 0, torch.full_like(channel, splits.target_index), channel)
-                p_raw, y_raw = splits.scaler.inverse(pred.double(), ch), splits.scaler.inverse(y.double(), ch)
-                se_raw += float(((p_raw - y_raw) ** 2).sum())
-                ae_raw += float((p_raw - y_raw).abs().sum())
-    model.train()
-    se, ae, se_raw, ae_raw, count, n = distributed.sums(world, [se, ae, se_raw, ae_raw, count, n], device)
-    count, n = int(count), int(n)
-    if splits is None:
-        return Evaluation(se / count, ae / count, samples=n)
-    return Evaluation(se / count, ae / count, se_raw / count, ae_raw / count, n)
 
 
 def _download_bytes(repo: str) -> dict:
@@ -329,8 +227,8 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats(self.device)
             try:
                 out = self.model(x.to(self.device))
-                loss = torch.nn.functional.mse_loss(_target(out, self.spec.data.features),
-                                                    _target(y.to(self.device), self.spec.data.features))
+                loss = torch.nn.functional.mse_loss(target(out, self.spec.data.features),
+                                                    target(y.to(self.device), self.spec.data.features))
                 loss.backward()
                 del out, loss
                 peak = memory.peak_bytes(self.device)
@@ -373,7 +271,7 @@ class Trainer:
         for start in range(0, n, micro):
             xs, ys = x[start:start + micro].to(self.device), y[start:start + micro].to(self.device)
             with distributed.no_sync(self.world, self.train_model, last=start + micro >= n):
-                loss = torch.nn.functional.mse_loss(_target(self.train_model(xs), features), _target(ys, features))
+                loss = torch.nn.functional.mse_loss(target(self.train_model(xs), features), target(ys, features))
                 if micro < n:  # the batch's mean: every micro-batch holds the same number of values
                     loss = loss * (xs.shape[0] / n)
                 self.scaler.scale(loss).backward()
