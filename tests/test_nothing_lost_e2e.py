@@ -16,8 +16,7 @@ from cli import run, state
 from jobfiles import final_state, quick_spec
 
 from storage import job_store, list_checkpoints
-
-SET_APART = "set-apart"  # storage.layout.SET_APART (a string here: the test runs against older versions too)
+from storage.layout import SET_APART
 
 pytestmark = pytest.mark.slow
 
