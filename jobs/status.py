@@ -3,13 +3,21 @@
 Invariants:
 - The orchestrator holding the job's lease is its only writer; the trainer reports through its
   heartbeat document and its checkpoints, which the orchestrator folds in.
-- ``phase`` follows the job lifecycle::
+- ``phase`` follows the job lifecycle, the one diagram of it (orchestrator.policy decides each
+  transition after an attempt; jobs.protocol.ExitCode names the codes)::
 
-      pending --> running --(trainer died)--> restarting --> running ...
-         |           |--(SIGTERM/SIGINT)--> preempted --(submit)--> running
-         |           |--(exit 0)----------> completed            (terminal)
-         |           |--(bad input, budget spent, crash loop)--> failed --(submit)--> running
-         |           `--(the orchestrator vanished: runtime gone)--> interrupted --(submit)--> running
+      pending --submit--> running
+      running --trainer exit 0--------------------------------------------> completed (exit 0)
+      running --exit 2: bad input-----------------------------------------> failed    (exit 2)
+      running --exit 4: out of memory, no smaller plan (or not auto)------> failed    (exit 1)
+      running --exit 4, a smaller plan (micro_batch_size auto)--+
+      running --killed / crashed / hung / exit 3 (lease still ours)--+--> restarting --backoff--> running
+                 `-- the restart budget spent, or a crash loop ------------> failed    (exit 1)
+      running --SIGTERM/SIGINT/stop: forward, grace, kill-----------------> preempted (exit 143/130)
+      running --our lease taken over (renewal, flush, trainer exit 3)---> (stop the trainer, write
+                                                                            nothing: exit 3)
+      running --the orchestrator vanished (runtime gone)------------------> interrupted
+      preempted | failed | interrupted --submit--> running;   completed --submit--> (nothing to do)
 
   ``interrupted`` is never written: the document says ``running`` (or ``restarting``) and its
   lease expired (or its holder's pid is dead on this host); readers report it as
@@ -24,7 +32,9 @@ from __future__ import annotations
 import enum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator
+
+from jobs.protocol import Heartbeat
 
 
 class Phase(str, enum.Enum):
@@ -102,7 +112,7 @@ class JobStatus(BaseModel):
     attempts: list[Attempt] = Field(default_factory=list)
     best: Best | None = None
     checkpoints: list[CheckpointInfo] = Field(default_factory=list)
-    heartbeat: dict[str, Any] | None = None
+    heartbeat: Heartbeat | None = None  # the current attempt's last, as the orchestrator read it
     heartbeat_age_s: float | None = None
     lease: LeaseInfo | None = None
     metrics: dict[str, Any] | None = None
@@ -114,6 +124,15 @@ class JobStatus(BaseModel):
     preemption_notice: dict[str, Any] | None = None  # the watcher: provider, url, problem (None: working)
     unsafe_single_writer: str | None = None  # why the store runs without create-only writes (None: it has them)
     goodput: dict[str, Any] | None = None  # where the job's wall time went (see goodput())
+
+    @field_validator("heartbeat", mode="before")
+    @classmethod
+    def _heartbeat(cls, value: Any) -> Heartbeat | None:  # one another version wrote badly: none
+        return value if isinstance(value, Heartbeat) else Heartbeat.parse(value)
+
+    @field_serializer("heartbeat")
+    def _heartbeat_doc(self, beat: Heartbeat | None) -> dict[str, Any] | None:
+        return beat.to_doc() if beat is not None else None
 
     def to_json_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

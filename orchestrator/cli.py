@@ -18,6 +18,7 @@ import click
 
 from jobs import SpecError, load_spec
 from jobs.messages import first_line
+from jobs.protocol import ExitCode
 from orchestrator.identity import identify
 from storage import StorageError, Unreachable, job_store
 
@@ -30,18 +31,18 @@ def _job_of(spec_path: str, root: str | None, sets: tuple[str, ...] = ()):
         job = job_store(spec.storage.root, spec.name, spec.storage.options)
     except SpecError as err:
         click.echo(f"error: {err}", err=True)
-        sys.exit(2)
+        sys.exit(ExitCode.BAD_INPUT)
     except StorageError as err:
         click.echo(f"error: storage.root: {err}", err=True)
-        sys.exit(2)
+        sys.exit(ExitCode.BAD_INPUT)
     try:
         job.probe()
     except Unreachable as err:
         click.echo(f"error: storage.root: {err}", err=True)
-        sys.exit(1)
+        sys.exit(ExitCode.FAILED)
     except StorageError as err:  # a file where the folder would be: bad input
         click.echo(f"error: storage.root: {err}", err=True)
-        sys.exit(2)
+        sys.exit(ExitCode.BAD_INPUT)
     return spec, job
 
 
@@ -59,7 +60,7 @@ class _Group(click.Group):
             first = first_line(exc, 500)
             what = "storage" if isinstance(exc, StorageError) else type(exc).__name__
             click.echo(f"error: {what}: {first} (run with --debug for the traceback)", err=True)
-            sys.exit(1)
+            sys.exit(ExitCode.FAILED)
 
 
 EXIT_CODES = """\b
@@ -110,14 +111,14 @@ def status(spec: str, root: str | None, as_json: bool, verify: bool, plot: str |
     job_spec, job = _job_of(spec, root)
     if not job.exists("job.yaml") and not job.exists("state.json"):
         click.echo(f"error: no job {job_spec.name!r} under {job_spec.storage.root}", err=True)
-        sys.exit(1)
+        sys.exit(ExitCode.FAILED)
     doc = collect(job, job_spec.name, verify_hashes=verify, spec_hash=identify(job_spec, job).hashes)
     if plot:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
             click.echo("error: --plot needs matplotlib: pip install 'timellm-job[plot]'", err=True)
-            sys.exit(1)
+            sys.exit(ExitCode.FAILED)
         from orchestrator.plot import plot_losses
         from storage import open_store
         from storage.metrics_log import read_metrics
@@ -133,7 +134,7 @@ def status(spec: str, root: str | None, as_json: bool, verify: bool, plot: str |
         if plot:
             click.echo(f"plot written to {plot}")
     if verify and any(c["valid"] is False for c in doc["checkpoints"]):
-        sys.exit(1)
+        sys.exit(ExitCode.FAILED)
 
 
 @main.command("export-best", short_help="Export the best model, verified.")
@@ -150,7 +151,7 @@ def export_best_cmd(spec: str, root: str | None, out: str) -> None:
                               identify(job_spec, job).hashes)
     except (ExportError, StorageError) as err:
         click.echo(f"error: {err}", err=True)
-        sys.exit(1)
+        sys.exit(ExitCode.FAILED)
     test = metrics.get("test") or {}
     click.echo(f"exported {metrics['checkpoint']} (step {metrics['step']}, val loss {metrics['val_loss']:.6f}"
                + (f", test mse {test['mse']:.6f} mae {test['mae']:.6f}" if test else "") + f") to {out}")
@@ -185,7 +186,7 @@ def import_cmd(spec: str, source: str, root: str | None, sets: tuple[str, ...], 
         check_stored_spec(job, job_spec, identify(job_spec, job))
     except InputError as err:
         click.echo(f"error: {err}", err=True)
-        sys.exit(2)
+        sys.exit(ExitCode.BAD_INPUT)
     from jobs.spec import spec_to_yaml
     from storage.private import private_copy
 
@@ -212,7 +213,7 @@ def list_cmd(root: str, as_json: bool) -> None:
                 if kind == "directory" and (store.exists(f"{name}/{STATE}") or store.exists(f"{name}/{SPEC}"))]
     except StorageError as err:
         click.echo(f"error: --root: {err}", err=True)
-        sys.exit(2)
+        sys.exit(ExitCode.BAD_INPUT)
     if as_json:
         click.echo(json.dumps(rows, indent=1))
     else:
@@ -236,7 +237,7 @@ def stop(spec: str, root: str | None, now: bool) -> None:
     holder = leases.live_holder(job)
     if holder is None:
         click.echo(f"error: no running submit holds job {job_spec.name!r}: nothing to stop", err=True)
-        sys.exit(1)
+        sys.exit(ExitCode.FAILED)
     write_json(job, STOP, {"requested_at": time.time(), "now": now, "host": socket.gethostname(), "pid": os.getpid()})
     click.echo(f"stop requested: the submit of job {job_spec.name} (pid {holder.pid} on {holder.host}) "
                + ("kills its trainer at once" if now else "commits a preempt checkpoint and exits 143"))
@@ -266,7 +267,7 @@ def predict(source: str, input_csv: str, out: str | None, root: str | None) -> N
                 export_best(job, tmp, None, identify(job_spec, job).hashes)
             except (ExportError, StorageError) as err:
                 click.echo(f"error: {err}", err=True)
-                sys.exit(1)
+                sys.exit(ExitCode.FAILED)
             export = tmp
         argv = [sys.executable, "-m", "trainer.predict", export, "--input", input_csv]
         sys.exit(subprocess.call(argv + (["--out", out] if out else [])))
@@ -302,7 +303,7 @@ def logs(spec: str, root: str | None, follow: bool, attempt: int | None) -> None
     shown, number = 0, latest()
     if number is None and not follow:
         click.echo(f"no trainer log yet for {job_spec.name}", err=True)
-        sys.exit(1)
+        sys.exit(ExitCode.FAILED)
     while True:
         over = follow and _job_over(job, job_spec.name)  # looked at before the last read: nothing is missed
         if number is not None:

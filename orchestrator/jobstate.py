@@ -21,6 +21,7 @@ from typing import Any
 
 from jobs import Attempt, JobStatus, Phase
 from jobs.messages import first_line
+from jobs.protocol import Heartbeat
 from jobs.status import Best, CheckpointInfo, CheckpointRef, LeaseInfo, goodput
 from storage import Store, list_checkpoints
 from storage.checkpoints import Listing
@@ -138,35 +139,34 @@ class JobState:
         self.status.reason = None
         return attempt
 
-    def fold_heartbeat(self, beat: dict[str, Any] | None) -> None:
-        if not beat:
+    def fold_heartbeat(self, beat: Heartbeat | None) -> None:
+        if beat is None:
             return
         s, a = self.status, self.attempt
         s.heartbeat = beat
-        s.global_step = int(beat.get("step", s.global_step) or 0)
-        s.epoch = int(beat.get("epoch", s.epoch) or 0)
-        s.total_steps = beat.get("total_steps", s.total_steps)
+        s.global_step = int(beat.step if beat.step is not None else s.global_step)
+        s.epoch = int(beat.epoch if beat.epoch is not None else s.epoch)
+        s.total_steps = beat.total_steps if beat.total_steps is not None else s.total_steps
         if a is not None and a.ended_at is None:
-            if "start_step" in beat:
-                a.start_step = beat["start_step"]
-            if "resumed_from" in beat:
-                rf = beat.get("resumed_from")
+            if beat.resume_known:
+                a.start_step = beat.start_step
+                rf = beat.resumed_from
                 a.resumed_from = CheckpointRef(**rf) if rf else None
-                a.skipped_checkpoints = list(beat.get("skipped") or [])
+                a.skipped_checkpoints = list(beat.skipped or [])
             a.end_step = s.global_step
-            if beat.get("backbone_source"):
-                a.backbone_source = beat["backbone_source"]
-            if beat.get("memory_plan"):
-                a.memory_plan = {**beat["memory_plan"], "peak_bytes": beat.get("peak_bytes")}
+            if beat.backbone_source:
+                a.backbone_source = beat.backbone_source
+            if beat.memory_plan:
+                a.memory_plan = {**beat.memory_plan, "peak_bytes": beat.peak_bytes}
                 s.memory_plan = a.memory_plan
-            if beat.get("oom"):
-                a.oom = beat["oom"]
-            first_step = (beat.get("startup") or {}).get("first_step")
+            if beat.oom:
+                a.oom = beat.oom
+            first_step = (beat.startup or {}).get("first_step")
             if first_step:
                 a.first_step_at = float(first_step)
             for key in ("training_s", "eval_s"):
-                if beat.get(key) is not None:
-                    setattr(a, key, float(beat[key]))
+                if getattr(beat, key) is not None:
+                    setattr(a, key, float(getattr(beat, key)))
 
     def memory_hint(self) -> dict[str, Any] | None:
         """For the next attempt: the plan in force (reused on the same card), with the last
@@ -185,7 +185,7 @@ class JobState:
         if a is None or a.ended_at is not None:
             return None
         now = time.time() if now is None else now
-        beat = (self.status.heartbeat or {}).get("time")
+        beat = self.status.heartbeat.time if self.status.heartbeat else None
         held = f"pid {previous.pid} on {previous.host}" if previous else f"on {a.host}"
         expired = f"lease expired at {_clock(previous.expires_at)}" if previous and previous.expires_at <= now else \
             "its process is gone" if previous else "no lease left"
@@ -212,7 +212,7 @@ class JobState:
         s.checkpoints, best = checkpoint_infos(self.job, self.spec_hash)
         s.best = best or s.best
         fold_results(s, self.job)
-        s.heartbeat_age_s = (now - s.heartbeat["time"]) if s.heartbeat and "time" in s.heartbeat else None
+        s.heartbeat_age_s = (now - s.heartbeat.time) if s.heartbeat and s.heartbeat.time is not None else None
         s.updated_at = now
         goodput(s, now)
         if self.fence is not None:

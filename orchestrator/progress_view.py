@@ -15,10 +15,11 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
+
+from jobs.protocol import Heartbeat, TrainerActivity
 
 
 def eta_text(seconds: float | None) -> str:
@@ -28,27 +29,27 @@ def eta_text(seconds: float | None) -> str:
     return (f"{days}d " if days else "") + time.strftime("%H:%M:%S", time.gmtime(rest))
 
 
-def describe(beat: dict[str, Any]) -> tuple[str, int | None, int | None, str]:
-    """(phase, done, total, details) of a heartbeat, for a bar or a line."""
-    phase = beat.get("phase") or ("starting" if beat.get("busy") == "starting" else "loading")
-    if beat.get("busy") and phase in ("loading", "starting"):
-        phase = beat["busy"]
-    if phase in ("validating", "testing"):
-        return phase, beat.get("eval_batch"), beat.get("eval_batches"), f"epoch {beat.get('epoch', 0)}"
-    if phase != "training":
-        got = beat.get("download_bytes")
-        return phase, None, None, (f"{got / 1e9:.2f} GB downloaded" if got else "")
-    step, total, rate = beat.get("step"), beat.get("total_steps"), beat.get("steps_per_s")
-    parts = [f"epoch {beat.get('epoch', 0)}"]
-    if beat.get("loss") is not None:
-        parts.append(f"loss {beat['loss']:.4f}")
-    if beat.get("lr") is not None:
-        parts.append(f"lr {beat['lr']:.2e}")
+def describe(beat: Heartbeat) -> tuple[str, int | None, int | None, str]:
+    """(what the trainer does, done, total, details) of a heartbeat, for a bar or a line."""
+    doing = beat.activity or ("starting" if beat.busy == "starting" else "loading")
+    if beat.busy and doing in ("loading", "starting"):
+        doing = beat.busy
+    if beat.evaluating:
+        return doing, beat.eval_batch, beat.eval_batches, f"epoch {beat.epoch or 0}"
+    if doing != TrainerActivity.TRAINING:
+        got = beat.download_bytes
+        return doing, None, None, (f"{got / 1e9:.2f} GB downloaded" if got else "")
+    step, total, rate = beat.step, beat.total_steps, beat.steps_per_s
+    parts = [f"epoch {beat.epoch or 0}"]
+    if beat.loss is not None:
+        parts.append(f"loss {beat.loss:.4f}")
+    if beat.lr is not None:
+        parts.append(f"lr {beat.lr:.2e}")
     if rate:
         parts.append(f"{rate:.2f} steps/s")
         if step is not None and total:
             parts.append(f"ETA {eta_text((total - step) / rate)}")
-    return phase, step, total, " ".join(parts)
+    return doing, step, total, " ".join(parts)
 
 
 class ProgressView:
@@ -69,8 +70,8 @@ class ProgressView:
         else:
             print(line, file=self.stream, flush=True)
 
-    def update(self, beat: dict[str, Any] | None) -> None:
-        if not beat:
+    def update(self, beat: Heartbeat | None) -> None:
+        if beat is None:
             return
         try:
             phase, done, total, details = describe(beat)

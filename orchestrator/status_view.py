@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from jobs.messages import first_line
+from jobs.protocol import Heartbeat
 from jobs.status import LeaseInfo, describe_plan, effective_phase, goodput
 from orchestrator.jobstate import checkpoint_infos, fold_results, load_status, read_status
 from storage import Store, list_checkpoints
@@ -47,7 +48,7 @@ def collect(job: Store, name: str, verify_hashes: bool = False, spec_hash: str |
         holder = live_one
     status.lease = LeaseInfo(owner=holder.owner, host=holder.host, pid=holder.pid,
                              expires_at=holder.expires_at) if live else None
-    beat_time = (status.heartbeat or {}).get("time")
+    beat_time = status.heartbeat.time if status.heartbeat else None
     status.heartbeat_age_s = round(time.time() - beat_time, 1) if beat_time else None
     phase = effective_phase(status.phase, live)
     if phase is not status.phase:
@@ -79,7 +80,7 @@ def summary(job: Store, name: str) -> dict[str, Any]:
         return {"name": name, "phase": "unreadable", "global_step": 0, "total_steps": None, "best_val_loss": None,
                 "heartbeat_age_s": None, "host": None, "problem": first_line(exc)}
     holder = leases.live_holder(job)
-    beat = (status.heartbeat or {}).get("time")
+    beat = status.heartbeat.time if status.heartbeat else None
     phase = "unreadable" if unreadable else effective_phase(status.phase, holder is not None).value
     return {"name": name, "phase": phase, "global_step": status.global_step,
             "total_steps": status.total_steps, "best_val_loss": status.best.val_loss if status.best else None,
@@ -132,22 +133,21 @@ def render(doc: dict[str, Any], console: Console | None = None) -> None:
     eta = "-"
     attempts = doc.get("attempts") or []
     current = attempts[-1] if attempts else None
-    rate = (doc.get("heartbeat") or {}).get("steps_per_s")  # the trainer's own rate: the log's ETA too
+    beat = Heartbeat.parse(doc.get("heartbeat")) or Heartbeat()
+    rate = beat.steps_per_s  # the trainer's own rate: the log's ETA too
     stale = doc["phase"] in ("running", "restarting") and doc.get("updated_at") is not None \
         and time.time() - doc["updated_at"] > STALE_S
     if current and current.get("ended_at") is None and total and rate and not stale:
         eta = duration((total - step) / rate)
-    beat = doc.get("heartbeat") or {}
     detail = f" (state.json last written {_age(time.time() - doc['updated_at'])} ago: not current)" if stale else ""
-    if doc["phase"] == "running" and beat.get("phase") in ("validating", "testing") and not stale:
-        done = f" {beat['eval_batch']}/{beat['eval_batches']}" if beat.get("eval_batches") else ""
-        detail = f" ({beat['phase']}{done})"
+    if doc["phase"] == "running" and beat.evaluating and not stale:
+        done = f" {beat.eval_batch}/{beat.eval_batches}" if beat.eval_batches else ""
+        detail = f" ({beat.activity}{done})"
     head.add_row("phase", f"[bold]{doc['phase']}[/bold]{detail}" + (f" ({doc['reason']})" if doc.get("reason") else ""))
     head.add_row("step", f"{step}/{total if total else '?'}  (ETA {eta})")
     head.add_row("epoch", str(doc.get("epoch", 0)))
-    if beat.get("loss") is not None:
-        head.add_row("loss", f"{beat['loss']:.4f} (lr {beat['lr']:.2e})" if beat.get("lr") is not None else
-                     f"{beat['loss']:.4f}")
+    if beat.loss is not None:
+        head.add_row("loss", f"{beat.loss:.4f} (lr {beat.lr:.2e})" if beat.lr is not None else f"{beat.loss:.4f}")
     best = doc.get("best")
     head.add_row("best", f"val loss {best['val_loss']:.6f} at step {best['step']} ({best['checkpoint']})" if best else "-")
     metrics = doc.get("metrics") or {}

@@ -26,19 +26,13 @@ import yaml
 
 from jobs import JobSpec, Phase, SpecError, load_spec, training_fields
 from jobs.identity import diff_fields, without_new_defaults
+from jobs.protocol import ExitCode
 from jobs.spec import spec_to_yaml
 from orchestrator.identity import Identity, identify
 from orchestrator.jobstate import JobState
 from orchestrator.notice import NoticeWatcher
 from orchestrator.progress_view import ProgressView
-from orchestrator.supervisor import (
-    EXIT_BAD_INPUT,
-    EXIT_COMPLETED,
-    EXIT_FAILED,
-    EXIT_HELD,
-    Supervisor,
-    default_log,
-)
+from orchestrator.supervisor import Supervisor, default_log
 from storage import StorageError, Store, Unreachable, job_store, list_checkpoints
 from storage import lease as leases
 from storage.commit_strategy import strategy_for
@@ -308,10 +302,10 @@ def submit(spec_path: str, root: str | None, sets: tuple[str, ...], log=default_
         prep = prepare(spec_path, root, sets, allow_low_space)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return ExitCode.BAD_INPUT
     except Unreachable as err:  # a network outage is not bad input: run submit again later
         print(f"error: storage.root: {err}; nothing was written", file=sys.stderr)
-        return EXIT_FAILED
+        return ExitCode.FAILED
     spec, job = prep.spec, prep.job
     results = read_json(job, RESULTS)
     state = JobState(job, spec.name, prep.identity.hashes)
@@ -319,7 +313,7 @@ def submit(spec_path: str, root: str | None, sets: tuple[str, ...], log=default_
         test = results.get("test", {})
         log(f"job {spec.name} is completed already (best step {results.get('best_step')}, "
             f"test mse {test.get('mse')}, mae {test.get('mae')}): nothing to do")
-        return EXIT_COMPLETED
+        return ExitCode.OK
     previous = leases.read(job)  # a vanished orchestrator's, if any: it closes its attempt as lost
 
     def watching(holder: leases.Lease, ttl: float) -> None:
@@ -330,10 +324,10 @@ def submit(spec_path: str, root: str | None, sets: tuple[str, ...], log=default_
         lease = leases.acquire(job, lease_ttl_s(), on_wait=watching)
     except leases.LeaseHeld as held:
         print(f"error: {held}", file=sys.stderr)
-        return EXIT_HELD
+        return ExitCode.FENCED
     except StorageError as err:  # the first write: nothing was written
         print(f"error: storage.root: cannot write there: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return ExitCode.BAD_INPUT
     code = None
     try:
         if not job.exists(SPEC):
@@ -378,7 +372,7 @@ def submit(spec_path: str, root: str | None, sets: tuple[str, ...], log=default_
             code = supervisor.run()
         except StorageError as err:
             log(f"error: storage failed for good, stopping (the trainer stops with us): {err}")
-            code = EXIT_FAILED
+            code = ExitCode.FAILED
         finally:
             if view is not None:
                 view.close()
@@ -389,7 +383,7 @@ def submit(spec_path: str, root: str | None, sets: tuple[str, ...], log=default_
             f"{' (' + state.status.reason + ')' if state.status.reason else ''}; exit {code}")
         return code
     finally:
-        if code != EXIT_HELD:  # a lost lease belongs to someone else now: leave it and the state
+        if code != ExitCode.FENCED:  # a lost lease belongs to someone else now: leave it and the state
             state.set_lease(None)
             try:
                 leases.release(job, lease)

@@ -1,17 +1,11 @@
 """The supervisor: one loop that maps what it observes to one action.
 
-Job phases (jobs.status.Phase) as the supervisor drives them::
-
-    RUNNING --trainer exit 0-----------------------------> COMPLETED   (exit 0)
-    RUNNING --exit 2 (bad input)-------------------------> FAILED      (exit 2)
-    RUNNING --out of memory, no smaller plan (or not auto)-> FAILED     (exit 1, the diagnosis)
-    RUNNING --out of memory, micro_batch_size auto--> RESTARTING (the next attempt plans smaller)
-    RUNNING --killed / crashed / hung--> RESTARTING --backoff--> RUNNING (next attempt)
-                  `-- restart budget spent, or a crash loop ----> FAILED (exit 1)
-    RUNNING --SIGTERM/SIGINT to us: forward, grace, kill---> PREEMPTED (exit 143 / 130)
-    RUNNING --our lease taken over by another orchestrator--> (stop the trainer, exit 3)
-              (seen at a renewal, a flush of state.json, or the trainer's exit 3 when its commit
-               found itself fenced; nothing more is written: the newer holder owns the job)
+The job's lifecycle is drawn once, in jobs.status; what follows an attempt's end is
+orchestrator.policy's ``decide`` (pure, table-tested), from orchestrator.outcome's ``classify``
+of what was observed. This loop observes, calls them, and acts: start an attempt, watch it,
+back off, or end with the decision's phase and exit code. A lease taken over by another
+orchestrator (seen at a renewal, a flush of state.json, or the trainer's exit 3 when its commit
+found itself fenced) ends it at once, writing nothing more: exit 3.
 
 Each tick (at most ``TICK_S``, and at once when the trainer exits or a signal arrives):
 renew the lease when due, fold the heartbeat into the state, kill a trainer whose heartbeat is
@@ -26,10 +20,9 @@ disk under state.json) is reported once and the trainer runs on, watched as befo
 tick tries again. An error outside the ticks stops the trainer as on SIGTERM (it commits a
 preempt checkpoint), closes its attempt with the error as its reason, and the job fails (exit 1).
 
-A crash loop is ``run.crash_loop_limit`` failed attempts in a row that ended at the same step
-with the same reason: restarting again would only repeat it. The restart budget
-(``run.max_restarts``) counts the restarts of this submit: a job resubmitted after a week gets
-its budget again; preemptions and vanished runtimes end a submit and never count.
+The restart budget (``run.max_restarts``) counts the restarts of this submit: a job
+resubmitted after a week gets its budget again; preemptions and vanished runtimes end a submit
+and never count.
 """
 
 from __future__ import annotations
@@ -45,9 +38,12 @@ from pathlib import Path
 
 from jobs import JobSpec, Phase
 from jobs.messages import first_line
+from jobs.protocol import ExitCode
 from jobs.status import describe_plan
-from orchestrator.attempt import ExitClass, Outcome, TrainerProcess, classify
+from orchestrator.attempt import TrainerProcess
 from orchestrator.jobstate import JobState
+from orchestrator.outcome import ExitClass, Outcome, Stopping, classify
+from orchestrator.policy import End, History, Restart, decide, stopped
 from storage import StorageError, Store, list_checkpoints
 from storage import lease as leases
 from storage.documents import read_json
@@ -57,7 +53,20 @@ from storage.log_segments import LogUploader
 TICK_S = 1.0
 STOP_POLL_S = 3.0
 LOG_UPLOAD_S = 10.0  # what the trainer's log gained is copied to the job folder this often
-EXIT_COMPLETED, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_HELD = 0, 1, 2, 3
+
+
+class StopRequest:
+    """A stop under way (our SIGTERM/SIGINT, a stop request, a preemption notice): the signal
+    forwarded, when the grace period ends, and how it ended if we had to kill."""
+
+    def __init__(self, signum: int, grace_period_s: float):
+        self.signum, self.grace_period_s = signum, grace_period_s
+        self.deadline = time.time() + grace_period_s
+        self.forced = False  # a second signal killed the trainer at once
+        self.grace_over = False  # the grace period ran out and the trainer was killed
+
+    def stopping(self) -> Stopping:
+        return Stopping(self.signum, self.forced, self.grace_over, self.grace_period_s)
 
 
 class Supervisor:
@@ -68,8 +77,7 @@ class Supervisor:
         self.lease_ttl_s, self.renew_every = lease_ttl_s, lease_ttl_s / 3
         self.trainer_argv, self.workdir, self.say, self.on_progress = trainer_argv, workdir, log, on_progress
         self.wake = threading.Event()
-        self.stop_signal: int | None = None
-        self.stop_at: float | None = None
+        self.stop: StopRequest | None = None
         self.lease_renewed = time.monotonic()  # renewals are timed on this machine's monotonic clock
         self.renew_failing = False
         self.proc: TrainerProcess | None = None
@@ -77,9 +85,6 @@ class Supervisor:
         self.log_uploader: LogUploader | None = None
         self.plan_said = 0  # the attempt whose memory plan was printed
         self.resume_recorded = 0  # the attempt whose resume point (and skipped checkpoints) state.json holds
-        self.forced = False  # a second signal killed the trainer at once
-        self.grace_over = False  # the grace period ran out and the trainer was killed
-        self.stopped_without_checkpoint: str | None = None  # why, when stopping killed the trainer
         self.stop_polled = time.time()
         self.tick_failing: str | None = None  # the error the last tick failed with (said once)
 
@@ -91,12 +96,12 @@ class Supervisor:
     def _on_signal(self, signum, frame) -> None:
         if signum == signal.SIGHUP:
             signum = signal.SIGTERM
-        if self.stop_signal is not None and self.proc is not None:  # a second signal: no more grace
-            self.forced = True
-            self.proc.signal_group(signal.SIGKILL)
-        self.stop_signal = signum
-        if self.stop_at is None:
-            self.stop_at = time.time() + self.spec.run.grace_period_s
+        if self.stop is not None:
+            if self.proc is not None:  # a second signal: no more grace
+                self.stop.forced = True
+                self.proc.signal_group(signal.SIGKILL)
+        else:
+            self.stop = StopRequest(signum, self.spec.run.grace_period_s)
             if self.proc is not None:
                 self.proc.signal_group(signum)
         self.wake.set()
@@ -138,8 +143,8 @@ class Supervisor:
         self.state.flush()
         self.say(f"attempt {attempt}: trainer pid {proc.pid} started (log: {proc.log_path})")
         threading.Thread(target=lambda: (proc.exited.wait(), self.wake.set()), daemon=True).start()
-        if self.stop_signal is not None:  # a signal arrived while starting
-            proc.signal_group(self.stop_signal)
+        if self.stop is not None:  # a signal arrived while starting
+            proc.signal_group(self.stop.signum)
         return proc
 
     def _upload_log(self, proc: TrainerProcess) -> None:
@@ -170,7 +175,7 @@ class Supervisor:
     def _backoff(self, delay: float) -> None:
         """Wait between attempts, still renewing the lease; a signal ends the wait at once."""
         until = time.time() + delay
-        while self.stop_signal is None and (left := until - time.time()) > 0:
+        while self.stop is None and (left := until - time.time()) > 0:
             self.wake.wait(min(TICK_S, left))
             self.wake.clear()
             self._safe_tick(None)
@@ -181,12 +186,12 @@ class Supervisor:
         self._renew_lease_if_due()
         self._fold(proc)
         self._stop_requested()
-        if self.stop_at is not None and now >= self.stop_at:
-            self.grace_over = True
+        if self.stop is not None and now >= self.stop.deadline:
+            self.stop.grace_over = True
             proc.signal_group(signal.SIGKILL)
             return None
         age = proc.heartbeat_age()
-        if self.stop_signal is None and age > self.spec.run.heartbeat_timeout_s:
+        if self.stop is None and age > self.spec.run.heartbeat_timeout_s:
             self.say(f"attempt {proc.attempt}: no heartbeat for {age:.0f} s: killing the trainer")
             proc.kill()
             return age
@@ -234,16 +239,12 @@ class Supervisor:
         self._fold(proc)
         self._upload_log(proc)
         host_oom = None
-        if hung_for is None and self.stop_signal is None and proc.returncode == -signal.SIGKILL:
+        if hung_for is None and self.stop is None and proc.returncode == -signal.SIGKILL:
             host_oom = proc.oom_watch.evidence()
-        outcome = classify(proc.returncode, self.stop_signal, hung_for, proc.log_tail(), proc.heartbeat(),
-                           proc.launcher, host_oom)
-        if outcome.exit_class is ExitClass.PREEMPTED and outcome.exit_code is None:  # killed, not preempted
-            outcome.reason = ("stopped at once by a second signal: no checkpoint written" if self.forced else
-                              f"killed after the grace period ({self.spec.run.grace_period_s:.0f} s): "
-                              "no checkpoint written" if self.grace_over else outcome.reason) + self._newest()
-            self.stopped_without_checkpoint = outcome.reason
-        return outcome
+        stopping = self.stop.stopping() if self.stop else None
+        killed_stopping = stopping is not None and proc.returncode is not None and proc.returncode < 0
+        return classify(proc.returncode, stopping, hung_for, proc.log_tail(), proc.heartbeat(),
+                        proc.launcher, host_oom, newest=self._newest() if killed_stopping else "")
 
     def _newest(self) -> str:
         """Where a resume will start: the job's newest committed checkpoint."""
@@ -259,7 +260,7 @@ class Supervisor:
         beat = proc.heartbeat()
         self.state.fold_heartbeat(beat)
         self.on_progress(beat)
-        if beat and "start_step" in beat and self.resume_recorded != proc.attempt:
+        if beat and beat.resume_known and self.resume_recorded != proc.attempt:
             # where the attempt resumed and what it skipped goes on record at once, not at the next
             # periodic flush: a runtime that vanishes before then would leave it out of the attempt
             self.resume_recorded = proc.attempt
@@ -270,25 +271,12 @@ class Supervisor:
             self.say(f"attempt {proc.attempt}: memory plan: {describe_plan(plan)}")
 
     # ------------------------------------------------------------------ the loop
-    def _crash_loop(self) -> bool:
-        limit = self.spec.run.crash_loop_limit
-        recent = self.state.status.attempts[-limit:]
-        if len(recent) < limit or any(a.exit_code == 0 for a in recent):
-            return False
-        return len({(a.end_step, a.reason) for a in recent}) == 1
-
-    def _end(self, phase: Phase, reason: str | None, code: int) -> int:
-        self.state.set_phase(phase, reason)
+    def _end(self, end: End) -> int:
+        self.state.set_phase(end.phase, end.reason)
         self.state.flush()
-        if phase is Phase.FAILED:
-            self.say(f"failed: {reason}")
-        return code
-
-    def _stopped(self) -> int:
-        name = signal.Signals(self.stop_signal).name
-        lost = self.stopped_without_checkpoint
-        why = f"stopped by {name}" + (f"; {lost}" if lost else "")
-        return self._end(Phase.PREEMPTED, why, 130 if self.stop_signal == signal.SIGINT else 143)
+        if end.phase is Phase.FAILED:
+            self.say(f"failed: {end.reason}")
+        return end.exit_code
 
     def run(self) -> int:
         """Supervise until the job ends; returns submit's exit code."""
@@ -299,7 +287,7 @@ class Supervisor:
             if self.proc is not None and not self.proc.exited.is_set():
                 self.proc.kill()
             self.say(f"error: {lost}; stopped the trainer, wrote nothing")
-            return EXIT_HELD
+            return ExitCode.FENCED
         except Exception as exc:  # noqa: BLE001 - never leave the attempt open and the trainer orphaned
             return self._abandon(exc)
 
@@ -321,10 +309,10 @@ class Supervisor:
         except Exception as flush_exc:  # noqa: BLE001 - the store may be what failed
             self.say(f"warning: could not record the failure in state.json: {first_line(flush_exc)}")
         self.say(f"error: {why}")
-        return EXIT_FAILED
+        return ExitCode.FAILED
 
     def _loop(self) -> int:
-        restarts_in_a_row = restarts_here = 0
+        history = History(self.state.status.attempts)
         run = self.spec.run
         while True:
             proc = self._start()
@@ -333,34 +321,19 @@ class Supervisor:
                 leases.check(self.job, self.lease.generation, self.lease.owner)  # raises: we are fenced too
             self.state.end_attempt(outcome.exit_code, outcome.signal, outcome.reason)
             self.say(f"attempt {proc.attempt}: {outcome.reason}")
-            if outcome.exit_class is ExitClass.COMPLETED:
-                return self._end(Phase.COMPLETED, None, EXIT_COMPLETED)
-            if outcome.exit_class is ExitClass.BAD_INPUT:
-                return self._end(Phase.FAILED, outcome.reason, EXIT_BAD_INPUT)
-            if outcome.exit_class is ExitClass.OUT_OF_MEMORY and not (self.state.attempt.oom or {}).get("smaller_plan"):
-                return self._end(Phase.FAILED, outcome.reason, EXIT_FAILED)  # the same plan would fail again
-            if self.stop_signal is not None:
-                if outcome.reason.startswith("preempted: no preempt checkpoint"):
-                    self.stopped_without_checkpoint = outcome.reason[len("preempted: "):]
-                return self._stopped()
-            if self._crash_loop():
-                return self._end(Phase.FAILED, f"crash loop: {outcome.reason}, {run.crash_loop_limit} times at step "
-                                               f"{self.state.attempt.end_step} with no progress", EXIT_FAILED)
-            if restarts_here >= run.max_restarts:
-                return self._end(Phase.FAILED, f"restart budget spent ({run.max_restarts}) in this submit; "
-                                               f"last: {outcome.reason}", EXIT_FAILED)
-            attempts = self.state.status.attempts
-            made_progress = len(attempts) < 2 or (attempts[-1].end_step or 0) > (attempts[-2].end_step or 0)
-            restarts_in_a_row = 0 if made_progress else restarts_in_a_row + 1
-            delay = min(run.backoff_max_s, run.backoff_initial_s * (2 ** restarts_in_a_row))
+            decision = decide(outcome, history, run, self.stop.stopping() if self.stop else None)
+            if isinstance(decision, End):
+                return self._end(decision)
+            assert isinstance(decision, Restart)
+            history = History(self.state.status.attempts, history.restarts_here + 1, decision.restarts_in_a_row)
             self.state.status.restarts += 1
-            restarts_here += 1
-            self.state.set_phase(Phase.RESTARTING, outcome.reason)
+            self.state.set_phase(Phase.RESTARTING, decision.reason)
             self.state.flush()
-            self.say(f"restarting in {delay:.1f} s (restart {restarts_here}/{run.max_restarts} of this submit)")
-            self._backoff(delay)
-            if self.stop_signal is not None:
-                return self._stopped()
+            self.say(f"restarting in {decision.delay_s:.1f} s "
+                     f"(restart {history.restarts_here}/{run.max_restarts} of this submit)")
+            self._backoff(decision.delay_s)
+            if self.stop is not None:
+                return self._end(stopped(self.stop.stopping()))
 
 
 def default_log(msg: str) -> None:

@@ -7,9 +7,10 @@ from __future__ import annotations
 import json
 import time
 
+from jobs.protocol import Heartbeat
 from orchestrator.progress_view import describe
 from trainer.backbone import hub_cache_bytes
-from trainer.reporting import Heartbeat
+from trainer.reporting import HeartbeatWriter
 
 
 def test_the_download_reaches_the_heartbeat_and_the_terminal(tmp_path, monkeypatch):
@@ -23,7 +24,7 @@ def test_the_download_reaches_the_heartbeat_and_the_terminal(tmp_path, monkeypat
     assert hub_cache_bytes("meta-llama/Meta-Llama-3-8B") == 1500
     assert hub_cache_bytes("nobody/nothing") == 0
     beat_file = tmp_path / "beat.json"
-    heartbeat = Heartbeat(str(beat_file), interval=0)
+    heartbeat = HeartbeatWriter(str(beat_file), interval=0)
     with heartbeat.keepalive(60, "loading the backbone",
                              lambda: {"download_bytes": hub_cache_bytes("meta-llama/Meta-Llama-3-8B")}):
         deadline = time.time() + 30
@@ -36,6 +37,6 @@ def test_the_download_reaches_the_heartbeat_and_the_terminal(tmp_path, monkeypat
             time.sleep(0.1)
         doc = json.loads(beat_file.read_text())
     assert doc["busy"] == "loading the backbone"
-    phase, done, total, details = describe({**doc, "download_bytes": 1_530_000_000})
+    phase, done, total, details = describe(Heartbeat.parse({**doc, "download_bytes": 1_530_000_000}))
     assert (phase, details) == ("loading the backbone", "1.53 GB downloaded")
     assert json.loads(beat_file.read_text()).get("download_bytes") is None  # the download is over

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 
-from trainer.reporting import Heartbeat
+from trainer.reporting import HeartbeatWriter
 
 
 def _age(path) -> float:
@@ -14,7 +14,7 @@ def _age(path) -> float:
 
 def test_keepalive_beats_during_a_long_call_then_falls_silent_after_its_limit(tmp_path):
     path = tmp_path / "heartbeat.json"
-    beat = Heartbeat(str(path), interval=0.5)
+    beat = HeartbeatWriter(str(path), interval=0.5)
     beat.beat(force=True, phase="training")
     with beat.keepalive(limit_s=2.5, what="checkpoint write"):
         time.sleep(2.2)
@@ -26,16 +26,20 @@ def test_keepalive_beats_during_a_long_call_then_falls_silent_after_its_limit(tm
     assert doc["busy"] is None and doc["phase"] == "training" and _age(path) < 0.5
 
 
-def test_without_a_heartbeat_file_keepalive_does_nothing():
-    with Heartbeat(None).keepalive(limit_s=1, what="x"):
-        pass
+def test_without_a_heartbeat_file_keepalive_does_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    writer = HeartbeatWriter(None)
+    with writer.keepalive(limit_s=1, what="x"):
+        writer.beat(force=True, step=3)
+    assert writer.store is None and list(tmp_path.iterdir()) == []  # nothing written anywhere here
+    assert writer.doc.step == 3  # the beat is kept in memory all the same
 
 
 def test_a_phase_change_clears_the_previous_phases_batch_counts(tmp_path):
     """Issue 23, item 17: the progress line showed 'testing 11/11' when the test had 24 batches:
     the validation's counts lived on into the test until its first (throttled) batch beat."""
     path = tmp_path / "heartbeat.json"
-    beat = Heartbeat(str(path), interval=60)
+    beat = HeartbeatWriter(str(path), interval=60)
     beat.beat(force=True, phase="validating")
     beat.beat(force=True, eval_batch=11, eval_batches=11)
     beat.beat(force=True, phase="testing")

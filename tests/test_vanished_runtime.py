@@ -165,8 +165,8 @@ def test_a_preempt_checkpoint_that_would_not_fit_the_grace_period_is_not_started
 TRAINER = """
 import os, sys, time
 from pathlib import Path
-from trainer.reporting import Heartbeat
-beat, go = Heartbeat(os.environ["TIMELLM_JOB_HEARTBEAT"], interval=0), Path(sys.argv[1])
+from trainer.reporting import HeartbeatWriter
+beat, go = HeartbeatWriter(os.environ["TIMELLM_JOB_HEARTBEAT"], interval=0), Path(sys.argv[1])
 beat.beat(force=True, phase="starting", step=0)
 while not (go / "resume").exists():
     time.sleep(0.05)
@@ -192,13 +192,13 @@ def test_where_an_attempt_resumed_is_on_record_at_once_not_at_the_next_periodic_
         record.begin_attempt(proc.pid, "here", proc.started_at)
         record.flush()
         deadline = time.time() + 60
-        while (proc.heartbeat() or {}).get("phase") != "starting":
+        while getattr(proc.heartbeat(), "activity", None) != "starting":
             assert time.time() < deadline and not proc.exited.is_set(), proc.log_path.read_text()
             time.sleep(0.05)
         supervisor._fold(proc)  # a beat with no resume point: nothing to put on record yet
         assert state(folder)["attempts"][0].get("resumed_from") is None
         (tmp_path / "resume").touch()
-        while "start_step" not in (proc.heartbeat() or {}):
+        while not getattr(proc.heartbeat(), "resume_known", False):
             assert time.time() < deadline and not proc.exited.is_set(), proc.log_path.read_text()
             time.sleep(0.05)
         supervisor._fold(proc)  # within the flush interval of the flush above: written at once all the same

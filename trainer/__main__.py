@@ -17,6 +17,7 @@ import os
 import sys
 
 from jobs import SpecError, load_spec
+from jobs.protocol import ENV_HEARTBEAT, ExitCode
 
 STARTUP_LIMIT_S = 600  # imports that take longer than this are a hang
 
@@ -45,7 +46,7 @@ def main(argv=None) -> int:
         spec = load_spec(a.spec, root=a.root, sets=tuple(a.sets))
     except SpecError as err:
         print(err, file=sys.stderr)
-        return 2
+        return ExitCode.BAD_INPUT
     from trainer.backbone import BackboneError, HubUnreachable
     from trainer.data import DataError
 
@@ -58,32 +59,32 @@ def main(argv=None) -> int:
             print(p, file=sys.stderr)
         if not problems:
             print(json.dumps(estimate, sort_keys=True))
-        return 2 if problems else 0
+        return ExitCode.BAD_INPUT if problems else ExitCode.OK
     if a.command == "import":
         from storage import StorageError
         from trainer.importer import ImportRefused, JobBusy, import_checkpoint
 
         if not a.source:
             print("import: give the checkpoint or run folder to import (a path or URL)", file=sys.stderr)
-            return 2
+            return ExitCode.BAD_INPUT
         try:
             import_checkpoint(spec, a.source, a.kind, a.weights_only, spec.storage.options if "://" in a.source else None,
                               add=a.add)
-            return 0
+            return ExitCode.OK
         except (ImportRefused, DataError, BackboneError) as err:
             print(f"error: {err}", file=sys.stderr)
-            return 2
+            return ExitCode.BAD_INPUT
         except StorageError as err:
             print(f"error: {a.source}: {err}", file=sys.stderr)
-            return 2
+            return ExitCode.BAD_INPUT
         except JobBusy as err:
             print(f"error: {err}", file=sys.stderr)
-            return 3
+            return ExitCode.FENCED  # another holds the job's lease
     # the first heartbeat comes before the heavy imports (torch, transformers: seconds on a slow
     # machine), and beats go on while they load: start-up is never read as a hang
-    from trainer.reporting import Heartbeat
+    from trainer.reporting import HeartbeatWriter
 
-    early = Heartbeat(os.environ.get("TIMELLM_JOB_HEARTBEAT") if os.environ.get("RANK", "0") == "0" else None)
+    early = HeartbeatWriter(os.environ.get(ENV_HEARTBEAT) if os.environ.get("RANK", "0") == "0" else None)
     with early.keepalive(STARTUP_LIMIT_S, "starting"):
         from trainer.loop import Trainer
         from trainer.stopping import watch_parent
@@ -95,10 +96,10 @@ def main(argv=None) -> int:
                        previous_plan=a.memory_plan, lease=lease).run()
     except (DataError, BackboneError) as err:
         print(f"bad input: {err}", file=sys.stderr, flush=True)
-        return 2
+        return ExitCode.BAD_INPUT
     except HubUnreachable as err:  # transient: a crash the supervisor may retry, never bad input
         print(f"error: {err}", file=sys.stderr, flush=True)
-        return 1
+        return ExitCode.FAILED
 
 
 if __name__ == "__main__":

@@ -42,6 +42,8 @@ import time
 import torch
 
 from jobs import JobSpec, job_hashes, spec_hash
+from jobs.protocol import ENV_HEARTBEAT, ExitCode
+from jobs.protocol import TrainerActivity as Activity
 from storage import job_store, list_checkpoints, load_newest
 from storage.checkpoints import CorruptCheckpoint, Loaded, load
 from storage.data_digest import DataUnreadable, data_sha256
@@ -59,12 +61,11 @@ from trainer.data import DataError, data_options, load_splits, train_batches
 from trainer.evaluation import evaluate, target
 from trainer.grad_checkpointing import set_gradient_checkpointing
 from trainer.model import TimeLLM
-from trainer.reporting import Heartbeat, MetricsLog, ProgressLine
+from trainer.reporting import HeartbeatWriter, MetricsLog, ProgressLine
 from trainer.saver import CheckpointSaver
 from trainer.stopping import Preempted, StopFlag
 from trainer.tensorboard import TensorBoardLog
 
-EXIT_OK, EXIT_BAD_INPUT, EXIT_FENCED, EXIT_OUT_OF_MEMORY, EXIT_SIGTERM, EXIT_SIGINT = 0, 2, 3, 4, 143, 130
 DOWNLOAD_LIMIT_S = 4 * 3600  # downloading 16 GB on a slow link; after it, silence reads as a hang
 
 
@@ -90,7 +91,7 @@ class Trainer:
         self.world = distributed.from_env()
         self.stop = StopFlag(self.world)
         main = self.world.main  # the other ranks write nothing
-        self.heartbeat = Heartbeat(os.environ.get("TIMELLM_JOB_HEARTBEAT") if main else None)
+        self.heartbeat = HeartbeatWriter(os.environ.get(ENV_HEARTBEAT) if main else None)
         self.metrics = MetricsLog(self.job, attempt, enabled=main)
         self.tb = TensorBoardLog(self.job, attempt, enabled=main)  # with the tensorboard extra
         self.background_saves = background_saves
@@ -109,7 +110,7 @@ class Trainer:
         self.stop.device = self.device
         torch.manual_seed(spec.train.seed)
         torch.use_deterministic_algorithms(True, warn_only=True)
-        self.heartbeat.beat(force=True, phase="loading", host=socket.gethostname(), attempt=self.attempt)
+        self.heartbeat.beat(force=True, activity=Activity.LOADING, host=socket.gethostname(), attempt=self.attempt)
         self.splits = load_splits(spec.data, data_options(spec))
         self.steps_per_epoch = len(self.splits.train) // spec.train.batch_size
         if self.steps_per_epoch < 1:
@@ -199,7 +200,7 @@ class Trainer:
                      + (f", resumed from checkpoint {resumed['id']}" if resumed else ", from the start")
                      + (f" (skipped {len(skipped)} that did not verify)" if skipped else ""), p.global_step)
         self.startup["resumed"] = time.time()
-        self.heartbeat.beat(force=True, phase="training", resumed_from=resumed, skipped=skipped, step=p.global_step,
+        self.heartbeat.beat(force=True, activity=Activity.TRAINING, resumed_from=resumed, skipped=skipped, step=p.global_step,
                             start_step=p.global_step, epoch=p.epoch, total_steps=self.total_steps)
 
     # ------------------------------------------------------------------ memory
@@ -317,7 +318,7 @@ class Trainer:
 
     def validate_epoch(self) -> None:
         spec, p = self.spec, self.progress
-        self.heartbeat.beat(force=True, phase="validating", step=p.global_step, epoch=p.epoch)
+        self.heartbeat.beat(force=True, activity=Activity.VALIDATING, step=p.global_step, epoch=p.epoch)
         with self._evaluating():
             ev = evaluate(self.model, self.splits.val, spec.train.eval_batch_size, self.device,
                           spec.data.features, self.stop, on_batch=self._eval_beat)
@@ -333,7 +334,7 @@ class Trainer:
                   f"{' (best)' if improved else f' (no improvement for {p.bad_epochs})'}", file=sys.stderr, flush=True)
         p.epoch, p.batch = p.epoch + 1, 0  # validated: the next checkpoint resumes after it
         p.stopped_early = p.bad_epochs >= spec.train.patience
-        self.heartbeat.beat(force=True, phase="training", epoch=p.epoch, best_val=p.best_val, best_step=p.best_step)
+        self.heartbeat.beat(force=True, activity=Activity.TRAINING, epoch=p.epoch, best_val=p.best_val, best_step=p.best_step)
         if improved:
             self.save("best")
 
@@ -357,7 +358,7 @@ class Trainer:
         None when the best has to be trained again (see :meth:`_best_to_test`)."""
         p = self.progress
         self.save("step", wait=True)
-        self.heartbeat.beat(force=True, phase="testing", step=p.global_step)
+        self.heartbeat.beat(force=True, activity=Activity.TESTING, step=p.global_step)
         chosen = self._best_to_test() if self.world.main else None
         decision = distributed.broadcast(self.world, chosen if not isinstance(chosen, tuple) else chosen[0].id)
         if isinstance(decision, list):  # retrain: the position at or before which to resume
@@ -441,8 +442,8 @@ class Trainer:
             code = self._run()
         except LeaseLost as lost:  # fenced: a newer lease holder owns the job; write nothing more
             print(f"error: {lost}; this trainer stops without writing", file=sys.stderr, flush=True)
-            self.heartbeat.beat(force=True, phase="fenced", error=str(lost)[:500], exit_code=EXIT_FENCED)
-            code = EXIT_FENCED
+            self.heartbeat.beat(force=True, activity=Activity.FENCED, error=str(lost)[:500], exit_code=ExitCode.FENCED)
+            code = ExitCode.FENCED
         self.heartbeat.beat(force=True, exit_code=code)  # what torchrun's own exit code hides
         distributed.close(self.world)
         return code
@@ -452,7 +453,7 @@ class Trainer:
         done = read_json(self.job, RESULTS)
         if done and done.get("spec_hash") in self.hashes:
             print("the job is complete already: nothing to train", file=sys.stderr, flush=True)
-            return EXIT_OK
+            return ExitCode.OK
         try:
             self.build()
             self.stop.check()
@@ -469,8 +470,8 @@ class Trainer:
                 if self.finish() is not None:
                     break
                 self.restart_from(self.retrain_from)  # the best did not verify: train it again
-            self.heartbeat.beat(force=True, phase="completed")
-            return EXIT_OK
+            self.heartbeat.beat(force=True, activity=Activity.COMPLETED)
+            return ExitCode.OK
         except Preempted as pre:
             return self._preempted(pre.signum)
         except (torch.OutOfMemoryError, memory.OutOfPlans) as exc:
@@ -480,8 +481,8 @@ class Trainer:
         except BaseException as exc:
             p = getattr(self, "progress", None)
             bad_input = isinstance(exc, (DataError, BackboneError))
-            self.heartbeat.beat(force=True, phase="crashed", error=f"{type(exc).__name__}: {exc}"[:500],
-                                exit_code=EXIT_BAD_INPUT if bad_input else 1,
+            self.heartbeat.beat(force=True, activity=Activity.CRASHED, error=f"{type(exc).__name__}: {exc}"[:500],
+                                exit_code=ExitCode.BAD_INPUT if bad_input else ExitCode.FAILED,
                                 **({"step": p.global_step, "epoch": p.epoch} if p else {}))
             raise
 
@@ -489,13 +490,13 @@ class Trainer:
         """A diagnosis, not a crash: what ran out, at which plan, and what to change."""
         card = getattr(self, "card", None) or memory.card_of(getattr(self, "device", "cpu"))
         planning = str(exc) if isinstance(exc, memory.OutOfPlans) else None
-        evaluating = self.heartbeat.doc.get("phase") in ("validating", "testing")
+        evaluating = self.heartbeat.doc.evaluating
         diag = memory.diagnose(self.spec, self.plan, card, getattr(self, "device", "cpu"), planning, evaluating)
         p = getattr(self, "progress", None)
         print(diag["reason"], file=sys.stderr, flush=True)
-        self.heartbeat.beat(force=True, phase="crashed", oom=diag, error=diag["reason"][:500],
-                            exit_code=EXIT_OUT_OF_MEMORY, **({"step": p.global_step, "epoch": p.epoch} if p else {}))
-        return EXIT_OUT_OF_MEMORY
+        self.heartbeat.beat(force=True, activity=Activity.CRASHED, oom=diag, error=diag["reason"][:500],
+                            exit_code=ExitCode.OUT_OF_MEMORY, **({"step": p.global_step, "epoch": p.epoch} if p else {}))
+        return ExitCode.OUT_OF_MEMORY
 
     def _preempt_would_not_fit(self) -> str | None:
         """Why a preempt checkpoint would not be committed within the grace period (None: it
@@ -540,5 +541,5 @@ class Trainer:
                     self.heartbeat.beat(force=True, preempt_skipped=doomed)
                     print(f"preempted by signal {signum}: no preempt checkpoint: {doomed}", file=sys.stderr, flush=True)
         self._flush_reports()
-        self.heartbeat.beat(force=True, phase="preempted")
-        return EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM
+        self.heartbeat.beat(force=True, activity=Activity.PREEMPTED)
+        return ExitCode.SIGINT if signum == signal.SIGINT else ExitCode.SIGTERM

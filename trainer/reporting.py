@@ -1,10 +1,11 @@
 """What the trainer tells the world while it runs: heartbeat, metrics log, progress line.
 
 Invariants:
-- The heartbeat is a small local JSON document (path from ``TIMELLM_JOB_HEARTBEAT``) replaced
-  atomically at most every ``interval`` seconds and at every event; the orchestrator reads it.
+- The heartbeat is a small local JSON document (jobs.protocol.Heartbeat, path from
+  ``ENV_HEARTBEAT``) replaced atomically at most every ``interval`` seconds and at every event;
+  the orchestrator reads it through the same model. A beat names only the model's fields.
 - The metrics log (storage.metrics_log) is written at every checkpoint and at exit.
-- A phase change clears what belonged to the phase before (an evaluation's batch counts), so a
+- An activity change clears what belonged to the one before (an evaluation's batch counts), so a
   reader never shows ``testing 11/11`` from the validation that preceded a 24-batch test.
 """
 
@@ -17,39 +18,36 @@ import threading
 import time
 from typing import Any
 
+from jobs.protocol import ENV_HEARTBEAT_INTERVAL_S, Heartbeat
 from storage.documents import write_json
 from storage.metrics_log import MetricsLog  # noqa: F401  (the trainer's metrics log)
 from storage.store import open_store
 
 
-class Heartbeat:
+class HeartbeatWriter:
     """The trainer's liveness. Beats come from the training thread; only around a long blocking
     call (a download, waiting for a checkpoint write) does ``keepalive`` beat from a helper
     thread, and only for a bounded time, so a call stuck for good still reads as a hang."""
 
     def __init__(self, path: str | None, interval: float | None = None):
         if interval is None:  # 0 (benchmarks): a beat at every step
-            interval = float(os.environ.get("TIMELLM_JOB_HEARTBEAT_INTERVAL_S", "0.5"))
+            interval = float(os.environ.get(ENV_HEARTBEAT_INTERVAL_S, "0.5"))
         self.interval, self.last = interval, 0.0
         self.store = open_store(os.path.dirname(path)) if path else None
         self.name = os.path.basename(path) if path else None
-        self.doc: dict[str, Any] = {"pid": os.getpid()}
+        self.doc = Heartbeat(pid=os.getpid())
         self.lock = threading.Lock()
 
-    PHASE_FIELDS = ("eval_batch", "eval_batches")  # belong to one phase; cleared when it changes
-
     def beat(self, force: bool = False, **fields: Any) -> None:
+        """Fold ``fields`` (Heartbeat's) in; write when forced or ``interval`` has passed."""
         with self.lock:
-            if "phase" in fields and fields["phase"] != self.doc.get("phase"):
-                for key in self.PHASE_FIELDS:
-                    self.doc.pop(key, None)
             self.doc.update(fields)
             now = time.time()
             if self.store is None or (not force and now - self.last < self.interval):
                 return
             self.last = now
-            self.doc["time"] = now
-            write_json(self.store, self.name, self.doc, durable=False)  # atomic; no fsync on the hot path
+            self.doc.time = now
+            write_json(self.store, self.name, self.doc.to_doc(), durable=False)  # atomic; no fsync on the hot path
 
     @contextlib.contextmanager
     def keepalive(self, limit_s: float, what: str, measure=None):

@@ -14,6 +14,7 @@ import signal
 import threading
 import time
 
+from jobs.protocol import ENV_PARENT_PID, ExitCode
 from trainer import distributed
 
 
@@ -45,7 +46,7 @@ class StopFlag:
 def watch_parent() -> None:
     """Exit when the orchestrator that started us dies (belt to PR_SET_PDEATHSIG's braces); under
     torchrun, when torchrun dies (it dies with the orchestrator)."""
-    parent = os.environ.get("TIMELLM_JOB_PARENT_PID")
+    parent = os.environ.get(ENV_PARENT_PID)
     if not parent:
         return
     if distributed.under_launcher():
@@ -54,7 +55,7 @@ def watch_parent() -> None:
     def run():
         while True:
             if os.getppid() != int(parent):
-                os._exit(137)
+                os._exit(ExitCode.KILLED)
             time.sleep(0.5)
 
     threading.Thread(target=run, name="parent-watch", daemon=True).start()
