@@ -25,6 +25,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # matched whole (fullmatch): no trailing newline
+NAME_RULE = ("must be 1-128 letters, digits, '.', '_' or '-', start with a letter or digit, "
+             "and contain no '..' (it names a folder under the storage root)")
+
+
+def safe_name(name: str) -> bool:
+    """The one job-name rule (the spec's and the storage layout's): a folder under the root."""
+    return isinstance(name, str) and NAME_RE.fullmatch(name) is not None and ".." not in name
 
 
 class SpecError(ValueError):
@@ -197,9 +204,8 @@ class JobSpec(_Section):
     @field_validator("name")
     @classmethod
     def _safe_name(cls, v: str) -> str:
-        if not NAME_RE.fullmatch(v) or ".." in v:
-            raise ValueError("must be 1-128 letters, digits, '.', '_' or '-', start with a letter or digit, "
-                             "and contain no '..' (it names a folder under the storage root)")
+        if not safe_name(v):
+            raise ValueError(NAME_RULE)
         return v
 
     @model_validator(mode="after")

@@ -19,14 +19,8 @@ import time
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 
+from jobs.messages import duration
 from jobs.protocol import Heartbeat, TrainerActivity
-
-
-def eta_text(seconds: float | None) -> str:
-    if seconds is None or seconds != seconds or seconds < 0:
-        return "?"
-    days, rest = divmod(int(seconds), 86400)
-    return (f"{days}d " if days else "") + time.strftime("%H:%M:%S", time.gmtime(rest))
 
 
 def describe(beat: Heartbeat) -> tuple[str, int | None, int | None, str]:
@@ -48,7 +42,7 @@ def describe(beat: Heartbeat) -> tuple[str, int | None, int | None, str]:
     if rate:
         parts.append(f"{rate:.2f} steps/s")
         if step is not None and total:
-            parts.append(f"ETA {eta_text((total - step) / rate)}")
+            parts.append(f"ETA {duration((total - step) / rate)}")
     return doing, step, total, " ".join(parts)
 
 

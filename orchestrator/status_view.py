@@ -13,7 +13,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from jobs.messages import first_line
+from jobs.messages import duration, first_line
 from jobs.protocol import Heartbeat
 from jobs.status import LeaseInfo, describe_plan, effective_phase, goodput
 from orchestrator.jobstate import checkpoint_infos, fold_results, load_status, read_status
@@ -97,12 +97,6 @@ def render_list(rows: list[dict[str, Any]], console: Console | None = None) -> N
                   f"{r['best_val_loss']:.6f}" if r["best_val_loss"] is not None else "-",
                   _age(r["heartbeat_age_s"]) + " ago" if r["heartbeat_age_s"] is not None else "-", r["host"] or "-")
     (console or Console()).print(t)
-
-
-def duration(seconds: float) -> str:
-    """``[Nd ]HH:MM:SS``: no wrap at 24 hours."""
-    days, rest = divmod(int(seconds), 86400)
-    return (f"{days}d " if days else "") + time.strftime("%H:%M:%S", time.gmtime(rest))
 
 
 def _age(seconds: float | None) -> str:

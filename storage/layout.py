@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from jobs.spec import NAME_RE
+from jobs.spec import NAME_RULE, safe_name
 from storage.retry import StorageError
 from storage.store import Store
 
@@ -28,8 +28,8 @@ SET_APART = "set-apart"  # checkpoints (and documents) that did not verify, move
 
 def job_store(root: str, name: str, options: dict[str, Any] | None = None) -> Store:
     """The Store of one job: ``<root>/<name>``. Refuses names that would escape the root."""
-    if not NAME_RE.fullmatch(name) or ".." in name:  # the spec's rule, whole (no trailing newline)
-        raise StorageError(f"job name {name!r} is not a safe folder name")
+    if not safe_name(name):  # the spec's rule, whole (no trailing newline)
+        raise StorageError(f"job name {name!r} is not a safe folder name: it {NAME_RULE}")
     return Store(root, options).child(name)
 
 

@@ -38,6 +38,9 @@ def _http_status(exc: BaseException) -> int | None:
         if isinstance(value, int) and 100 <= value < 600:
             return value
     response = getattr(exc, "response", None)
+    status = getattr(response, "status_code", None)  # requests and httpx errors (the hub's)
+    if isinstance(status, int) and 100 <= status < 600:
+        return status
     if isinstance(response, dict):  # botocore ClientError
         code = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         if isinstance(code, int):
@@ -45,8 +48,21 @@ def _http_status(exc: BaseException) -> int | None:
     return None
 
 
-def is_transient(exc: BaseException) -> bool:
-    """True for errors worth retrying (the store may answer next time)."""
+# by class name, so neither library is imported to ask: the model hub's (huggingface_hub) and httpx's
+PERMANENT_NAMES = {"RepositoryNotFoundError", "GatedRepoError", "RevisionNotFoundError", "EntryNotFoundError",
+                   "RemoteEntryNotFoundError"}  # the hub answered: no such thing, or not for you
+TRANSIENT_NAMES = {"LocalEntryNotFoundError",  # offline: the hub did not answer, the cache lacks it
+                   "ConnectError", "ConnectTimeout", "ReadTimeout", "ReadError", "RemoteProtocolError",
+                   "PoolTimeout", "WriteError"}
+
+
+def _verdict(exc: BaseException) -> bool | None:
+    """Whether this one exception is transient; None: it does not say (ask its cause)."""
+    name = type(exc).__name__
+    if name in PERMANENT_NAMES:
+        return False
+    if name in TRANSIENT_NAMES:
+        return True
     if isinstance(exc, (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
                         NotADirectoryError)):
         return False
@@ -56,9 +72,7 @@ def is_transient(exc: BaseException) -> bool:
     if status is not None:
         return status in TRANSIENT_HTTP
     if isinstance(exc, OSError) and exc.errno is not None:
-        if exc.errno in PERMANENT_ERRNO:
-            return False
-        return exc.errno in TRANSIENT_ERRNO
+        return exc.errno in TRANSIENT_ERRNO and exc.errno not in PERMANENT_ERRNO
     try:  # aiohttp's client errors are transient: a dropped or refused connection
         import aiohttp
 
@@ -67,8 +81,22 @@ def is_transient(exc: BaseException) -> bool:
             return True
     except ImportError:  # pragma: no cover
         pass
-    cause = exc.__cause__ or exc.__context__
-    return cause is not None and cause is not exc and is_transient(cause)
+    return None
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for errors worth retrying (the store, or the model hub, may answer next time): the
+    one classifier, for storage calls and hub downloads alike. An exception that does not say
+    is judged by its cause; unknown is permanent."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        verdict = _verdict(current)
+        if verdict is not None:
+            return verdict
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def call(fn: Callable[[], T], url: str, what: str, total_s: float | None = None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import time
 
 import pytest
@@ -151,10 +152,27 @@ def test_a_section_check_names_its_field_with_the_dotted_path(tmp_path):
     assert str(err.value) == "model.llm_layers: 5 exceeds the backbone's 2 layers"
 
 
-def test_an_eta_past_a_day_does_not_wrap():
-    from orchestrator.status_view import duration
+def test_an_eta_past_a_day_does_not_wrap_in_any_view():
+    """One formatter for status, the submit terminal and the trainer's progress line (the last
+    wrapped at 24 hours while it had its own)."""
+    import io
+    from contextlib import redirect_stderr
+
+    from jobs.messages import duration
+    from jobs.protocol import Heartbeat
+    from orchestrator.progress_view import describe
+    from trainer.reporting import ProgressLine
 
     assert duration(30 * 3600 + 61) == "1d 06:01:01" and duration(59) == "00:00:59"
+    assert duration(None) == duration(float("nan")) == duration(-1) == "?"
+    beat = Heartbeat(phase="training", step=0, total_steps=30 * 3600 + 61, steps_per_s=1.0)
+    assert describe(beat)[3].endswith("ETA 1d 06:01:01")
+    line = ProgressLine(total=10**9, start_step=0)
+    line.t0 -= 10.0  # ten seconds in, one step done: a billion steps left at 0.1 steps/s
+    with redirect_stderr(io.StringIO()) as err:
+        line.update(1, 0, 0.5, 1e-3, force=True)
+    days = re.search(r"ETA (\d+)d \d\d:\d\d:\d\d$", err.getvalue().strip())
+    assert days and 115_000 < int(days.group(1)) < 116_000, err.getvalue()  # about 115,741 days, not mod 24 h
 
 
 def test_help_lists_every_command_whole_and_the_exit_codes():

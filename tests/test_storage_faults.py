@@ -151,3 +151,24 @@ def test_a_job_that_would_not_fit_the_disk_is_refused_naming_save_total_limit(ti
     assert went_on.returncode == 1, went_on.stderr
     reasons = [a["reason"] for a in state(tiny_disk / "root" / "quick")["attempts"]]
     assert reasons and all("the store is full" in r for r in reasons), reasons
+
+
+def test_one_classifier_for_the_store_and_the_model_hub():
+    """Issue 24: the hub's downloads and the store's calls had a classifier each; one is left.
+    The hub's own exceptions are judged by name (huggingface_hub is not imported to ask)."""
+
+    def named(name, base=Exception, **attrs):
+        return type(name, (base,), attrs)("x")
+
+    class Response:
+        def __init__(self, status_code):
+            self.status_code = status_code
+
+    assert not is_transient(named("RepositoryNotFoundError")) and not is_transient(named("GatedRepoError"))
+    assert is_transient(named("LocalEntryNotFoundError", FileNotFoundError))  # offline, not missing
+    assert is_transient(named("ReadTimeout")) and is_transient(named("ConnectError"))
+    assert is_transient(named("HfHubHTTPError", response=Response(503)))
+    assert not is_transient(named("HfHubHTTPError", response=Response(401)))
+    wrapped = RuntimeError("download failed")
+    wrapped.__cause__ = named("ConnectTimeout")
+    assert is_transient(wrapped) and not is_transient(RuntimeError("unknown"))

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from jobs.messages import first_line
+from storage.retry import is_transient
 
 
 class BackboneError(ValueError):
@@ -38,29 +39,6 @@ class HubUnreachable(RuntimeError):
 
 
 HUB_RETRY_S = float(os.environ.get("TIMELLM_JOB_HUB_RETRY_S", "600"))
-_PERMANENT = {"RepositoryNotFoundError", "GatedRepoError", "RevisionNotFoundError", "EntryNotFoundError",
-              "RemoteEntryNotFoundError"}
-_TRANSIENT = {"LocalEntryNotFoundError", "ConnectError", "ConnectTimeout", "ReadTimeout", "ReadError",
-              "RemoteProtocolError", "PoolTimeout", "WriteError"}
-
-
-def hub_transient(exc: BaseException) -> bool:
-    """Whether a hub error is worth retrying: the hub (or the network) did not answer."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        name = type(exc).__name__
-        if name in _PERMANENT:
-            return False
-        if name in _TRANSIENT or isinstance(exc, (ConnectionError, TimeoutError)):
-            return True
-        status = getattr(getattr(exc, "response", None), "status_code", None)
-        if status in (408, 429, 500, 502, 503, 504):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
-
-
 def hub_cache_bytes(name: str) -> int:
     """Bytes of the hub repo ``name`` in the local Hugging Face cache, partial downloads included
     (what a download has reached so far)."""
@@ -82,10 +60,10 @@ def from_hub(call, name: str, within_s: float | None = None):
 
     limit = HUB_RETRY_S if within_s is None else within_s
     try:
-        return Retrying(retry=retry_if_exception(hub_transient), wait=wait_random_exponential(multiplier=1, max=30),
+        return Retrying(retry=retry_if_exception(is_transient), wait=wait_random_exponential(multiplier=1, max=30),
                         stop=stop_after_delay(limit), reraise=True)(call)
     except Exception as exc:
-        if not hub_transient(exc):
+        if not is_transient(exc):
             raise
         cause = first_line(exc, 200)
         raise HubUnreachable(f"model.backbone.pretrained: the hub did not answer for {name!r} within {limit:.0f} s "

@@ -18,6 +18,7 @@ import threading
 import time
 from typing import Any
 
+from jobs.messages import duration
 from jobs.protocol import ENV_HEARTBEAT_INTERVAL_S, Heartbeat
 from storage.documents import write_json
 from storage.metrics_log import MetricsLog  # noqa: F401  (the trainer's metrics log)
@@ -92,7 +93,6 @@ class ProgressLine:
             return
         self.last = now
         rate = self.rate
-        eta = (self.total - step) / rate if rate > 0 else float("nan")
-        eta_s = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta == eta else "?"
+        eta = (self.total - step) / rate if rate > 0 else None
         print(f"step {step}/{self.total} epoch {epoch} loss {loss:.4f} lr {lr:.3e} "
-              f"{rate:.2f} steps/s ETA {eta_s}", file=sys.stderr, flush=True)
+              f"{rate:.2f} steps/s ETA {duration(eta)}", file=sys.stderr, flush=True)
