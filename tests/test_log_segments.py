@@ -38,3 +38,26 @@ def test_a_log_of_an_earlier_version_is_still_read(tmp_path):
     job.replace(f"{LOGS}/attempt-001.log", b"old whole file\n")
     job.replace(f"{LOGS}/attempt-003-0000.log", b"new\n")
     assert log_attempts(job) == [1, 3] and read_log(job, 1) == b"old whole file\n" and read_log(job, 3) == b"new\n"
+
+
+def test_the_metrics_log_seals_its_segments_the_same_way(tmp_path, monkeypatch):
+    """The metrics log and the trainer's log share one segmented writer (storage.segments)."""
+    from storage import metrics_log
+    from storage.layout import METRICS
+
+    monkeypatch.setattr(metrics_log, "SEGMENT_LINES", 3)
+    job = open_store(str(tmp_path / "job"))
+    inodes: dict[str, int] = {}
+    for attempt in (1, 2):
+        log = metrics_log.MetricsLog(job, attempt)
+        for step in range(8):
+            log.add(step=step, time=0.0)
+            log.flush()
+            names = sorted(n for n, _, _ in job.list_dir(METRICS) if n.startswith(f"attempt-{attempt:03d}"))
+            for name in names[:-1]:  # sealed: written once, never again
+                inode = os.stat(job.full(f"{METRICS}/{name}")).st_ino
+                assert inodes.setdefault(name, inode) == inode, name
+    assert metrics_log.metrics_attempts(job) == [1, 2]
+    assert [(r["attempt"], r["step"]) for r in metrics_log.read_metrics(job)] == \
+        [(a, s) for a in (1, 2) for s in range(8)]
+    assert len([n for n, _, _ in job.list_dir(METRICS)]) == 6  # 3 + 3 + 2 lines, per attempt
