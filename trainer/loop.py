@@ -30,11 +30,9 @@ Invariants:
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import os
-import signal
 import socket
 import sys
 import time
@@ -50,20 +48,20 @@ from storage.data_digest import DataUnreadable, data_sha256
 from storage.documents import read_json, write_json
 from storage.layout import RESULTS
 from storage.lease import Fence, LeaseLost
-from storage.manifest import Manifest
-from storage.retention import rank_bests
-from storage.set_apart import set_apart
 from trainer import distributed, memory
 from trainer import state as ckpt_state
 from trainer.backbone import BackboneError, default_device, hub_cache_bytes, load_backbone
 from trainer.backbone_cache import load_cached, prefetch
+from trainer.best import BestCheckpoint
 from trainer.data import DataError, data_options, load_splits, train_batches
 from trainer.evaluation import evaluate, target
-from trainer.grad_checkpointing import set_gradient_checkpointing
+from trainer.memory_steps import MemorySteps
 from trainer.model import TimeLLM
+from trainer.preemption import Preemption
 from trainer.reporting import HeartbeatWriter, MetricsLog, ProgressLine
 from trainer.saver import CheckpointSaver
 from trainer.stopping import Preempted, StopFlag
+from trainer.telemetry import Telemetry
 from trainer.tensorboard import TensorBoardLog
 
 DOWNLOAD_LIMIT_S = 4 * 3600  # downloading 16 GB on a slow link; after it, silence reads as a hang
@@ -73,7 +71,11 @@ def _download_bytes(repo: str) -> dict:
     return {"download_bytes": hub_cache_bytes(repo)}
 
 
-class Trainer:
+class Trainer(BestCheckpoint, Preemption, MemorySteps, Telemetry):
+    """One trainer process: build, resume, plan, epochs, finish. Choosing the tested best is
+    trainer.best's, stopping on a signal trainer.preemption's, the memory plan and an
+    out-of-memory diagnosis trainer.memory_steps', metrics and eval timing trainer.telemetry's."""
+
     def __init__(self, spec: JobSpec, attempt: int = 1, background_saves: bool = True,
                  previous_plan: dict | None = None, lease: tuple[int, str] | None = None):
         self.spec, self.attempt = spec, attempt
@@ -159,16 +161,6 @@ class Trainer:
         self.batch_per_process = spec.train.batch_size // world.size
         self.progress = ckpt_state.Progress()
 
-    def _report(self, **record) -> None:
-        """A metrics record: to the metrics log and, with the extra, to TensorBoard."""
-        record.setdefault("time", time.time())
-        self.metrics.add(**record)
-        self.tb.add(record)
-
-    def _flush_reports(self) -> None:
-        self.metrics.flush()
-        self.tb.flush()
-
     def resume(self, at_or_before: list[int] | None = None) -> None:
         """Continue from the newest checkpoint that verifies (with ``at_or_before``, the newest
         at that training position or earlier), reporting the ones skipped."""
@@ -202,43 +194,6 @@ class Trainer:
         self.startup["resumed"] = time.time()
         self.heartbeat.beat(force=True, activity=Activity.TRAINING, resumed_from=resumed, skipped=skipped, step=p.global_step,
                             start_step=p.global_step, epoch=p.epoch, total_steps=self.total_steps)
-
-    # ------------------------------------------------------------------ memory
-    def plan_memory(self) -> None:
-        """Decide the memory plan (rank 0 decides, every rank follows) and put it in force."""
-        plan = None
-        if self.world.main:
-            probe = self._probe if self.card.gpu else None
-            checkpointing = memory.checkpointing(self.spec.train.gradient_checkpointing, self.card)
-            plan = memory.decide(self.spec, self.card, self.compute_dtype, checkpointing, self.batch_per_process,
-                                 self.previous_plan, probe)
-        self.plan = distributed.broadcast(self.world, plan)
-        set_gradient_checkpointing(self.backbone.model, self.plan.gradient_checkpointing)
-        if self.world.main:
-            print(f"memory plan: {self.plan.describe()}", file=sys.stderr, flush=True)
-        self.heartbeat.beat(force=True, memory_plan=self.plan.to_json())
-
-    def _probe(self, micro: int, checkpointing: bool) -> int:
-        """Peak GPU memory of one forward + backward at ``micro`` samples (plus the optimizer's
-        moments, when they do not exist yet); leaves no trace in the training state."""
-        set_gradient_checkpointing(self.backbone.model, checkpointing)
-        _, (x, y, _) = next(iter(train_batches(self.splits.train, micro, self.spec.train.seed, 0, 0)))
-        params = list(self.model.trainable_state().values())
-        with memory.no_trace(self.device):
-            torch.cuda.reset_peak_memory_stats(self.device)
-            try:
-                out = self.model(x.to(self.device))
-                loss = torch.nn.functional.mse_loss(target(out, self.spec.data.features),
-                                                    target(y.to(self.device), self.spec.data.features))
-                loss.backward()
-                del out, loss
-                peak = memory.peak_bytes(self.device)
-            finally:
-                for param in params:
-                    param.grad = None
-        if not self.optimizer.state:
-            peak += 2 * sum(param.numel() * param.element_size() for param in params)  # Adam's moments
-        return peak
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, kind: str, wait: bool = False) -> None:
@@ -338,21 +293,6 @@ class Trainer:
         if improved:
             self.save("best")
 
-    @contextlib.contextmanager
-    def _evaluating(self):
-        """Time spent validating or testing, added to ``spent["eval_s"]`` (and the heartbeat)."""
-        self._eval_since = time.time()
-        try:
-            yield
-        finally:
-            self.spent["eval_s"] += time.time() - self._eval_since
-            self._eval_since = None
-            self.heartbeat.beat(force=True, eval_s=round(self.spent["eval_s"], 3))
-
-    def _eval_beat(self, batch: int, batches: int) -> None:
-        running = time.time() - self._eval_since if getattr(self, "_eval_since", None) else 0.0
-        self.heartbeat.beat(eval_batch=batch, eval_batches=batches, eval_s=round(self.spent["eval_s"] + running, 3))
-
     def finish(self) -> dict | None:
         """Final checkpoint, the best model reloaded (verified) and tested; results written.
         None when the best has to be trained again (see :meth:`_best_to_test`)."""
@@ -392,50 +332,6 @@ class Trainer:
         print(f"test mse {test.mse:.6f} mae {test.mae:.6f} (data units: mse {test.mse_raw:.4f} "
               f"mae {test.mae_raw:.4f}) from {best.id}", file=sys.stderr, flush=True)
         return results
-
-    def _best_to_test(self) -> tuple[Manifest, dict] | list[int] | None:
-        """The job's best (the lowest validation loss) whose model verifies, with its bytes.
-
-        A best that does not verify is set apart (moved, never deleted) and the next is tried.
-        When the one set apart was this run's own best, the run trains it again instead: the
-        position to resume at or before is returned (a list), and the loop goes on from the
-        newest whole checkpoint there (or from the start), so the job ends as it would have
-        (bit for bit on a CPU). None: the job has no best at all."""
-        p = self.progress
-        own = self._own_best_position()
-        bests = [m for m in list_checkpoints(self.job, spec_hash=self.hashes).committed if m.kind == "best"]
-        lost_own = own is not None and not any(m.step == p.best_step for m in bests)  # set apart earlier
-        for m in rank_bests(bests):
-            try:
-                return m, load(self.job, m, [ckpt_state.MODEL_FILE])
-            except CorruptCheckpoint as exc:
-                where = set_apart(self.job, m, "; ".join(exc.problems), fence=self.fence)
-                print(f"best checkpoint {m.id} does not verify ({'; '.join(exc.problems)}): set apart as {where}",
-                      file=sys.stderr, flush=True)
-                if own is not None and m.step == p.best_step and m.val_loss == p.best_val:
-                    lost_own = True
-                    break
-        if lost_own:
-            print(f"training again from the newest whole checkpoint at or before the best (step {p.best_step})",
-                  file=sys.stderr, flush=True)
-            return own
-        return None
-
-    def _own_best_position(self) -> list[int] | None:
-        """Where this run committed its best: right after validating the epoch it improved in."""
-        p = self.progress
-        epoch = next((h["epoch"] for h in reversed(p.history) if h["step"] == p.best_step), None)
-        return None if p.best_step is None or epoch is None else [p.best_step, epoch + 1, 0]
-
-    def restart_from(self, at_or_before: list[int]) -> None:
-        """Train again from the newest whole checkpoint at or before ``at_or_before`` (the lost
-        best's position), or from the start when there is none. A checkpoint at exactly that
-        position holds the best's own state (both are taken after that epoch's validation, with
-        nothing computed between them): the best is committed again from it at once."""
-        self._fresh_training_state()
-        self.resume(at_or_before=at_or_before)
-        if self.progress.order() == list(at_or_before) and self.progress.best_step == at_or_before[0]:
-            self.save("best", wait=True)
 
     def run(self) -> int:
         try:
@@ -485,61 +381,3 @@ class Trainer:
                                 exit_code=ExitCode.BAD_INPUT if bad_input else ExitCode.FAILED,
                                 **({"step": p.global_step, "epoch": p.epoch} if p else {}))
             raise
-
-    def _out_of_memory(self, exc: BaseException) -> int:
-        """A diagnosis, not a crash: what ran out, at which plan, and what to change."""
-        card = getattr(self, "card", None) or memory.card_of(getattr(self, "device", "cpu"))
-        planning = str(exc) if isinstance(exc, memory.OutOfPlans) else None
-        evaluating = self.heartbeat.doc.evaluating
-        diag = memory.diagnose(self.spec, self.plan, card, getattr(self, "device", "cpu"), planning, evaluating)
-        p = getattr(self, "progress", None)
-        print(diag["reason"], file=sys.stderr, flush=True)
-        self.heartbeat.beat(force=True, activity=Activity.CRASHED, oom=diag, error=diag["reason"][:500],
-                            exit_code=ExitCode.OUT_OF_MEMORY, **({"step": p.global_step, "epoch": p.epoch} if p else {}))
-        return ExitCode.OUT_OF_MEMORY
-
-    def _preempt_would_not_fit(self) -> str | None:
-        """Why a preempt checkpoint would not be committed within the grace period (None: it
-        would, or nothing tells otherwise). The estimate is the newest commit's own time: the same
-        state, to the same store. Rank 0 decides for all ranks."""
-        why = None
-        saver = self.saver
-        if saver is not None:
-            budget = 0.8 * self.spec.run.grace_period_s  # the rest: finishing, exiting
-            if not saver.wait_for(budget):  # a write in flight finishes first, if it can in time
-                why = f"a checkpoint write in flight did not finish within {budget:.0f} s"
-            elif saver.last_commit_s is not None and saver.last_commit_s > budget:
-                why = (f"the newest commit of this state took {saver.last_commit_s:.0f} s, more than the "
-                       f"{self.spec.run.grace_period_s:.0f} s grace period allows")
-            if why is not None:
-                newest = list_checkpoints(self.job, spec_hash=self.hashes).committed
-                ref = f"{newest[0].id} (step {newest[0].step})" if newest else "none"
-                why += (f"; the newest whole checkpoint is {ref}, "
-                        f"{self.progress.global_step - (newest[0].step if newest else 0)} steps before this one")
-        return distributed.broadcast(self.world, why)
-
-    def _preempted(self, signum: int) -> int:
-        p = getattr(self, "progress", None)
-        if p is not None and hasattr(self, "saver"):
-            covered = self.saver is not None and self.saver.covers(p.order())  # rank 0's saver decides
-            covered = distributed.broadcast(self.world, covered)
-            if covered:  # this very step is committed or being committed: finish it, write nothing new
-                if self.saver is not None:
-                    self.saver.wait()
-                distributed.barrier(self.world)
-                if self.world.main:
-                    print(f"preempted by signal {signum}: step {p.global_step} is committed already "
-                          f"(no second checkpoint of it)", file=sys.stderr, flush=True)
-            else:
-                doomed = self._preempt_would_not_fit()
-                if doomed is None:
-                    self.save("preempt", wait=True)
-                    if self.world.main:
-                        print(f"preempted by signal {signum}: committed a preempt checkpoint at step {p.global_step}",
-                              file=sys.stderr, flush=True)
-                elif self.world.main:  # say so, rather than be killed half-way through the write
-                    self.heartbeat.beat(force=True, preempt_skipped=doomed)
-                    print(f"preempted by signal {signum}: no preempt checkpoint: {doomed}", file=sys.stderr, flush=True)
-        self._flush_reports()
-        self.heartbeat.beat(force=True, activity=Activity.PREEMPTED)
-        return ExitCode.SIGINT if signum == signal.SIGINT else ExitCode.SIGTERM
