@@ -15,6 +15,7 @@ from __future__ import annotations
 import enum
 import re
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from jobs.protocol import STOPPED, ExitCode, Heartbeat
@@ -71,10 +72,10 @@ def launcher_exit(returncode: int, log_tail: str, heartbeat: Heartbeat | None) -
 
 def classify(returncode: int, stopping: Stopping | None, hung_for: float | None, log_tail: str,
              heartbeat: Heartbeat | None = None, launcher: bool = False, host_oom: str | None = None,
-             newest: str = "") -> Outcome:
+             newest: Callable[[], str] = str) -> Outcome:
     """How an attempt ended (``launcher``: the trainer ran under torchrun; ``host_oom``: the
     kernel's traces of an out-of-memory kill, see oom_evidence; ``newest``: where a resume
-    would start, said when a stop lost the step it stopped at)."""
+    would start, asked only when a stop lost the step it stopped at)."""
     if launcher and hung_for is None:
         returncode, rank = launcher_exit(returncode, log_tail, heartbeat)
         outcome = classify(returncode, stopping, None, log_tail, heartbeat, host_oom=host_oom, newest=newest)
@@ -92,7 +93,7 @@ def classify(returncode: int, stopping: Stopping | None, hung_for: float | None,
         if stopping is not None:
             why = ("stopped at once by a second signal: no checkpoint written" if stopping.forced else
                    f"killed after the grace period ({stopping.grace_period_s:.0f} s): no checkpoint written"
-                   if stopping.grace_over else f"killed by {name} while stopping: no checkpoint written") + newest
+                   if stopping.grace_over else f"killed by {name} while stopping: no checkpoint written") + newest()
             return Outcome(ExitClass.PREEMPTED, None, name, why, no_checkpoint=why)
         if name == "SIGKILL" and host_oom:
             return Outcome(ExitClass.KILLED, None, name,

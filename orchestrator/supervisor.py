@@ -241,10 +241,8 @@ class Supervisor:
         host_oom = None
         if hung_for is None and self.stop is None and proc.returncode == -signal.SIGKILL:
             host_oom = proc.oom_watch.evidence()
-        stopping = self.stop.stopping() if self.stop else None
-        killed_stopping = stopping is not None and proc.returncode is not None and proc.returncode < 0
-        return classify(proc.returncode, stopping, hung_for, proc.log_tail(), proc.heartbeat(),
-                        proc.launcher, host_oom, newest=self._newest() if killed_stopping else "")
+        return classify(proc.returncode, self.stop.stopping() if self.stop else None, hung_for, proc.log_tail(),
+                        proc.heartbeat(), proc.launcher, host_oom, newest=self._newest)
 
     def _newest(self) -> str:
         """Where a resume will start: the job's newest committed checkpoint."""

@@ -64,8 +64,17 @@ def test_classify_reads_the_heartbeat_not_the_log_for_a_skipped_preempt_checkpoi
 
 
 def test_a_kill_while_stopping_says_where_a_resume_starts():
-    got = classify(-9, TERM, None, "", None, newest="; the newest checkpoint is 000000010-step (step 10)")
+    asked = []
+
+    def newest():
+        asked.append(1)
+        return "; the newest checkpoint is 000000010-step (step 10)"
+
+    got = classify(-9, TERM, None, "", None, newest=newest)
     assert got.no_checkpoint == got.reason and got.reason.endswith("(step 10)")
+    assert classify(143, TERM, None, "", Heartbeat(), newest=newest).no_checkpoint is None
+    assert classify(-9, None, None, "", None, newest=newest).exit_class is ExitClass.KILLED
+    assert len(asked) == 1  # the store is listed only for the stop that lost its step
 
 
 def test_host_oom_evidence_names_the_kernels_killer():
