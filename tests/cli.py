@@ -12,6 +12,12 @@ from pathlib import Path
 import psutil
 
 REPO = Path(__file__).resolve().parents[1]
+# How long a wait on a trainer's progress may take before it fails. A wait returns as soon as the
+# progress is seen, so this costs nothing when the trainer runs; it is generous because a trainer
+# starting (two ranks under torchrun, say) while another test trains on the same 2 cores was seen
+# taking over 120 s to its third step in CI.
+PATIENCE_S = 300
+
 # slow steps and checkpoint writes (tests/faults), so that kills and signals land mid-run
 SLOW = {"TIMELLM_JOB_TEST_STEP_DELAY_S": "0.08", "TIMELLM_JOB_TEST_WRITE_DELAY_S": "0.03"}
 
@@ -44,7 +50,7 @@ def state(job: Path) -> dict:
         return {}
 
 
-def running_trainer(job: Path, after: int = 0, timeout: float = 120, submit=None) -> dict | None:
+def running_trainer(job: Path, after: int = 0, timeout: float = PATIENCE_S, submit=None) -> dict | None:
     """The running attempt (number > after) once its trainer is alive; None if ``submit`` ended."""
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -74,7 +80,7 @@ def _wait_for_heartbeat(tmp: Path, attempt: int, reached, timeout: float, what: 
     raise TimeoutError(f"attempt {attempt} {what}")
 
 
-def wait_for_progress(tmp: Path, attempt: int, steps: int, timeout: float = 120) -> None:
+def wait_for_progress(tmp: Path, attempt: int, steps: int, timeout: float = PATIENCE_S) -> None:
     """Wait until the trainer of ``attempt`` has taken ``steps`` steps past where it started."""
     _wait_for_heartbeat(tmp, attempt, lambda d: d.get("step", 0) >= d["start_step"] + steps, timeout,
                         "made no progress")
@@ -98,7 +104,7 @@ def wait_for_checkpoint(job: Path, kind: str, submit: subprocess.Popen, timeout:
         time.sleep(0.1)
 
 
-def wait_for_step(job: Path, step: int, timeout: float = 120) -> None:
+def wait_for_step(job: Path, step: int, timeout: float = PATIENCE_S) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         beat = state(job).get("heartbeat") or {}
