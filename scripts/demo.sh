@@ -3,5 +3,5 @@
 # a SIGTERM preemption in the middle, resume it, show its status and export the best model.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh plot  # the demo draws its loss curve (status --plot)
 exec .venv/bin/python scripts/demo.py "$@"

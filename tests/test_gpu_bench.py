@@ -10,6 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # trains through the trainer in a subprocess, about a minute
+
 REPO = Path(__file__).resolve().parents[1]
 
 
