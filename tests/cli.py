@@ -86,7 +86,7 @@ def wait_for_progress(tmp: Path, attempt: int, steps: int, timeout: float = PATI
                         "made no progress")
 
 
-def wait_for_new_ground(tmp: Path, job: Path, attempt: int, steps: int = 2, timeout: float = 300) -> None:
+def wait_for_new_ground(tmp: Path, job: Path, attempt: int, steps: int = 2, timeout: float = PATIENCE_S) -> None:
     """Wait until the trainer of ``attempt`` has taken ``steps`` steps past where it started and
     stands past the step where the attempt before it ended: a kill then never lands at the step
     of the previous one (three kills at one step are, rightly, a crash loop)."""
@@ -96,7 +96,7 @@ def wait_for_new_ground(tmp: Path, job: Path, attempt: int, steps: int = 2, time
                         timeout, f"made no progress past step {beyond}")
 
 
-def wait_for_checkpoint(job: Path, kind: str, submit: subprocess.Popen, timeout: float = 300) -> None:
+def wait_for_checkpoint(job: Path, kind: str, submit: subprocess.Popen, timeout: float = PATIENCE_S) -> None:
     """Wait until a checkpoint of ``kind`` is committed in ``job`` while ``submit`` runs."""
     deadline = time.time() + timeout
     while not list((job / "checkpoints").glob(f"*-{kind}/manifest.json")):
