@@ -43,10 +43,10 @@ from faulty_proxy import FaultyProxy  # noqa: E402
 from jobfiles import final_state_of as final_state  # noqa: E402
 from jobfiles import quick_spec  # noqa: E402
 
-from storage import job_store, list_checkpoints  # noqa: E402
-from storage import lease as leases  # noqa: E402
-from storage.documents import read_json  # noqa: E402
-from storage.set_apart import list_set_apart  # noqa: E402
+from timellm_job.storage import job_store, list_checkpoints  # noqa: E402
+from timellm_job.storage import lease as leases  # noqa: E402
+from timellm_job.storage.documents import read_json  # noqa: E402
+from timellm_job.storage.set_apart import list_set_apart  # noqa: E402
 
 KINDS = ("kill", "group", "sigterm", "sigstop", "corrupt", "second", "stall")
 SAVE_STEPS = 5
@@ -108,7 +108,7 @@ class Chaos:
         self.submits += 1
         path = self.folder / f"submit-{self.submits:03d}.log"
         with open(path, "w") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "submit", str(self.spec)],
+            proc = subprocess.Popen([sys.executable, "-m", "timellm_job.orchestrator.cli", "submit", str(self.spec)],
                                     cwd=REPO, env={**self.env, "STORAGE_EMULATOR_HOST": self.proxy.url},
                                     stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         return proc, path
@@ -361,7 +361,7 @@ def reference(folder: Path, epochs: int) -> dict:
     """The same job trained once, uninterrupted, on local disk by the trainer alone."""
     spec = quick_spec(folder, name="chaos", storage={"root": str(folder / "ref-root"), "save_steps": SAVE_STEPS},
                       train={"epochs": epochs, "patience": 1000})
-    subprocess.run([sys.executable, "-m", "trainer", "run", str(spec)], cwd=REPO, check=True,
+    subprocess.run([sys.executable, "-m", "timellm_job.trainer", "run", str(spec)], cwd=REPO, check=True,
                    capture_output=True, timeout=1800)
     return final_state(job_store(str(folder / "ref-root"), "chaos"))
 

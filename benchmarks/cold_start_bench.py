@@ -61,8 +61,8 @@ def make_hub_folder(folder: Path, shape: str, device: str) -> int:
     """The stand-in written as hub checkpoints are: bf16 safetensors shards, config, tokenizer."""
     import torch
 
-    from jobs.spec import RandomBackbone
-    from trainer.backbone import build_random_weights, random_tokenizer
+    from timellm_job.jobs.spec import RandomBackbone
+    from timellm_job.trainer.backbone import build_random_weights, random_tokenizer
 
     r = RandomBackbone.model_validate({"family": "llama", **SHAPES[shape]})
     model = build_random_weights(r, r.num_layers, device, torch.bfloat16)
@@ -79,7 +79,7 @@ def start(root: str, options: dict, name: str, backbone: str, cache: bool, env: 
     sets = [f"name={name}", f"model.backbone={{pretrained: {backbone}}}", "model.quantization=nf4",
             "model.d_ff=32", f"run.backbone_cache={str(cache).lower()}", f"storage.options={json.dumps(options)}",
             "data.percent=5", "data.features=S", "train.batch_size=1", f"train.device={device}"]
-    argv = [sys.executable, "-m", "orchestrator.cli", "submit", str(TINY), "--root", root]
+    argv = [sys.executable, "-m", "timellm_job.orchestrator.cli", "submit", str(TINY), "--root", root]
     for s in sets:
         argv += ["--set", s]
     work = Path(env["TIMELLM_JOB_WORKDIR"])

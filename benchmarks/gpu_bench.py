@@ -55,14 +55,14 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from common import with_faults  # noqa: E402
 
-from jobs.spec import parse_spec  # noqa: E402
-from storage import load_newest  # noqa: E402
-from trainer import memory  # noqa: E402
-from trainer import state as ckpt_state  # noqa: E402
-from trainer.data import train_batches  # noqa: E402
-from trainer.grad_checkpointing import set_gradient_checkpointing  # noqa: E402
-from trainer.loop import Trainer  # noqa: E402
-from trainer.saver import CheckpointSaver  # noqa: E402
+from timellm_job.jobs.spec import parse_spec  # noqa: E402
+from timellm_job.storage import load_newest  # noqa: E402
+from timellm_job.trainer import memory  # noqa: E402
+from timellm_job.trainer import state as ckpt_state  # noqa: E402
+from timellm_job.trainer.data import train_batches  # noqa: E402
+from timellm_job.trainer.grad_checkpointing import set_gradient_checkpointing  # noqa: E402
+from timellm_job.trainer.loop import Trainer  # noqa: E402
+from timellm_job.trainer.saver import CheckpointSaver  # noqa: E402
 
 GiB = memory.GiB
 LLAMA3_8B = {"family": "llama", "hidden_size": 4096, "num_layers": 32, "num_heads": 32, "num_kv_heads": 8,
@@ -334,7 +334,7 @@ def profile_saves(trainer: Trainer, size: Size) -> dict:
 
 
 def submit(args: list[str], folder: Path, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=REPO, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "timellm_job.orchestrator.cli", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=900, env=with_faults({**os.environ, **env,
                                                                    "TIMELLM_JOB_WORKDIR": str(folder / "work")}))
 
@@ -345,7 +345,7 @@ def oom_through_the_cli(size: Size, folder: Path, csv: Path, device: str) -> dic
                     train={"micro_batch_size": size.batch, "gradient_checkpointing": False},
                     run={"backbone_cache": True, "max_restarts": 5})
     path = folder / "oom.yaml"
-    from jobs.spec import spec_to_yaml
+    from timellm_job.jobs.spec import spec_to_yaml
 
     path.write_text(spec_to_yaml(spec))
     env = {"TIMELLM_JOB_BACKBONE_CACHE": str(folder / "backbones")}

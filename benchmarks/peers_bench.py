@@ -9,7 +9,7 @@ stall: training wall time with saves every N steps / without, for timellm-job's 
 synchronous saves and ``Accelerator.save_state``; also the bytes each writes per checkpoint.
 resume: time from process start to the end of the first training step after resuming at the
 first / the last batch of an epoch (ETTh1, 100% of training windows): timellm-job's trainer
-(``python -m trainer run``) against ``Accelerator.load_state`` + ``skip_first_batches`` over a
+(``python -m timellm_job.trainer run``) against ``Accelerator.load_state`` + ``skip_first_batches`` over a
 map-style and an iterable dataset of the same windows in the same order.
 recovery: submit a job, SIGKILL its trainer, and split the time to the restarted trainer's first
 step into detection, backoff, process start and imports, data and backbone, model build,
@@ -54,7 +54,7 @@ def folder_bytes(path: Path) -> int:
 def stall(runs: int, steps: int, every: int) -> None:
     from accelerate import Accelerator
 
-    from trainer.data import train_batches
+    from timellm_job.trainer.data import train_batches
 
     modes = ("none", "timellm-job sync", "timellm-job background", "accelerate save_state")
     times: dict[str, list[float]] = {m: [] for m in modes}
@@ -108,7 +108,7 @@ def _write_checkpoints(root: Path, position_batch: int) -> int:
     returns its global step."""
     from accelerate import Accelerator
 
-    from trainer.data import train_batches
+    from timellm_job.trainer.data import train_batches
 
     t = trainer_for(str(root), background=False, sets=LLAMA3_VOCAB + FULL_EPOCH)
     step(t, train_batches(t.splits.train, t.spec.train.batch_size, t.spec.train.seed, 0))  # Adam has state
@@ -127,7 +127,7 @@ def _child_accelerate(root: str, position: int, iterable: bool) -> None:
     import torch
     from accelerate import Accelerator
 
-    from trainer.data import epoch_order
+    from timellm_job.trainer.data import epoch_order
 
     t = trainer_for(root, background=False, sets=LLAMA3_VOCAB + FULL_EPOCH)
     windows, bs, seed = t.splits.train, t.spec.train.batch_size, t.spec.train.seed
@@ -167,15 +167,15 @@ def _run_timellm(root: Path, global_step: int) -> float:
     """The real trainer resuming from the checkpoint written here; it stops itself after its
     first step (a test-only switch) and leaves its start-up marks in its heartbeat."""
     spec = root / "spec.yaml"
-    from jobs import load_spec
-    from jobs.spec import spec_to_yaml
+    from timellm_job.jobs import load_spec
+    from timellm_job.jobs.spec import spec_to_yaml
 
     spec.write_text(spec_to_yaml(load_spec(TINY, root=str(root), sets=_sets(FULL_EPOCH))))
     beat = root / "heartbeat.json"
     env = with_faults({**os.environ, "TIMELLM_JOB_HEARTBEAT": str(beat),
                        "TIMELLM_JOB_TEST_FAIL_AT_STEP": str(global_step + 1)})
     launched = time.time()
-    subprocess.run([sys.executable, "-m", "trainer", "run", str(spec), "--sync-saves"], cwd=REPO, env=env,
+    subprocess.run([sys.executable, "-m", "timellm_job.trainer", "run", str(spec), "--sync-saves"], cwd=REPO, env=env,
                    capture_output=True, timeout=600)
     doc = json.loads(beat.read_text())
     if (doc.get("resumed_from") or {}).get("step") != global_step:
@@ -184,8 +184,8 @@ def _run_timellm(root: Path, global_step: int) -> float:
 
 
 def resume(runs: int) -> None:
-    from jobs import load_spec
-    from trainer.data import data_options, load_splits
+    from timellm_job.jobs import load_spec
+    from timellm_job.trainer.data import data_options, load_splits
 
     spec = load_spec(TINY, sets=_sets(FULL_EPOCH))
     n_batches = len(load_splits(spec.data, data_options(spec)).train) // spec.train.batch_size
@@ -246,7 +246,7 @@ def recovery(runs: int) -> None:
             env = with_faults({**os.environ, "TIMELLM_JOB_WORKDIR": str(folder / "work"),
                                "TIMELLM_JOB_HEARTBEAT_INTERVAL_S": "0", "TIMELLM_JOB_BACKBONE_CACHE": str(folder / "backbones"),
                                "TIMELLM_JOB_TEST_STEP_DELAY_S": "0.05"})
-            proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "submit", str(spec)], cwd=REPO,
+            proc = subprocess.Popen([sys.executable, "-m", "timellm_job.orchestrator.cli", "submit", str(spec)], cwd=REPO,
                                     env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                     start_new_session=True)
             job = folder / "root" / "recovery"

@@ -38,9 +38,9 @@ CHILD = r"""
 import json, signal, sys, time
 sys.path.insert(0, sys.argv[3])
 from common import llama3_trainable_state
-from storage import job_store
-from trainer.saver import CheckpointSaver
-from trainer.state import Snapshot
+from timellm_job.storage import job_store
+from timellm_job.trainer.saver import CheckpointSaver
+from timellm_job.trainer.state import Snapshot
 
 params = llama3_trainable_state()
 moments = {}
@@ -63,7 +63,7 @@ sys.exit(143)
 
 
 def one(root: str, options: dict) -> dict:
-    from storage import job_store, list_checkpoints, verify
+    from timellm_job.storage import job_store, list_checkpoints, verify
 
     child = subprocess.Popen([sys.executable, "-c", CHILD, root, json.dumps(options), str(REPO / "benchmarks")],
                              cwd=REPO, stdout=subprocess.PIPE, text=True)

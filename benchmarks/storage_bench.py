@@ -23,14 +23,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from common import drop_caches, llama3_trainable_state, machine, median_time  # noqa: E402
 
-from storage import commit_checkpoint, job_store, load  # noqa: E402
+from timellm_job.storage import commit_checkpoint, job_store, load  # noqa: E402
 
 
 def checkpoint_files():
     """The files the trainer writes for the Llama-3-sized state after one Adam step."""
     import torch
 
-    from trainer.state import Progress, capture
+    from timellm_job.trainer.state import Progress, capture
 
     params = {k: torch.nn.Parameter(v) for k, v in llama3_trainable_state().items()}
 
@@ -86,7 +86,7 @@ def local(runs: int) -> list[tuple]:
         t_plain = median_time(lambda: plain_write(base / "plain", files, False), runs, before=clean)
         commit()
         plain_write(base / "plain", files, True)
-        from storage import list_checkpoints
+        from timellm_job.storage import list_checkpoints
 
         manifest = list_checkpoints(job).committed[0]
         cold = drop_caches()

@@ -34,8 +34,8 @@ LLAMA3_VOCAB = ["--set", "model.backbone.random.vocab_size=128256", "--set", "mo
 
 
 def trainer_for(root: str, background: bool, sets: list[str]):
-    from jobs import load_spec
-    from trainer.loop import Trainer
+    from timellm_job.jobs import load_spec
+    from timellm_job.trainer.loop import Trainer
 
     pairs = tuple(sets[i + 1] for i in range(0, len(sets), 2))
     spec = load_spec(TINY, root=root, sets=pairs)
@@ -59,9 +59,9 @@ def step(t, batches) -> None:
 
 
 def resume(runs: int) -> None:
-    from storage import load_newest
-    from trainer import state as ckpt_state
-    from trainer.data import train_batches
+    from timellm_job.storage import load_newest
+    from timellm_job.trainer import state as ckpt_state
+    from timellm_job.trainer.data import train_batches
 
     root = tempfile.mkdtemp(prefix="resume-bench-", dir="/var/tmp")
     try:
@@ -97,13 +97,13 @@ def baseline() -> None:
     import numpy as np
     import torch
 
-    from jobs import load_spec
-    from trainer.data import eval_batches, load_splits
+    from timellm_job.jobs import load_spec
+    from timellm_job.trainer.data import eval_batches, load_splits
 
     root = tempfile.mkdtemp(prefix="tiny-", dir="/var/tmp")
     try:
         start = time.time()
-        subprocess.run([sys.executable, "-m", "trainer", "run", str(TINY), "--root", root], check=True,
+        subprocess.run([sys.executable, "-m", "timellm_job.trainer", "run", str(TINY), "--root", root], check=True,
                        stderr=subprocess.DEVNULL)
         wall = time.time() - start
         spec = load_spec(TINY, root=root)

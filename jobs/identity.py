@@ -17,7 +17,7 @@ import hashlib
 import json
 from typing import Any
 
-from jobs.spec import JobSpec
+from timellm_job.jobs.spec import JobSpec
 
 TRAINING_SECTIONS = ("data", "model", "train")
 # How a step is computed, not what is trained: the memory plan's fields may change between

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 
 class ExitCode(enum.IntEnum):
-    """Exit codes of the trainer (``python -m trainer``) and of ``timellm-job submit``."""
+    """Exit codes of the trainer (``python -m timellm_job.trainer``) and of ``timellm-job submit``."""
 
     OK = 0  # trainer: trained to the end, or the job was complete already. submit: completed
     FAILED = 1  # trainer: crashed (any unexpected error). submit: failed for good

@@ -34,7 +34,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator
 
-from jobs.protocol import Heartbeat
+from timellm_job.jobs.protocol import Heartbeat
 
 
 class Phase(str, enum.Enum):

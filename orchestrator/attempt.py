@@ -25,8 +25,8 @@ from pathlib import Path
 
 import psutil
 
-from jobs.protocol import ENV_HEARTBEAT, ENV_PARENT_PID, Heartbeat
-from orchestrator.oom_evidence import OomWatch
+from timellm_job.jobs.protocol import ENV_HEARTBEAT, ENV_PARENT_PID, Heartbeat
+from timellm_job.orchestrator.oom_evidence import OomWatch
 
 PR_SET_PDEATHSIG = 1
 

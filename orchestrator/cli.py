@@ -16,11 +16,11 @@ import time
 
 import click
 
-from jobs import SpecError, load_spec
-from jobs.messages import first_line
-from jobs.protocol import ExitCode
-from orchestrator.identity import identify
-from storage import StorageError, Unreachable, job_store
+from timellm_job.jobs import SpecError, load_spec
+from timellm_job.jobs.messages import first_line
+from timellm_job.jobs.protocol import ExitCode
+from timellm_job.orchestrator.identity import identify
+from timellm_job.storage import StorageError, Unreachable, job_store
 
 ROOT_HELP = "Storage root URL (overrides storage.root): a path, file://, gs://, s3://, memory://."
 
@@ -93,7 +93,7 @@ def submit(spec: str, root: str | None, sets: tuple[str, ...], allow_low_space: 
 
     Run it again after a disconnect or a preemption: it resumes from the newest verified checkpoint.
     """
-    from orchestrator.submit import submit as run_submit
+    from timellm_job.orchestrator.submit import submit as run_submit
 
     sys.exit(run_submit(spec, root, sets, allow_low_space=allow_low_space))
 
@@ -106,7 +106,7 @@ def submit(spec: str, root: str | None, sets: tuple[str, ...], allow_low_space: 
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG of the losses, restarts marked.")
 def status(spec: str, root: str | None, as_json: bool, verify: bool, plot: str | None) -> None:
     """Show a job's phase, progress, attempts and checkpoints (reads storage only)."""
-    from orchestrator.status_view import collect, render, to_json
+    from timellm_job.orchestrator.status_view import collect, render, to_json
 
     job_spec, job = _job_of(spec, root)
     if not job.exists("job.yaml") and not job.exists("state.json"):
@@ -119,9 +119,9 @@ def status(spec: str, root: str | None, as_json: bool, verify: bool, plot: str |
         except ImportError:
             click.echo("error: --plot needs matplotlib: pip install 'timellm-job[plot]'", err=True)
             sys.exit(ExitCode.FAILED)
-        from orchestrator.plot import plot_losses
-        from storage import open_store
-        from storage.metrics_log import read_metrics
+        from timellm_job.orchestrator.plot import plot_losses
+        from timellm_job.storage import open_store
+        from timellm_job.storage.metrics_log import read_metrics
 
         buf = io.BytesIO()
         plot_losses(read_metrics(job), doc["attempts"], buf, f"job {job_spec.name}")
@@ -143,7 +143,7 @@ def status(spec: str, root: str | None, as_json: bool, verify: bool, plot: str |
 @click.option("--out", required=True, help="A folder or URL for model.safetensors, config.json, metrics.json.")
 def export_best_cmd(spec: str, root: str | None, out: str) -> None:
     """Export the best checkpoint's model, verified against its manifest first."""
-    from orchestrator.export import ExportError, export_best
+    from timellm_job.orchestrator.export import ExportError, export_best
 
     job_spec, job = _job_of(spec, root)
     try:
@@ -179,7 +179,7 @@ def import_cmd(spec: str, source: str, root: str | None, sets: tuple[str, ...], 
     memory-mapped. A job that exists with another spec is refused (exit 2), as by submit; so is one
     that has checkpoints or results already, unless --add is given.
     """
-    from orchestrator.submit import InputError, adopt, check_stored_spec
+    from timellm_job.orchestrator.submit import InputError, adopt, check_stored_spec
 
     job_spec, job = _job_of(spec, root, sets)  # validates the spec (exit 2) before torch is loaded
     try:
@@ -187,11 +187,11 @@ def import_cmd(spec: str, source: str, root: str | None, sets: tuple[str, ...], 
     except InputError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(ExitCode.BAD_INPUT)
-    from jobs.spec import spec_to_yaml
-    from storage.private import private_copy
+    from timellm_job.jobs.spec import spec_to_yaml
+    from timellm_job.storage.private import private_copy
 
     with private_copy("job.yaml", spec_to_yaml(job_spec).encode()) as resolved:  # no option in an argv
-        argv = [sys.executable, "-m", "trainer", "import", str(resolved), source, "--as", kind]
+        argv = [sys.executable, "-m", "timellm_job.trainer", "import", str(resolved), source, "--as", kind]
         code = subprocess.call(argv + (["--weights-only"] if weights_only else []) + (["--add"] if add else []))
     if code == 0:
         adopt(job, job_spec)
@@ -203,9 +203,9 @@ def import_cmd(spec: str, source: str, root: str | None, sets: tuple[str, ...], 
 @click.option("--json", "as_json", is_flag=True, help="One JSON list instead of a table.")
 def list_cmd(root: str, as_json: bool) -> None:
     """List every job under a storage root: phase, step/total, best val loss, last heartbeat."""
-    from orchestrator.status_view import render_list, summary
-    from storage import open_store
-    from storage.layout import SPEC, STATE
+    from timellm_job.orchestrator.status_view import render_list, summary
+    from timellm_job.storage import open_store
+    from timellm_job.storage.layout import SPEC, STATE
 
     try:
         store = open_store(root if "://" in root else os.path.abspath(os.path.expanduser(root)))
@@ -229,9 +229,9 @@ def stop(spec: str, root: str | None, now: bool) -> None:
     checkpoint and exits 143 (within a few seconds of the request). Exit 1: no submit runs it."""
     import socket
 
-    from storage import lease as leases
-    from storage.documents import write_json
-    from storage.layout import STOP
+    from timellm_job.storage import lease as leases
+    from timellm_job.storage.documents import write_json
+    from timellm_job.storage.layout import STOP
 
     job_spec, job = _job_of(spec, root)
     holder = leases.live_holder(job)
@@ -257,7 +257,7 @@ def predict(source: str, input_csv: str, out: str | None, root: str | None) -> N
     """
     import tempfile
 
-    from orchestrator.export import ExportError, export_best
+    from timellm_job.orchestrator.export import ExportError, export_best
 
     with tempfile.TemporaryDirectory(prefix="timellm-predict-") as tmp:
         export = source
@@ -269,14 +269,14 @@ def predict(source: str, input_csv: str, out: str | None, root: str | None) -> N
                 click.echo(f"error: {err}", err=True)
                 sys.exit(ExitCode.FAILED)
             export = tmp
-        argv = [sys.executable, "-m", "trainer.predict", export, "--input", input_csv]
+        argv = [sys.executable, "-m", "timellm_job.trainer.predict", export, "--input", input_csv]
         sys.exit(subprocess.call(argv + (["--out", out] if out else [])))
 
 
 def _job_over(job, name: str) -> bool:
     """No orchestrator runs the job and its phase is final for now (completed, failed,
     preempted, interrupted): ``logs -f`` has nothing more to wait for."""
-    from orchestrator.status_view import summary
+    from timellm_job.orchestrator.status_view import summary
 
     now = summary(job, name)
     return now["host"] is None and now["phase"] in ("completed", "failed", "preempted", "interrupted")
@@ -290,7 +290,7 @@ def _job_over(job, name: str) -> bool:
 @click.option("--attempt", type=int, help="Which attempt (default: the latest).")
 def logs(spec: str, root: str | None, follow: bool, attempt: int | None) -> None:
     """Print the trainer's log (copied to the job folder as the trainer runs)."""
-    from storage.log_segments import log_attempts, read_log
+    from timellm_job.storage.log_segments import log_attempts, read_log
 
     job_spec, job = _job_of(spec, root)
 

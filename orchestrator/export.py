@@ -15,11 +15,11 @@ import json
 
 import yaml
 
-from storage import CorruptCheckpoint, Store, list_checkpoints, load, open_store
-from storage.checkpoints import verify
-from storage.documents import read_json
-from storage.layout import RESULTS, SPEC
-from storage.retention import rank_bests
+from timellm_job.storage import CorruptCheckpoint, Store, list_checkpoints, load, open_store
+from timellm_job.storage.checkpoints import verify
+from timellm_job.storage.documents import read_json
+from timellm_job.storage.layout import RESULTS, SPEC
+from timellm_job.storage.retention import rank_bests
 
 MODEL = "model.safetensors"
 FORMAT = "timellm-job/export-v1"

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from jobs import JobSpec, job_hashes, spec_hash
-from jobs.spec import data_storage_options
-from storage import Store
-from storage.data_digest import DataUnreadable, data_sha256
-from storage.documents import read_json
-from storage.layout import STATE
+from timellm_job.jobs import JobSpec, job_hashes, spec_hash
+from timellm_job.jobs.spec import data_storage_options
+from timellm_job.storage import Store
+from timellm_job.storage.data_digest import DataUnreadable, data_sha256
+from timellm_job.storage.documents import read_json
+from timellm_job.storage.layout import STATE
 
 
 @dataclass(frozen=True)

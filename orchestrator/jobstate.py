@@ -19,18 +19,18 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from jobs import Attempt, JobStatus, Phase
-from jobs.messages import first_line
-from jobs.protocol import Heartbeat
-from jobs.status import Best, CheckpointInfo, CheckpointRef, LeaseInfo, goodput
-from storage import Store, list_checkpoints
-from storage.checkpoints import Listing
-from storage.documents import read_json, write_json
-from storage.layout import RESULTS, SET_APART, STATE
-from storage.lease import Fence, Lease
-from storage.log_segments import log_attempts
-from storage.metrics_log import metrics_attempts
-from storage.retention import rank_bests
+from timellm_job.jobs import Attempt, JobStatus, Phase
+from timellm_job.jobs.messages import first_line
+from timellm_job.jobs.protocol import Heartbeat
+from timellm_job.jobs.status import Best, CheckpointInfo, CheckpointRef, LeaseInfo, goodput
+from timellm_job.storage import Store, list_checkpoints
+from timellm_job.storage.checkpoints import Listing
+from timellm_job.storage.documents import read_json, write_json
+from timellm_job.storage.layout import RESULTS, SET_APART, STATE
+from timellm_job.storage.lease import Fence, Lease
+from timellm_job.storage.log_segments import log_attempts
+from timellm_job.storage.metrics_log import metrics_attempts
+from timellm_job.storage.retention import rank_bests
 
 
 def _clock(t: float) -> str:

@@ -18,7 +18,7 @@ import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from jobs.protocol import STOPPED, ExitCode, Heartbeat
+from timellm_job.jobs.protocol import STOPPED, ExitCode, Heartbeat
 
 
 class ExitClass(str, enum.Enum):

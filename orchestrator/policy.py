@@ -22,11 +22,11 @@ import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from jobs import Phase
-from jobs.protocol import ExitCode
-from jobs.spec import RunSpec
-from jobs.status import Attempt
-from orchestrator.outcome import ExitClass, Outcome, Stopping
+from timellm_job.jobs import Phase
+from timellm_job.jobs.protocol import ExitCode
+from timellm_job.jobs.spec import RunSpec
+from timellm_job.jobs.status import Attempt
+from timellm_job.orchestrator.outcome import ExitClass, Outcome, Stopping
 
 
 @dataclass(frozen=True)

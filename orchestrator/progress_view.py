@@ -19,8 +19,8 @@ import time
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 
-from jobs.messages import duration
-from jobs.protocol import Heartbeat, TrainerActivity
+from timellm_job.jobs.messages import duration
+from timellm_job.jobs.protocol import Heartbeat, TrainerActivity
 
 
 def describe(beat: Heartbeat) -> tuple[str, int | None, int | None, str]:

@@ -13,15 +13,15 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from jobs.messages import duration, first_line
-from jobs.protocol import Heartbeat
-from jobs.status import LeaseInfo, describe_plan, effective_phase, goodput
-from orchestrator.jobstate import checkpoint_infos, fold_results, load_status, read_status
-from storage import Store, list_checkpoints
-from storage import lease as leases
-from storage.checkpoints import summaries, verify
-from storage.layout import BACKBONE
-from storage.set_apart import list_set_apart
+from timellm_job.jobs.messages import duration, first_line
+from timellm_job.jobs.protocol import Heartbeat
+from timellm_job.jobs.status import LeaseInfo, describe_plan, effective_phase, goodput
+from timellm_job.orchestrator.jobstate import checkpoint_infos, fold_results, load_status, read_status
+from timellm_job.storage import Store, list_checkpoints
+from timellm_job.storage import lease as leases
+from timellm_job.storage.checkpoints import summaries, verify
+from timellm_job.storage.layout import BACKBONE
+from timellm_job.storage.set_apart import list_set_apart
 
 STALE_S = 60.0  # a running job's state.json older than this is not current (its ETA is not shown)
 

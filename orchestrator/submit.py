@@ -24,22 +24,22 @@ from pathlib import Path
 
 import yaml
 
-from jobs import JobSpec, Phase, SpecError, load_spec, training_fields
-from jobs.identity import diff_fields, without_new_defaults
-from jobs.protocol import ExitCode
-from jobs.spec import spec_to_yaml
-from orchestrator.identity import Identity, identify
-from orchestrator.jobstate import JobState
-from orchestrator.notice import NoticeWatcher
-from orchestrator.progress_view import ProgressView
-from orchestrator.supervisor import Supervisor, default_log
-from storage import StorageError, Store, Unreachable, job_store, list_checkpoints
-from storage import lease as leases
-from storage.commit_strategy import strategy_for
-from storage.documents import read_json
-from storage.layout import RESULTS, SPEC, STATE, STOP
-from storage.private import private_copy, write_private
-from storage.store import NotAFolder
+from timellm_job.jobs import JobSpec, Phase, SpecError, load_spec, training_fields
+from timellm_job.jobs.identity import diff_fields, without_new_defaults
+from timellm_job.jobs.protocol import ExitCode
+from timellm_job.jobs.spec import spec_to_yaml
+from timellm_job.orchestrator.identity import Identity, identify
+from timellm_job.orchestrator.jobstate import JobState
+from timellm_job.orchestrator.notice import NoticeWatcher
+from timellm_job.orchestrator.progress_view import ProgressView
+from timellm_job.orchestrator.supervisor import Supervisor, default_log
+from timellm_job.storage import StorageError, Store, Unreachable, job_store, list_checkpoints
+from timellm_job.storage import lease as leases
+from timellm_job.storage.commit_strategy import strategy_for
+from timellm_job.storage.documents import read_json
+from timellm_job.storage.layout import RESULTS, SPEC, STATE, STOP
+from timellm_job.storage.private import private_copy, write_private
+from timellm_job.storage.store import NotAFolder
 
 
 class InputError(Exception):
@@ -56,11 +56,11 @@ class Prepared:
 
 def trainer_argv(spec: JobSpec, local_spec: Path, attempt: int, memory_hint: dict | None = None,
                  lease: leases.Lease | None = None) -> list[str]:
-    """The trainer's command: ``python -m trainer run``, under torchrun when ``train.nproc`` > 1
+    """The trainer's command: ``python -m timellm_job.trainer run``, under torchrun when ``train.nproc`` > 1
     (one node, no restarts of its own: restarts are the supervisor's); ``memory_hint``: the
     job's memory plan so far (JobState.memory_hint); ``lease``: the lease it writes under (its
     generation fences the trainer's commits)."""
-    run = ["-m", "trainer", "run", str(local_spec), "--attempt", str(attempt)]
+    run = ["-m", "timellm_job.trainer", "run", str(local_spec), "--attempt", str(attempt)]
     if lease is not None:
         run += ["--lease", f"{lease.generation}:{lease.owner}"]
     if memory_hint:
@@ -125,7 +125,7 @@ def preflight(spec: JobSpec) -> dict:
     import torch. It reads the resolved spec from a private file: no option (credentials)
     reaches its argv. Returns the job's estimated footprint (trainer.footprint; {} if unknown)."""
     with private_copy("job.yaml", spec_to_yaml(spec).encode()) as path:
-        result = subprocess.run([sys.executable, "-m", "trainer", "check", str(path)], capture_output=True, text=True)
+        result = subprocess.run([sys.executable, "-m", "timellm_job.trainer", "check", str(path)], capture_output=True, text=True)
     if result.returncode == 2:
         raise InputError(result.stderr.strip())
     if result.returncode != 0:

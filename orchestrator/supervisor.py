@@ -36,19 +36,19 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from jobs import JobSpec, Phase
-from jobs.messages import first_line
-from jobs.protocol import ExitCode
-from jobs.status import describe_plan
-from orchestrator.attempt import TrainerProcess
-from orchestrator.jobstate import JobState
-from orchestrator.outcome import ExitClass, Outcome, Stopping, classify
-from orchestrator.policy import End, History, Restart, decide, stopped
-from storage import StorageError, Store, list_checkpoints
-from storage import lease as leases
-from storage.documents import read_json
-from storage.layout import STOP
-from storage.log_segments import LogUploader
+from timellm_job.jobs import JobSpec, Phase
+from timellm_job.jobs.messages import first_line
+from timellm_job.jobs.protocol import ExitCode
+from timellm_job.jobs.status import describe_plan
+from timellm_job.orchestrator.attempt import TrainerProcess
+from timellm_job.orchestrator.jobstate import JobState
+from timellm_job.orchestrator.outcome import ExitClass, Outcome, Stopping, classify
+from timellm_job.orchestrator.policy import End, History, Restart, decide, stopped
+from timellm_job.storage import StorageError, Store, list_checkpoints
+from timellm_job.storage import lease as leases
+from timellm_job.storage.documents import read_json
+from timellm_job.storage.layout import STOP
+from timellm_job.storage.log_segments import LogUploader
 
 TICK_S = 1.0
 STOP_POLL_S = 3.0

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 SPEC = REPO.parent / "shared" / "spec" / "jobs" / "tiny-cpu.yaml"
 ROOT = REPO / "runs" / "demo"
 EXPORT = REPO / "runs" / "demo-export"
-CLI = [sys.executable, "-m", "orchestrator.cli"]
+CLI = [sys.executable, "-m", "timellm_job.orchestrator.cli"]
 
 
 def say(msg: str) -> None:

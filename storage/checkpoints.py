@@ -18,10 +18,10 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from storage.commit_strategy import TMP_PREFIX
-from storage.layout import CHECKPOINTS
-from storage.manifest import MANIFEST, Manifest, ManifestError, parse_manifest
-from storage.store import Store
+from timellm_job.storage.commit_strategy import TMP_PREFIX
+from timellm_job.storage.layout import CHECKPOINTS
+from timellm_job.storage.manifest import MANIFEST, Manifest, ManifestError, parse_manifest
+from timellm_job.storage.store import Store
 
 
 class CorruptCheckpoint(ValueError):

@@ -27,12 +27,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from storage.commit_strategy import TMP_PREFIX, CommitStrategy, Work, strategy_for, writer_token
-from storage.layout import CHECKPOINTS, checkpoint_id
-from storage.lease import Fence
-from storage.manifest import MANIFEST, FileEntry, Kind, Manifest
-from storage.retry import StorageError
-from storage.store import Buffers, Store
+from timellm_job.storage.commit_strategy import TMP_PREFIX, CommitStrategy, Work, strategy_for, writer_token
+from timellm_job.storage.layout import CHECKPOINTS, checkpoint_id
+from timellm_job.storage.lease import Fence
+from timellm_job.storage.manifest import MANIFEST, FileEntry, Kind, Manifest
+from timellm_job.storage.retry import StorageError
+from timellm_job.storage.store import Buffers, Store
 
 __all__ = ["TMP_PREFIX", "AlreadyCommitted", "ShortWrite", "commit_checkpoint"]
 

@@ -31,8 +31,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Protocol
 
-from storage.manifest import MANIFEST
-from storage.store import Store
+from timellm_job.storage.manifest import MANIFEST
+from timellm_job.storage.store import Store
 
 TMP_PREFIX = ".tmp-"
 _WRITER = re.compile(r"^w(\d{10})-[0-9a-f]{8}$")

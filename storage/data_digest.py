@@ -23,7 +23,7 @@ from pathlib import Path
 
 import fsspec
 
-from storage.private import write_private
+from timellm_job.storage.private import write_private
 
 CHUNK = 8 * 2**20
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from storage.store import Store
+from timellm_job.storage.store import Store
 
 
 def read_json(store: Store, rel: str) -> Any | None:

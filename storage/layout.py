@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from jobs.spec import NAME_RULE, safe_name
-from storage.retry import StorageError
-from storage.store import Store
+from timellm_job.jobs.spec import NAME_RULE, safe_name
+from timellm_job.storage.retry import StorageError
+from timellm_job.storage.store import Store
 
 SPEC = "job.yaml"
 STATE = "state.json"

@@ -44,10 +44,10 @@ from typing import Protocol
 
 import psutil
 
-from storage.checkpoints import list_checkpoints
-from storage.documents import read_json
-from storage.layout import LEASE, LEASES, STATE
-from storage.store import Store
+from timellm_job.storage.checkpoints import list_checkpoints
+from timellm_job.storage.documents import read_json
+from timellm_job.storage.layout import LEASE, LEASES, STATE
+from timellm_job.storage.store import Store
 
 _GENERATION = re.compile(r"^(\d{10})\.json$")
 KEEP_GENERATIONS = 3  # the newest documents kept as history; older ones are removed by the holder

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from storage.layout import LOGS
-from storage.segments import Segments, attempts_with, segment_names
-from storage.store import Store
+from timellm_job.storage.layout import LOGS
+from timellm_job.storage.segments import Segments, attempts_with, segment_names
+from timellm_job.storage.store import Store
 
 SEGMENT_BYTES = 1 << 20
 

@@ -12,9 +12,9 @@ import json
 import time
 from typing import Any
 
-from storage.layout import METRICS
-from storage.segments import Segments, attempts_with, segment_names
-from storage.store import Store
+from timellm_job.storage.layout import METRICS
+from timellm_job.storage.segments import Segments, attempts_with, segment_names
+from timellm_job.storage.store import Store
 
 SEGMENT_LINES = 2000
 

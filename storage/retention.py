@@ -35,13 +35,13 @@ from __future__ import annotations
 
 import math
 
-from storage.checkpoints import Listing, check_sizes, list_checkpoints, verify
-from storage.commit_strategy import TMP_PREFIX, strategy_for, writer_generation
-from storage.documents import read_json
-from storage.layout import CHECKPOINTS, RESULTS
-from storage.lease import Fence
-from storage.manifest import MANIFEST, Manifest
-from storage.store import Store
+from timellm_job.storage.checkpoints import Listing, check_sizes, list_checkpoints, verify
+from timellm_job.storage.commit_strategy import TMP_PREFIX, strategy_for, writer_generation
+from timellm_job.storage.documents import read_json
+from timellm_job.storage.layout import CHECKPOINTS, RESULTS
+from timellm_job.storage.lease import Fence
+from timellm_job.storage.manifest import MANIFEST, Manifest
+from timellm_job.storage.store import Store
 
 
 def rank_bests(bests: list[Manifest]) -> list[Manifest]:

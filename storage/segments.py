@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from storage.store import Store
+from timellm_job.storage.store import Store
 
 
 class Segments:

@@ -19,11 +19,11 @@ import json
 import time
 import uuid
 
-from storage.layout import CHECKPOINTS, SET_APART
-from storage.lease import Fence
-from storage.manifest import Manifest
-from storage.retention import delete_checkpoint
-from storage.store import Store
+from timellm_job.storage.layout import CHECKPOINTS, SET_APART
+from timellm_job.storage.lease import Fence
+from timellm_job.storage.manifest import Manifest
+from timellm_job.storage.retention import delete_checkpoint
+from timellm_job.storage.store import Store
 
 
 def set_apart(job: Store, manifest: Manifest, why: str, fence: Fence | None = None,

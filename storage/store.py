@@ -30,9 +30,9 @@ from typing import Any
 
 import fsspec
 
-from jobs.messages import first_line
-from storage.backends import CHUNK, Backend, backend_for
-from storage.retry import StorageError, call
+from timellm_job.jobs.messages import first_line
+from timellm_job.storage.backends import CHUNK, Backend, backend_for
+from timellm_job.storage.retry import StorageError, call
 
 PROBE_S = float(os.environ.get("TIMELLM_JOB_PROBE_S", "15"))  # a root that does not answer fails this fast
 PRIVATE_MODE = 0o600  # documents that may hold secrets (the stored job.yaml), on stores with file modes

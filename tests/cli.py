@@ -29,7 +29,7 @@ def env_for(tmp: Path, **extra: str) -> dict[str, str]:
 
 
 def argv(*args: str) -> list[str]:
-    return [sys.executable, "-m", "orchestrator.cli", *args]
+    return [sys.executable, "-m", "timellm_job.orchestrator.cli", *args]
 
 
 def run(tmp: Path, *args: str, timeout: float = 600, **extra: str) -> subprocess.CompletedProcess:
@@ -118,7 +118,7 @@ def trainer_pids() -> set[int]:
     out = set()
     for p in psutil.process_iter(["cmdline"]):
         cmd = p.info.get("cmdline") or []
-        if len(cmd) > 3 and cmd[1:4] == ["-m", "trainer", "run"]:
+        if len(cmd) > 3 and cmd[1:4] == ["-m", "timellm_job.trainer", "run"]:
             out.add(p.pid)
     return out
 

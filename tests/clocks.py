@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from storage import lease as leases
+from timellm_job.storage import lease as leases
 
 
 class SkewedClock:

@@ -80,7 +80,7 @@ def reference(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("reference")
     spec = quick_spec(folder)
-    proc = subprocess.run([sys.executable, "-m", "trainer", "run", str(spec)], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "timellm_job.trainer", "run", str(spec)], cwd=REPO,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     return final_state(job_dir(spec))

@@ -51,7 +51,7 @@ def job_dir(spec_path: Path) -> Path:
 
 def final_state(job: Path) -> dict:
     """The trained result of the job folder ``job`` (see ``final_state_of``)."""
-    from storage import job_store
+    from timellm_job.storage import job_store
 
     return final_state_of(job_store(str(job.parent), job.name))
 
@@ -59,8 +59,8 @@ def final_state(job: Path) -> dict:
 def final_state_of(store) -> dict:
     """The trained result in a job's store (any backend): the final step checkpoint's and the
     best's hashes, and the results document."""
-    from storage import list_checkpoints
-    from storage.documents import read_json
+    from timellm_job.storage import list_checkpoints
+    from timellm_job.storage.documents import read_json
 
     committed = list_checkpoints(store).committed
     final = max((m for m in committed if m.kind == "step"), key=lambda m: m.progress)
@@ -77,7 +77,7 @@ def final_state_of(store) -> dict:
 def file_of(store, ckpt_id: str, name: str, base: str = "checkpoints") -> str:
     """Where a committed checkpoint's file lies in its store (relative): in the checkpoint's own
     folder on POSIX, under the writer's prefix its manifest names on object stores."""
-    from storage.manifest import MANIFEST, parse_manifest
+    from timellm_job.storage.manifest import MANIFEST, parse_manifest
 
     manifest = parse_manifest(store.read_bytes(f"{base}/{ckpt_id}/{MANIFEST}"))
     return f"{manifest.data_folder(base)}/{name}"

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from jobs.spec import DataSpec, ModelSpec
-from storage import job_store
-from storage.layout import BACKBONE
-from trainer import backbone_cache
-from trainer.model import TimeLLM
+from timellm_job.jobs.spec import DataSpec, ModelSpec
+from timellm_job.storage import job_store
+from timellm_job.storage.layout import BACKBONE
+from timellm_job.trainer import backbone_cache
+from timellm_job.trainer.model import TimeLLM
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = DataSpec.model_validate({"path": "x", "seq_len": 64, "pred_len": 16, "label_len": 8})
@@ -149,9 +149,9 @@ def test_a_cache_for_other_llm_layers_is_not_used(where):
 NEW_MACHINE = """
 import hashlib, sys
 import torch
-from jobs.spec import ModelSpec
-from storage import job_store
-from trainer import backbone_cache
+from timellm_job.jobs.spec import ModelSpec
+from timellm_job.storage import job_store
+from timellm_job.trainer import backbone_cache
 ms = ModelSpec.model_validate_json(sys.argv[2])
 backbone = backbone_cache.load_cached(ms, "cpu", job_store(sys.argv[1], "job"))
 state = backbone.model.state_dict()
@@ -172,8 +172,8 @@ def test_a_hub_backbone_is_downloaded_once_per_job_not_once_per_runtime(tmp_path
 
     from hub_server import HubServer
 
-    from jobs.spec import RandomBackbone
-    from trainer.backbone import build_random_weights, random_tokenizer
+    from timellm_job.jobs.spec import RandomBackbone
+    from timellm_job.trainer.backbone import build_random_weights, random_tokenizer
 
     r = RandomBackbone.model_validate({"family": "llama", "hidden_size": 64, "num_layers": 2, "num_heads": 4})
     folder = tmp_path / "repo"

@@ -140,7 +140,7 @@ def test_completed_job_is_reported_not_retrained_and_exports_predict(reference, 
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["test"]["mse"] == reference["results"]["test"]["mse"]
     # the export predicts: the documented function, on the last test window, in data units
-    from trainer.predict import load_exported
+    from timellm_job.trainer.predict import load_exported
 
     forecaster = load_exported(str(out), device="cpu")
     import pandas as pd
@@ -166,7 +166,7 @@ def test_completed_job_is_reported_not_retrained_and_exports_predict(reference, 
     assert from_export.returncode == 0 and from_export.stdout == (tmp_path / "forecast.csv").read_text()
     # issue 23, item 12: a history with a blank, an inf or dates that do not increase is refused
     # naming the row and the column (was: blank forecast columns, exit 0)
-    from trainer.predict import forecast_csv
+    from timellm_job.trainer.predict import forecast_csv
 
     bad = frame.reset_index(drop=True)
     for column, row, value, said in (("OT", 30, float("nan"), "not a finite number"),
@@ -221,8 +221,8 @@ def test_same_job_on_gcs_through_the_emulator(reference, gcs_server, tmp_path):
     root = f"gs://{servers.GCS_BUCKET}/e2e-{time.time_ns()}"
     spec = quick_spec(tmp_path, storage={"root": root, "options": servers.gcs_options(gcs_server)})
     proc = start(tmp_path, "submit", str(spec), **SLOW)
-    from storage import job_store
-    from storage.documents import read_json
+    from timellm_job.storage import job_store
+    from timellm_job.storage.documents import read_json
 
     store = job_store(root, "quick", servers.gcs_options(gcs_server))
     deadline = time.time() + 120
@@ -240,7 +240,7 @@ def test_same_job_on_gcs_through_the_emulator(reference, gcs_server, tmp_path):
     results = read_json(store, "results.json")
     assert results["test"] == reference["results"]["test"]
     best = [c for c in status["checkpoints"] if c["kind"] == "best"][0]
-    from storage import list_checkpoints
+    from timellm_job.storage import list_checkpoints
 
     manifest = [m for m in list_checkpoints(store).committed if m.id == best["id"]][0]
     assert manifest.files["model.safetensors"].sha256 == reference["best_model"]

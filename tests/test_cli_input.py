@@ -11,7 +11,7 @@ import yaml
 from cli import run
 from jobfiles import BIG_SPEC, TINY_SPEC, quick_spec
 
-from jobs import SpecError, load_spec
+from timellm_job.jobs import SpecError, load_spec
 
 CORPUS = [
     # (a --set override or a raw edit, the field the message must name)
@@ -158,10 +158,10 @@ def test_an_eta_past_a_day_does_not_wrap_in_any_view():
     import io
     from contextlib import redirect_stderr
 
-    from jobs.messages import duration
-    from jobs.protocol import Heartbeat
-    from orchestrator.progress_view import describe
-    from trainer.reporting import ProgressLine
+    from timellm_job.jobs.messages import duration
+    from timellm_job.jobs.protocol import Heartbeat
+    from timellm_job.orchestrator.progress_view import describe
+    from timellm_job.trainer.reporting import ProgressLine
 
     assert duration(30 * 3600 + 61) == "1d 06:01:01" and duration(59) == "00:00:59"
     assert duration(None) == duration(float("nan")) == duration(-1) == "?"
@@ -178,7 +178,7 @@ def test_an_eta_past_a_day_does_not_wrap_in_any_view():
 def test_help_lists_every_command_whole_and_the_exit_codes():
     from click.testing import CliRunner
 
-    from orchestrator.cli import main
+    from timellm_job.orchestrator.cli import main
 
     shown = CliRunner().invoke(main, ["--help"], terminal_width=80).output
     for name in main.commands:
@@ -203,7 +203,7 @@ def test_a_bitsandbytes_that_cannot_run_the_quantization_here_exits_2_naming_the
 
 
 def test_the_installed_bitsandbytes_runs_nf4_and_int8_on_this_cpu():
-    from trainer.preflight import quantization_problem
+    from timellm_job.trainer.preflight import quantization_problem
 
     spec = load_spec(TINY_SPEC)
     for q in ("nf4", "int8"):

@@ -9,7 +9,7 @@ import threading
 import pytest
 from faults.faultyfs import FAULTS, Fault
 
-from storage import (
+from timellm_job.storage import (
     AlreadyCommitted,
     StorageError,
     commit_checkpoint,
@@ -18,10 +18,10 @@ from storage import (
     load,
     load_newest,
 )
-from storage import lease as leases
-from storage.checkpoints import CorruptCheckpoint, verify
-from storage.layout import CHECKPOINTS
-from storage.manifest import MANIFEST
+from timellm_job.storage import lease as leases
+from timellm_job.storage.checkpoints import CorruptCheckpoint, verify
+from timellm_job.storage.layout import CHECKPOINTS
+from timellm_job.storage.manifest import MANIFEST
 
 FILES = {"model.safetensors": os.urandom(3000), "state.json": b'{"epoch": 1}'}
 
@@ -107,7 +107,7 @@ def test_local_commit_leaves_no_temporary_folder(tmp_path):
 def test_a_copy_committed_without_durability_skips_only_the_file_fsyncs(tmp_path, monkeypatch):
     """durable=False (a machine's copy of the backbone cache): no file is fsynced, the folder
     still appears by one rename and verifies; a checkpoint (the default) fsyncs every file."""
-    import storage.store as store_module
+    import timellm_job.storage.store as store_module
 
     synced = []
     real = os.fsync
@@ -149,7 +149,7 @@ def test_each_kind_of_store_has_one_backend_with_its_commit_strategy(tmp_path, b
     storage.commit_strategy chooses from that: POSIX renames a private folder, object stores
     commit a create-only manifest over the writer's prefix, and a store whose create is fsspec's
     exists-then-write says it is not create-only (the lease cannot rely on it)."""
-    from storage.commit_strategy import strategy_for
+    from timellm_job.storage.commit_strategy import strategy_for
 
     job = _job(backend)
     local = "://" not in backend[0]
@@ -170,9 +170,9 @@ def test_each_kind_of_store_has_one_backend_with_its_commit_strategy(tmp_path, b
 def test_backends_name_no_commit_strategy():
     """storage one way: the backends expose capabilities and never import the strategies that
     are chosen above them (no circle, TYPE_CHECKING included)."""
-    import storage.backends
+    from timellm_job.storage import backends
 
-    source = open(storage.backends.__file__).read()
+    source = open(backends.__file__).read()
     assert "commit_strategy" not in source.replace("(storage.commit_strategy)", "")
     assert "TYPE_CHECKING" not in source
 

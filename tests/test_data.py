@@ -8,8 +8,8 @@ import pytest
 import torch
 from jobfiles import ETTH1
 
-from jobs.spec import DataSpec
-from trainer.data import DataError, borders, epoch_order, load_splits, train_batches
+from timellm_job.jobs.spec import DataSpec
+from timellm_job.trainer.data import DataError, borders, epoch_order, load_splits, train_batches
 
 
 def spec(**kw):

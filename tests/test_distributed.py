@@ -17,7 +17,7 @@ from cli import resume_after_preemption, run, running_trainer, start, state, wai
 from jobfiles import final_state, job_dir, quick_spec
 from safetensors.torch import load_file
 
-from trainer.data import eval_batches, eval_rounds, load_splits, train_batches
+from timellm_job.trainer.data import eval_batches, eval_rounds, load_splits, train_batches
 
 pytestmark = pytest.mark.slow
 SLOW = {"TIMELLM_JOB_TEST_STEP_DELAY_S": "0.08", "TIMELLM_JOB_TEST_WRITE_DELAY_S": "0.03"}
@@ -31,7 +31,7 @@ def ranks(torchrun_pid: int, timeout: float = 60) -> dict[int, psutil.Process]:
         found = {}
         try:
             for p in psutil.Process(torchrun_pid).children(recursive=True):
-                cmd = p.cmdline()  # python -u -m trainer run ...
+                cmd = p.cmdline()  # python -u -m timellm_job.trainer run ...
                 if "-m" in cmd and cmd[cmd.index("-m") + 1:cmd.index("-m") + 3] == ["trainer", "run"]:
                     found[int(p.environ()["RANK"])] = p
         except psutil.Error:
@@ -58,8 +58,8 @@ def reference2(reference2_job):
 
 
 def test_the_data_order_is_split_across_ranks_and_resumes_in_place(tmp_path):
-    from jobs import load_spec
-    from trainer.data import data_options
+    from timellm_job.jobs import load_spec
+    from timellm_job.trainer.data import data_options
 
     spec = load_spec(quick_spec(tmp_path))
     train = load_splits(spec.data, data_options(spec)).train

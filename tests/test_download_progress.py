@@ -7,10 +7,10 @@ from __future__ import annotations
 import json
 import time
 
-from jobs.protocol import Heartbeat
-from orchestrator.progress_view import describe
-from trainer.backbone import hub_cache_bytes
-from trainer.reporting import HeartbeatWriter
+from timellm_job.jobs.protocol import Heartbeat
+from timellm_job.orchestrator.progress_view import describe
+from timellm_job.trainer.backbone import hub_cache_bytes
+from timellm_job.trainer.reporting import HeartbeatWriter
 
 
 def test_the_download_reaches_the_heartbeat_and_the_terminal(tmp_path, monkeypatch):

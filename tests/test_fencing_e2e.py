@@ -171,8 +171,8 @@ def test_a_writer_stalled_mid_checkpoint_on_s3_never_writes_into_the_next_holder
     from faulty_proxy import FaultyProxy
     from jobfiles import final_state_of
 
-    from storage import job_store, list_checkpoints, verify
-    from storage.manifest import MANIFEST
+    from timellm_job.storage import job_store, list_checkpoints, verify
+    from timellm_job.storage.manifest import MANIFEST
 
     root = f"s3://{servers.S3_BUCKET}/stall-{uuid.uuid4().hex[:8]}"
     proxy = FaultyProxy(s3_server.url, every=0)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import math
 
-from jobs import Attempt, JobStatus
-from jobs.status import attempt_goodput, goodput
+from timellm_job.jobs import Attempt, JobStatus
+from timellm_job.jobs.status import attempt_goodput, goodput
 
 
 def _sum(g: dict) -> float:
@@ -47,7 +47,7 @@ def test_the_job_counts_the_time_between_runtimes_as_idle_and_its_parts_add_up()
 
 
 def test_the_loss_plot_shades_the_work_each_loss_cost(tmp_path):
-    from orchestrator.plot import plot_losses
+    from timellm_job.orchestrator.plot import plot_losses
 
     records = [{"step": s, "loss": 1.0 / s} for s in range(1, 101)] + [{"step": 50, "val_loss": 0.5}]
     attempts = [{"number": 1, "start_step": 0, "end_step": 57, "reason": "killed by SIGKILL"},
@@ -67,7 +67,7 @@ def test_a_stale_state_shows_no_eta_and_says_it_is_not_current():
 
     from rich.console import Console
 
-    from orchestrator.status_view import STALE_S, render
+    from timellm_job.orchestrator.status_view import STALE_S, render
 
     def shown(updated_at: float) -> str:
         doc = {"name": "job", "phase": "running", "global_step": 10, "total_steps": 100, "epoch": 0,

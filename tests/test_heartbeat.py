@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 
-from trainer.reporting import HeartbeatWriter
+from timellm_job.trainer.reporting import HeartbeatWriter
 
 
 def _age(path) -> float:

@@ -16,8 +16,8 @@ from jobfiles import quick_spec
 REPO = Path(__file__).resolve().parents[1]
 LOAD = """
 import sys
-from jobs.spec import ModelSpec
-from trainer.backbone import BackboneError, HubUnreachable, load_backbone
+from timellm_job.jobs.spec import ModelSpec
+from timellm_job.trainer.backbone import BackboneError, HubUnreachable, load_backbone
 try:
     b = load_backbone(ModelSpec.model_validate_json(sys.argv[1]), "cpu")
     print("loaded", b.source)
@@ -29,8 +29,8 @@ except BackboneError as exc:
 
 
 def _stand_in(tmp_path) -> Path:
-    from jobs.spec import RandomBackbone
-    from trainer.backbone import build_random_weights, random_tokenizer
+    from timellm_job.jobs.spec import RandomBackbone
+    from timellm_job.trainer.backbone import build_random_weights, random_tokenizer
 
     r = RandomBackbone.model_validate({"family": "llama", "hidden_size": 32, "num_layers": 2, "num_heads": 4})
     folder = tmp_path / "repo"
@@ -40,7 +40,7 @@ def _stand_in(tmp_path) -> Path:
 
 
 def _load(tmp_path, endpoint: str, repo: str, **env) -> str:
-    from jobs.spec import ModelSpec
+    from timellm_job.jobs.spec import ModelSpec
 
     ms = ModelSpec.model_validate({"backbone": {"pretrained": repo}, "quantization": "none", "d_model": 8, "d_ff": 16,
                                    "n_heads": 2, "num_tokens": 10})

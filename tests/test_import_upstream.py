@@ -14,13 +14,13 @@ from cli import REPO, run, state
 from jobfiles import job_dir, quick_spec
 from safetensors.torch import load as st_load
 
-from jobs import load_spec
-from storage import job_store, list_checkpoints, load
+from timellm_job.jobs import load_spec
+from timellm_job.storage import job_store, list_checkpoints, load
 
 
 def upstream_checkpoint(spec_path, tmp_path, *, full=True, with_backbone=True, steps=5, epoch=0):
     """What upstream's run_main.py saves: module-prefixed names, the frozen LLM included."""
-    from trainer.loop import Trainer
+    from timellm_job.trainer.loop import Trainer
 
     t = Trainer(load_spec(spec_path), background_saves=False)
     t.build()
@@ -46,7 +46,7 @@ def test_full_upstream_checkpoint_imports_and_training_continues_from_it(tmp_pat
     spec = quick_spec(tmp_path)
     path, params, opt = upstream_checkpoint(spec, tmp_path)
     job = job_store(str(tmp_path / "root"), "quick")
-    from storage import lease as leases
+    from timellm_job.storage import lease as leases
 
     leases.release(job, leases.acquire(job, ttl_s=60))  # the job had a runtime once: generation 1
     result = run(tmp_path, "import", str(spec), str(path), "--as", "step")
@@ -129,18 +129,18 @@ def test_numpy_early_stopping_values_of_a_fork_checkpoint_import(tmp_path):
 def test_import_into_a_running_job_is_refused(tmp_path):
     spec = quick_spec(tmp_path)
     path, _, _ = upstream_checkpoint(spec, tmp_path)
-    from storage import lease as leases
+    from timellm_job.storage import lease as leases
 
     job = job_store(str(tmp_path / "root"), "quick")
     leases.acquire(job, ttl_s=600)  # held by this (live) test process
-    result = subprocess.run([sys.executable, "-m", "trainer", "import", str(spec), str(path)], cwd=REPO,
+    result = subprocess.run([sys.executable, "-m", "timellm_job.trainer", "import", str(spec), str(path)], cwd=REPO,
                             capture_output=True, text=True)
     assert result.returncode == 3 and "is running" in result.stderr
 
 
 @pytest.mark.parametrize("name", ["llm_model.x", "word_embeddings"])
 def test_frozen_backbone_entries_are_dropped(name, tmp_path):
-    from trainer.upstream import read_upstream
+    from timellm_job.trainer.upstream import read_upstream
 
     torch.save({name: torch.zeros(2), "mapping_layer.bias": torch.ones(3)}, tmp_path / "c.pt")
     up = read_upstream(tmp_path / "c.pt")
@@ -193,7 +193,7 @@ def _peak_rss_mb(tmp_path, spec, path) -> float:
     code = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
             "sys.stderr.write(r.stderr); print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); "
             "sys.exit(r.returncode)")
-    result = subprocess.run([sys.executable, "-c", code, sys.executable, "-m", "trainer", "import", str(spec),
+    result = subprocess.run([sys.executable, "-c", code, sys.executable, "-m", "timellm_job.trainer", "import", str(spec),
                              str(path), "--weights-only"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     return int(result.stdout.strip().splitlines()[-1]) / 1024

@@ -12,8 +12,8 @@ import time
 import pytest
 from clocks import HolderRenewsMeanwhile, ManualClock, NoWaiting, Renewer, SkewedClock
 
-from storage import job_store
-from storage import lease as leases
+from timellm_job.storage import job_store
+from timellm_job.storage import lease as leases
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -150,8 +150,8 @@ def test_concurrent_takeovers_of_an_expired_lease_have_exactly_one_winner(job):
 
 
 def test_a_fenced_writer_commits_and_deletes_nothing_and_the_manifest_names_its_generation(job):
-    from storage import commit_checkpoint, list_checkpoints
-    from storage.retention import clean_up
+    from timellm_job.storage import commit_checkpoint, list_checkpoints
+    from timellm_job.storage.retention import clean_up
 
     old = leases.acquire(job, ttl_s=0.2)
     fence = leases.Fence.of(job, old)
@@ -173,7 +173,7 @@ def test_a_fenced_writer_commits_and_deletes_nothing_and_the_manifest_names_its_
 def test_a_fenced_writers_late_commit_never_wins_over_the_holders(job):
     """A stale writer that committed a later step after the takeover is not the newest: the
     current holder's own checkpoints come first (lease generation, then progress)."""
-    from storage import commit_checkpoint, list_checkpoints
+    from timellm_job.storage import commit_checkpoint, list_checkpoints
 
     old = leases.acquire(job, ttl_s=0.2)
     new = leases.acquire(job, ttl_s=60)
@@ -190,7 +190,7 @@ def test_two_runtimes_that_both_took_one_generation_on_a_store_without_create_on
     same generation's document. The one whose document stands holds the lease; the other is
     fenced at its next check (renewal or commit). Built here with fsspec's ``dir::`` filesystem,
     which has no create-only write (the unsafe single-writer path)."""
-    from storage import commit_checkpoint, job_store
+    from timellm_job.storage import commit_checkpoint, job_store
 
     job = job_store("dir://shared", "job", {"path": str(tmp_path), "target_protocol": "file",
                                               "target_options": {"auto_mkdir": True}})
@@ -212,8 +212,8 @@ def test_a_wiped_lease_folder_never_restarts_generations(job):
     without it) made the next runtime take generation 1, below the job's generation-2
     checkpoints: a restart resumed from older work and retention deleted the newer. A new
     generation is above every generation recorded anywhere."""
-    from storage import commit_checkpoint, list_checkpoints
-    from storage.documents import write_json
+    from timellm_job.storage import commit_checkpoint, list_checkpoints
+    from timellm_job.storage.documents import write_json
 
     first = leases.acquire(job, ttl_s=60)
     leases.release(job, first)

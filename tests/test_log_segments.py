@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import os
 
-from storage import open_store
-from storage.layout import LOGS
-from storage.log_segments import LogUploader, log_attempts, read_log
+from timellm_job.storage import open_store
+from timellm_job.storage.layout import LOGS
+from timellm_job.storage.log_segments import LogUploader, log_attempts, read_log
 
 
 def test_uploads_write_only_what_is_new_and_full_segments_stay_untouched(tmp_path):
@@ -42,8 +42,8 @@ def test_a_log_of_an_earlier_version_is_still_read(tmp_path):
 
 def test_the_metrics_log_seals_its_segments_the_same_way(tmp_path, monkeypatch):
     """The metrics log and the trainer's log share one segmented writer (storage.segments)."""
-    from storage import metrics_log
-    from storage.layout import METRICS
+    from timellm_job.storage import metrics_log
+    from timellm_job.storage.layout import METRICS
 
     monkeypatch.setattr(metrics_log, "SEGMENT_LINES", 3)
     job = open_store(str(tmp_path / "job"))

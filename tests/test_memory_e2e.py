@@ -26,7 +26,7 @@ def train_once(folder: Path, **sections) -> dict:
     """The job trained uninterrupted by the trainer alone: what interrupted runs must reproduce."""
     folder.mkdir(parents=True, exist_ok=True)
     spec = quick_spec(folder, **sections)
-    proc = subprocess.run([sys.executable, "-m", "trainer", "run", str(spec)], cwd=REPO, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "timellm_job.trainer", "run", str(spec)], cwd=REPO, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     return final_state(job_dir(spec))
@@ -95,7 +95,7 @@ def test_an_out_of_memory_without_auto_fails_at_once_naming_what_to_change(tmp_p
 
 def _memory_cgroup() -> Path | None:
     """A fresh child of this process's memory cgroup (v1 or v2), or None where none can be made."""
-    from orchestrator.oom_evidence import counter_file
+    from timellm_job.orchestrator.oom_evidence import counter_file
 
     counter = counter_file(os.getpid())
     if counter is None:

@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from jobs import SpecError, load_spec, spec_hash
-from jobs.spec import DataSpec, ModelSpec, parse_spec
-from trainer import memory
-from trainer import state as ckpt_state
-from trainer.backbone import load_backbone
-from trainer.grad_checkpointing import blocks, is_on, set_gradient_checkpointing
-from trainer.memory import Card, GiB, decide
-from trainer.model import TimeLLM
+from timellm_job.jobs import SpecError, load_spec, spec_hash
+from timellm_job.jobs.spec import DataSpec, ModelSpec, parse_spec
+from timellm_job.trainer import memory
+from timellm_job.trainer import state as ckpt_state
+from timellm_job.trainer.backbone import load_backbone
+from timellm_job.trainer.grad_checkpointing import blocks, is_on, set_gradient_checkpointing
+from timellm_job.trainer.memory import Card, GiB, decide
+from timellm_job.trainer.model import TimeLLM
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "spec"
 DATA = DataSpec.model_validate({"path": "x", "seq_len": 64, "pred_len": 16, "label_len": 8})

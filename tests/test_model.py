@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from jobs.spec import DataSpec, ModelSpec
-from trainer.backbone import BackboneError, load_backbone
-from trainer.model import TimeLLM
-from trainer.model.normalize import denormalize, normalize
-from trainer.model.patching import num_patches
-from trainer.model.prompt import build_prompts, top_lags
+from timellm_job.jobs.spec import DataSpec, ModelSpec
+from timellm_job.trainer.backbone import BackboneError, load_backbone
+from timellm_job.trainer.model import TimeLLM
+from timellm_job.trainer.model.normalize import denormalize, normalize
+from timellm_job.trainer.model.patching import num_patches
+from timellm_job.trainer.model.prompt import build_prompts, top_lags
 
 DATA = DataSpec.model_validate({"path": "x", "seq_len": 64, "pred_len": 16, "label_len": 8})
 

@@ -15,8 +15,8 @@ import torch
 from cli import run, state
 from jobfiles import final_state, quick_spec
 
-from storage import job_store, list_checkpoints
-from storage.layout import SET_APART
+from timellm_job.storage import job_store, list_checkpoints
+from timellm_job.storage.layout import SET_APART
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from orchestrator.notice import FAILING_AFTER, NoticeWatcher
+from timellm_job.orchestrator.notice import FAILING_AFTER, NoticeWatcher
 
 
 class Fake:

@@ -10,7 +10,7 @@ import pytest
 from cli import run
 from jobfiles import job_dir, quick_spec
 
-from storage import commit_checkpoint, job_store, list_checkpoints, load
+from timellm_job.storage import commit_checkpoint, job_store, list_checkpoints, load
 
 pytestmark = pytest.mark.slow
 

@@ -8,13 +8,14 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 from click.testing import CliRunner
 
-from orchestrator.cli import main
+from timellm_job.orchestrator.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 COMMANDS = set(main.commands)
@@ -69,7 +70,7 @@ def test_colab_notebook_parses_and_its_job_is_a_valid_spec(tmp_path):
     spec_cell = next(s for s in sources if s.startswith("%%writefile"))
     spec = tmp_path / "etth1.yaml"
     spec.write_text(spec_cell.split("\n", 1)[1])
-    from jobs import load_spec
+    from timellm_job.jobs import load_spec
 
     loaded = load_spec(spec)
     assert loaded.model.quantization == "nf4" and loaded.storage.root.startswith("/content/drive")
@@ -153,3 +154,34 @@ def test_gce_startup_passes_the_hf_token_through_the_environment_only():
     assert "-e HF_TOKEN " in run_line and "HF_TOKEN=" not in run_line  # no value on the command line
     result = subprocess.run(["bash", "-n", str(REPO / "docker" / "gce-startup.sh")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_the_wheel_installs_one_namespace_and_no_generic_top_level_module(tmp_path):
+    """pip puts timellm_job/{jobs,storage,trainer,orchestrator} into site-packages, never a
+    top-level ``jobs`` or ``storage`` that a user's own module would collide with; the entry
+    point and every module the folders hold are in the wheel, and installed it imports."""
+    import zipfile
+
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", str(REPO), "--no-deps",
+                            "--no-build-isolation", "-w", str(tmp_path)], capture_output=True, text=True,
+                           timeout=300)
+    assert built.returncode == 0, built.stderr
+    (wheel,) = tmp_path.glob("timellm_job-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
+    assert top == {"timellm_job"}, top
+    sources = {f"timellm_job/{path.relative_to(REPO).as_posix()}" for folder in ("jobs", "storage", "trainer", "orchestrator")
+               for path in (REPO / folder).rglob("*.py")}
+    assert sources <= set(names), sorted(sources - set(names))
+    entry = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    assert "timellm-job = timellm_job.orchestrator.cli:main" in entry
+    unpacked = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(unpacked)
+    probe = subprocess.run([sys.executable, "-I", "-c",
+                            "import sys; sys.path.insert(0, sys.argv[1]); import importlib.util as u;"
+                            "import timellm_job.orchestrator.cli, timellm_job.jobs.spec;"
+                            "assert timellm_job.jobs.spec.__file__.startswith(sys.argv[1]);"
+                            "print([n for n in ('jobs','storage','trainer','orchestrator') if u.find_spec(n)])",
+                            str(unpacked)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.strip() == "[]"

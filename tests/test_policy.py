@@ -8,12 +8,12 @@ import signal
 
 import pytest
 
-from jobs import Phase
-from jobs.protocol import ExitCode, Heartbeat
-from jobs.spec import RunSpec
-from jobs.status import Attempt
-from orchestrator.outcome import ExitClass, Outcome, Stopping, classify, launcher_exit
-from orchestrator.policy import End, History, Restart, backoff_s, crash_loop, decide
+from timellm_job.jobs import Phase
+from timellm_job.jobs.protocol import ExitCode, Heartbeat
+from timellm_job.jobs.spec import RunSpec
+from timellm_job.jobs.status import Attempt
+from timellm_job.orchestrator.outcome import ExitClass, Outcome, Stopping, classify, launcher_exit
+from timellm_job.orchestrator.policy import End, History, Restart, backoff_s, crash_loop, decide
 
 RUN = RunSpec(max_restarts=3, backoff_initial_s=0.5, backoff_max_s=4.0, crash_loop_limit=3)
 TERM = Stopping(signal.SIGTERM, grace_period_s=30)
@@ -160,6 +160,6 @@ def test_crash_loop(attempts, loop):
 
 
 def test_every_exit_code_says_what_the_supervisor_does():
-    from jobs.protocol import ON_EXIT
+    from timellm_job.jobs.protocol import ON_EXIT
 
     assert set(ON_EXIT) == set(ExitCode) and all(ON_EXIT.values())

@@ -11,10 +11,10 @@ from tokenizers import Tokenizer, pre_tokenizers, processors
 from tokenizers.models import WordLevel
 from transformers import AutoTokenizer, GPT2Tokenizer, LlamaTokenizer, PreTrainedTokenizerFast
 
-from jobs.spec import DataSpec, ModelSpec
-from trainer.backbone import finish, load_backbone
-from trainer.model import TimeLLM
-from trainer.model.prompt import build_prompts
+from timellm_job.jobs.spec import DataSpec, ModelSpec
+from timellm_job.trainer.backbone import finish, load_backbone
+from timellm_job.trainer.model import TimeLLM
+from timellm_job.trainer.model.prompt import build_prompts
 
 DATA = DataSpec.model_validate({"path": "x", "seq_len": 64, "pred_len": 16, "label_len": 8})
 WORDS = sorted(set("dataset description task forecast the next steps given previous information input statistics "

@@ -8,10 +8,10 @@ import json
 import pytest
 from jobfiles import file_of
 
-from storage import commit_checkpoint, job_store, list_checkpoints, load_newest
-from storage.layout import CHECKPOINTS
-from storage.manifest import FORMAT_VERSION, MANIFEST
-from storage.retention import clean_up, delete_checkpoint, leftovers
+from timellm_job.storage import commit_checkpoint, job_store, list_checkpoints, load_newest
+from timellm_job.storage.layout import CHECKPOINTS
+from timellm_job.storage.manifest import FORMAT_VERSION, MANIFEST
+from timellm_job.storage.retention import clean_up, delete_checkpoint, leftovers
 
 FILES = {"model.safetensors": b"w" * 100}
 
@@ -83,7 +83,7 @@ def _copy_folder(job, src: str, dst: str) -> None:
 def test_another_specs_checkpoint_and_a_copied_folder_are_set_apart_everywhere(backend):
     """Reproduced before: a newer checkpoint of another spec made retention delete the job's own
     just-committed best and step. One view now sets both kinds apart, for every reader."""
-    from storage import load_newest
+    from timellm_job.storage import load_newest
 
     job = job_store(backend[0], "job", backend[1])
     commit_checkpoint(job, 900, "step", FILES, "another-spec")  # e.g. an import into the wrong job
@@ -110,7 +110,7 @@ def test_right_sized_but_wrong_bytes_never_cost_the_last_checkpoint_known_whole(
     the right length but not the right bytes (a zero-filled write after a crash) passed that check,
     and the only whole one was deleted: nothing was left to resume from. Checkpoints known whole
     by hash (committed by this process, or read back and verified) are kept whatever sizes say."""
-    from storage import load_newest
+    from timellm_job.storage import load_newest
 
     job = job_store(backend[0], "job", backend[1])
     good = commit_checkpoint(job, 20, "step", FILES, "x")
@@ -180,7 +180,7 @@ def test_the_previous_best_stays_until_a_better_one_has_verified(backend):
 
 def test_the_checkpoint_results_name_is_never_deleted(backend):
     """results.json names the best its test metrics came from: it stays while they do."""
-    from storage.documents import write_json
+    from timellm_job.storage.documents import write_json
 
     job = job_store(backend[0], "job", backend[1])
     tested = _best(job, 100, 0.5)

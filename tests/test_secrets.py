@@ -13,7 +13,7 @@ import servers
 from cli import start
 from jobfiles import quick_spec
 
-from orchestrator.submit import redacted, redacted_url
+from timellm_job.orchestrator.submit import redacted, redacted_url
 
 
 def test_secrets_are_redacted_at_any_depth():
@@ -65,7 +65,7 @@ def test_a_planted_secret_reaches_no_stored_file_and_no_argv(s3_server, tmp_path
     assert any("trainer check" in a for a in seen_argv) and any("trainer run" in a for a in seen_argv)
     assert not [a for a in seen_argv if planted in a or nested in a]
     assert planted not in out and nested not in out
-    from storage import open_store
+    from timellm_job.storage import open_store
 
     store = open_store(root, options)
     written = [p for p in store.fs.find(store.root)]

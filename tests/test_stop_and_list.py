@@ -13,8 +13,8 @@ import servers
 from cli import SLOW, run, start, wait_for_progress
 from jobfiles import final_state_of, quick_spec
 
-from storage import job_store, list_checkpoints
-from storage.documents import read_json
+from timellm_job.storage import job_store, list_checkpoints
+from timellm_job.storage.documents import read_json
 
 pytestmark = pytest.mark.slow
 

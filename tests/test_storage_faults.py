@@ -12,8 +12,15 @@ import pytest
 import servers
 from faulty_proxy import FaultyProxy
 
-from storage import StorageError, commit_checkpoint, job_store, list_checkpoints, load, load_newest
-from storage.retry import call, is_transient
+from timellm_job.storage import (
+    StorageError,
+    commit_checkpoint,
+    job_store,
+    list_checkpoints,
+    load,
+    load_newest,
+)
+from timellm_job.storage.retry import call, is_transient
 
 FILES = {"model.safetensors": os.urandom(200_000), "state.json": b"{}"}
 

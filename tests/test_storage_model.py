@@ -36,7 +36,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 from test_commit import Stalled
 
-from storage import (
+from timellm_job.storage import (
     AlreadyCommitted,
     StorageError,
     commit_checkpoint,
@@ -44,13 +44,13 @@ from storage import (
     list_checkpoints,
     load_newest,
 )
-from storage import lease as leases
-from storage.checkpoints import verify
-from storage.documents import write_json
-from storage.layout import CHECKPOINTS, SET_APART
-from storage.manifest import FORMAT_VERSION, MANIFEST, Manifest, parse_manifest
-from storage.retention import clean_up
-from trainer.saver import CheckpointSaver
+from timellm_job.storage import lease as leases
+from timellm_job.storage.checkpoints import verify
+from timellm_job.storage.documents import write_json
+from timellm_job.storage.layout import CHECKPOINTS, SET_APART
+from timellm_job.storage.manifest import FORMAT_VERSION, MANIFEST, Manifest, parse_manifest
+from timellm_job.storage.retention import clean_up
+from timellm_job.trainer.saver import CheckpointSaver
 
 # CI: 150 examples of up to 15 rules (about 20 s on the 2-core machine); benchmarks/storage_model.py: more
 EXAMPLES = int(os.environ.get("TIMELLM_TEST_STORAGE_MODEL_EXAMPLES", "150"))

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from storage import job_store
-from trainer.tensorboard import TensorBoardLog, available
+from timellm_job.storage import job_store
+from timellm_job.trainer.tensorboard import TensorBoardLog, available
 
 pytestmark = pytest.mark.skipif(not available(), reason="the tensorboard extra is not installed")
 

@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 from jobfiles import final_state, job_dir, quick_spec
 
-from storage import job_store, list_checkpoints, verify
+from timellm_job.storage import job_store, list_checkpoints, verify
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def trainer(spec: Path, attempt: int = 1, env: dict | None = None, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "trainer", "run", str(spec), "--attempt", str(attempt)],
+    return subprocess.Popen([sys.executable, "-m", "timellm_job.trainer", "run", str(spec), "--attempt", str(attempt)],
                             cwd=REPO, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, **kw)
 
@@ -123,7 +123,7 @@ def test_safetensors_views_read_what_the_zero_copy_writer_wrote_and_refuse_bad_o
     import torch
     from safetensors.torch import load as st_load
 
-    from trainer import safetensors_parts
+    from timellm_job.trainer import safetensors_parts
 
     g = torch.Generator().manual_seed(0)
     src = {"a": torch.randn(3, 5, generator=g), "b": torch.arange(7, dtype=torch.int64),
@@ -151,9 +151,9 @@ def test_safetensors_views_read_what_the_zero_copy_writer_wrote_and_refuse_bad_o
 def test_a_preemption_at_a_step_just_saved_writes_no_second_checkpoint_of_it(tmp_path):
     """Issue 15: the step being preempted is committed (or in flight) already: finish that write,
     commit nothing more, exit 143; a preemption one step later does write a preempt checkpoint."""
-    from jobs import load_spec
-    from trainer.data import train_batches
-    from trainer.loop import Trainer
+    from timellm_job.jobs import load_spec
+    from timellm_job.trainer.data import train_batches
+    from timellm_job.trainer.loop import Trainer
 
     t = Trainer(load_spec(quick_spec(tmp_path)), background_saves=True)
     t.build()

@@ -29,11 +29,11 @@ from cli import (
 )
 from jobfiles import final_state, job_dir, quick_spec
 
-from jobs import load_spec, spec_hash
-from orchestrator.attempt import TrainerProcess
-from orchestrator.jobstate import JobState
-from orchestrator.supervisor import Supervisor
-from storage import job_store
+from timellm_job.jobs import load_spec, spec_hash
+from timellm_job.orchestrator.attempt import TrainerProcess
+from timellm_job.orchestrator.jobstate import JobState
+from timellm_job.orchestrator.supervisor import Supervisor
+from timellm_job.storage import job_store
 
 pytestmark = pytest.mark.slow
 
@@ -81,7 +81,7 @@ def test_a_vanished_runtime_reads_interrupted_and_its_attempt_is_closed_as_lost(
     # TensorBoard (the tensorboard extra): the job's event files, read by TensorBoard itself
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from storage.metrics_log import read_metrics
+    from timellm_job.storage.metrics_log import read_metrics
 
     records = read_metrics(job_store(str(tmp_path / "root"), "quick"))
     board = EventAccumulator(str(job / "tb"))
@@ -165,7 +165,7 @@ def test_a_preempt_checkpoint_that_would_not_fit_the_grace_period_is_not_started
 TRAINER = """
 import os, sys, time
 from pathlib import Path
-from trainer.reporting import HeartbeatWriter
+from timellm_job.trainer.reporting import HeartbeatWriter
 beat, go = HeartbeatWriter(os.environ["TIMELLM_JOB_HEARTBEAT"], interval=0), Path(sys.argv[1])
 beat.beat(force=True, phase="starting", step=0)
 while not (go / "resume").exists():

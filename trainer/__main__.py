@@ -1,4 +1,4 @@
-"""``python -m trainer run|check JOB.yaml [--root URL] [--set k=v ...]``
+"""``python -m timellm_job.trainer run|check JOB.yaml [--root URL] [--set k=v ...]``
 
 import: commit an upstream Time-LLM checkpoint as the job's (exit 2 when it does not fit).
 run: train the job (resuming from its newest verified checkpoint); exit 0 done, 2 bad input,
@@ -16,14 +16,14 @@ import json
 import os
 import sys
 
-from jobs import SpecError, load_spec
-from jobs.protocol import ENV_HEARTBEAT, ExitCode
+from timellm_job.jobs import SpecError, load_spec
+from timellm_job.jobs.protocol import ENV_HEARTBEAT, ExitCode
 
 STARTUP_LIMIT_S = 600  # imports that take longer than this are a hang
 
 
 def _args(argv):
-    ap = argparse.ArgumentParser(prog="python -m trainer")
+    ap = argparse.ArgumentParser(prog="python -m timellm_job.trainer")
     ap.add_argument("command", choices=["run", "check", "import"])
     ap.add_argument("spec")
     ap.add_argument("source", nargs="?", help="import: an upstream Time-LLM checkpoint or run folder (path or URL)")
@@ -47,11 +47,11 @@ def main(argv=None) -> int:
     except SpecError as err:
         print(err, file=sys.stderr)
         return ExitCode.BAD_INPUT
-    from trainer.backbone import BackboneError, HubUnreachable
-    from trainer.data import DataError
+    from timellm_job.trainer.backbone import BackboneError, HubUnreachable
+    from timellm_job.trainer.data import DataError
 
     if a.command == "check":  # before every start: it imports no more than it needs
-        from trainer.preflight import preflight
+        from timellm_job.trainer.preflight import preflight
 
         estimate: dict = {}
         problems = preflight(spec, estimate)
@@ -61,8 +61,8 @@ def main(argv=None) -> int:
             print(json.dumps(estimate, sort_keys=True))
         return ExitCode.BAD_INPUT if problems else ExitCode.OK
     if a.command == "import":
-        from storage import StorageError
-        from trainer.importer import ImportRefused, JobBusy, import_checkpoint
+        from timellm_job.storage import StorageError
+        from timellm_job.trainer.importer import ImportRefused, JobBusy, import_checkpoint
 
         if not a.source:
             print("import: give the checkpoint or run folder to import (a path or URL)", file=sys.stderr)
@@ -82,12 +82,12 @@ def main(argv=None) -> int:
             return ExitCode.FENCED  # another holds the job's lease
     # the first heartbeat comes before the heavy imports (torch, transformers: seconds on a slow
     # machine), and beats go on while they load: start-up is never read as a hang
-    from trainer.reporting import HeartbeatWriter
+    from timellm_job.trainer.reporting import HeartbeatWriter
 
     early = HeartbeatWriter(os.environ.get(ENV_HEARTBEAT) if os.environ.get("RANK", "0") == "0" else None)
     with early.keepalive(STARTUP_LIMIT_S, "starting"):
-        from trainer.loop import Trainer
-        from trainer.stopping import watch_parent
+        from timellm_job.trainer.loop import Trainer
+        from timellm_job.trainer.stopping import watch_parent
 
     watch_parent()
     try:

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from jobs.messages import first_line
-from storage.retry import is_transient
+from timellm_job.jobs.messages import first_line
+from timellm_job.storage.retry import is_transient
 
 
 class BackboneError(ValueError):
@@ -133,7 +133,7 @@ def quantization_config(quantization: str, compute: torch.dtype):
 
 def compute_dtype_of(model_spec, device: str) -> torch.dtype:
     """The backbone's compute dtype on ``device``: ``model.compute_dtype`` resolved for its card."""
-    from trainer.memory import DTYPES, card_of, compute_dtype
+    from timellm_job.trainer.memory import DTYPES, card_of, compute_dtype
 
     return DTYPES[compute_dtype(model_spec.compute_dtype, card_of(device))]
 

@@ -35,11 +35,11 @@ from pathlib import Path
 
 import torch
 
-from storage import CorruptCheckpoint, Store, commit_checkpoint, load, open_store
-from storage.checkpoints import list_checkpoints, summaries, verify
-from storage.layout import BACKBONE
-from storage.retention import delete_checkpoint
-from trainer.backbone import Backbone, compute_dtype_of, finish, load_backbone
+from timellm_job.storage import CorruptCheckpoint, Store, commit_checkpoint, load, open_store
+from timellm_job.storage.checkpoints import list_checkpoints, summaries, verify
+from timellm_job.storage.layout import BACKBONE
+from timellm_job.storage.retention import delete_checkpoint
+from timellm_job.trainer.backbone import Backbone, compute_dtype_of, finish, load_backbone
 
 FORMAT = 2  # 2: random LLaMA tokenizers add BOS (a cache of format 1 holds one that does not)
 SHARD = "1GB"  # safetensors shards: verifying and copying hash (up to 4) files in parallel

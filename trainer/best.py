@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import sys
 
-from storage import list_checkpoints
-from storage.checkpoints import CorruptCheckpoint, load
-from storage.manifest import Manifest
-from storage.retention import rank_bests
-from storage.set_apart import set_apart
-from trainer import state as ckpt_state
+from timellm_job.storage import list_checkpoints
+from timellm_job.storage.checkpoints import CorruptCheckpoint, load
+from timellm_job.storage.manifest import Manifest
+from timellm_job.storage.retention import rank_bests
+from timellm_job.storage.set_apart import set_apart
+from timellm_job.trainer import state as ckpt_state
 
 
 class BestCheckpoint:

@@ -58,7 +58,7 @@ def read_frame(path: str, storage_options: dict | None = None) -> pd.DataFrame:
 
 def data_options(spec) -> dict | None:
     """``storage.options`` apply to ``data.path`` when both are on the same kind of store."""
-    from jobs.spec import data_storage_options
+    from timellm_job.jobs.spec import data_storage_options
 
     return data_storage_options(spec)
 

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from trainer import distributed
-from trainer.data import Splits, eval_batches, eval_rounds
-from trainer.stopping import StopFlag
+from timellm_job.trainer import distributed
+from timellm_job.trainer.data import Splits, eval_batches, eval_rounds
+from timellm_job.trainer.stopping import StopFlag
 
 
 @dataclass

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from trainer.model.timellm import trainable_parameters
+from timellm_job.trainer.model.timellm import trainable_parameters
 
 FP32 = 4
 QUANTIZED_BYTES = {"nf4": 0.5 * 1.07, "int8": 1.0 * 1.02}  # the quantization constants besides the weights

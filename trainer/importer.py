@@ -26,13 +26,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-from storage import lease as leases
-from storage import open_store
-from storage.checkpoints import verify
-from storage.manifest import Manifest
-from trainer.loop import Trainer
-from trainer.state import load_trainable
-from trainer.upstream import (
+from timellm_job.storage import lease as leases
+from timellm_job.storage import open_store
+from timellm_job.storage.checkpoints import verify
+from timellm_job.storage.manifest import Manifest
+from timellm_job.trainer.loop import Trainer
+from timellm_job.trainer.state import load_trainable
+from timellm_job.trainer.upstream import (
     ImportRefused,
     Upstream,
     mismatches,
@@ -52,8 +52,8 @@ class JobBusy(RuntimeError):
 
 def has_history(job) -> str | None:
     """What the job holds already (checkpoints, results), in words; None for an empty job."""
-    from storage import list_checkpoints
-    from storage.layout import RESULTS
+    from timellm_job.storage import list_checkpoints
+    from timellm_job.storage.layout import RESULTS
 
     held = [m.id for m in list_checkpoints(job).committed]
     parts = [f"{len(held)} checkpoint{'s' if len(held) != 1 else ''} ({', '.join(held[:3])}"

@@ -39,30 +39,30 @@ import time
 
 import torch
 
-from jobs import JobSpec, job_hashes, spec_hash
-from jobs.protocol import ENV_HEARTBEAT, ExitCode
-from jobs.protocol import TrainerActivity as Activity
-from storage import job_store, list_checkpoints, load_newest
-from storage.checkpoints import CorruptCheckpoint, Loaded, load
-from storage.data_digest import DataUnreadable, data_sha256
-from storage.documents import read_json, write_json
-from storage.layout import RESULTS
-from storage.lease import Fence, LeaseLost
-from trainer import distributed, memory
-from trainer import state as ckpt_state
-from trainer.backbone import BackboneError, default_device, hub_cache_bytes, load_backbone
-from trainer.backbone_cache import load_cached, prefetch
-from trainer.best import BestCheckpoint
-from trainer.data import DataError, data_options, load_splits, train_batches
-from trainer.evaluation import evaluate, target
-from trainer.memory_steps import MemorySteps
-from trainer.model import TimeLLM
-from trainer.preemption import Preemption
-from trainer.reporting import HeartbeatWriter, MetricsLog, ProgressLine
-from trainer.saver import CheckpointSaver
-from trainer.stopping import Preempted, StopFlag
-from trainer.telemetry import Telemetry
-from trainer.tensorboard import TensorBoardLog
+from timellm_job.jobs import JobSpec, job_hashes, spec_hash
+from timellm_job.jobs.protocol import ENV_HEARTBEAT, ExitCode
+from timellm_job.jobs.protocol import TrainerActivity as Activity
+from timellm_job.storage import job_store, list_checkpoints, load_newest
+from timellm_job.storage.checkpoints import CorruptCheckpoint, Loaded, load
+from timellm_job.storage.data_digest import DataUnreadable, data_sha256
+from timellm_job.storage.documents import read_json, write_json
+from timellm_job.storage.layout import RESULTS
+from timellm_job.storage.lease import Fence, LeaseLost
+from timellm_job.trainer import distributed, memory
+from timellm_job.trainer import state as ckpt_state
+from timellm_job.trainer.backbone import BackboneError, default_device, hub_cache_bytes, load_backbone
+from timellm_job.trainer.backbone_cache import load_cached, prefetch
+from timellm_job.trainer.best import BestCheckpoint
+from timellm_job.trainer.data import DataError, data_options, load_splits, train_batches
+from timellm_job.trainer.evaluation import evaluate, target
+from timellm_job.trainer.memory_steps import MemorySteps
+from timellm_job.trainer.model import TimeLLM
+from timellm_job.trainer.preemption import Preemption
+from timellm_job.trainer.reporting import HeartbeatWriter, MetricsLog, ProgressLine
+from timellm_job.trainer.saver import CheckpointSaver
+from timellm_job.trainer.stopping import Preempted, StopFlag
+from timellm_job.trainer.telemetry import Telemetry
+from timellm_job.trainer.tensorboard import TensorBoardLog
 
 DOWNLOAD_LIMIT_S = 4 * 3600  # downloading 16 GB on a slow link; after it, silence reads as a hang
 

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from jobs.status import describe_plan
+from timellm_job.jobs.status import describe_plan
 
 GiB = 1024**3
 HEADROOM = 0.10  # of the card's budget, for fragmentation and what the probe does not see

@@ -17,12 +17,12 @@ import sys
 
 import torch
 
-from jobs.protocol import ExitCode
-from jobs.protocol import TrainerActivity as Activity
-from trainer import distributed, memory
-from trainer.data import train_batches
-from trainer.evaluation import target
-from trainer.grad_checkpointing import set_gradient_checkpointing
+from timellm_job.jobs.protocol import ExitCode
+from timellm_job.jobs.protocol import TrainerActivity as Activity
+from timellm_job.trainer import distributed, memory
+from timellm_job.trainer.data import train_batches
+from timellm_job.trainer.evaluation import target
+from timellm_job.trainer.grad_checkpointing import set_gradient_checkpointing
 
 
 class MemorySteps:

@@ -1,10 +1,10 @@
 """Prediction from an export (``timellm-job export-best --out DIR``).
 
-    from trainer.predict import load_exported
+    from timellm_job.trainer.predict import load_exported
     forecaster = load_exported("exported/")
     forecast = forecaster.predict(history)   # history [seq_len, n_columns] in the data's units
 
-    python -m trainer.predict EXPORT_DIR --input CSV [--out CSV]   # (timellm-job predict)
+    python -m timellm_job.trainer.predict EXPORT_DIR --input CSV [--out CSV]   # (timellm-job predict)
 
 From a CSV: the columns the model was trained on are taken by name from the input's last
 ``seq_len`` rows; the output holds the ``pred_len`` rows after them (the forecast columns: every
@@ -24,11 +24,11 @@ import json
 import numpy as np
 import torch
 
-from jobs.spec import DataSpec, ModelSpec
-from storage import open_store
-from trainer.backbone import default_device, load_backbone
-from trainer.model import TimeLLM
-from trainer.state import load_trainable, tensors_from
+from timellm_job.jobs.spec import DataSpec, ModelSpec
+from timellm_job.storage import open_store
+from timellm_job.trainer.backbone import default_device, load_backbone
+from timellm_job.trainer.model import TimeLLM
+from timellm_job.trainer.state import load_trainable, tensors_from
 
 
 class Forecaster:
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
 
     import pandas as pd
 
-    ap = argparse.ArgumentParser(prog="python -m trainer.predict")
+    ap = argparse.ArgumentParser(prog="python -m timellm_job.trainer.predict")
     ap.add_argument("export")
     ap.add_argument("--input", required=True)
     ap.add_argument("--out")

@@ -18,10 +18,10 @@ from __future__ import annotations
 import signal
 import sys
 
-from jobs.protocol import ExitCode
-from jobs.protocol import TrainerActivity as Activity
-from storage import list_checkpoints
-from trainer import distributed
+from timellm_job.jobs.protocol import ExitCode
+from timellm_job.jobs.protocol import TrainerActivity as Activity
+from timellm_job.storage import list_checkpoints
+from timellm_job.trainer import distributed
 
 
 class Preemption:

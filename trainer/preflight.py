@@ -26,11 +26,11 @@ import sys
 import psutil
 import torch
 
-from jobs import JobSpec
-from jobs.messages import first_line
-from trainer import footprint, memory
-from trainer.backbone import BackboneError, HubUnreachable, default_device, from_hub
-from trainer.data import DataError, data_options, load_splits
+from timellm_job.jobs import JobSpec
+from timellm_job.jobs.messages import first_line
+from timellm_job.trainer import footprint, memory
+from timellm_job.trainer.backbone import BackboneError, HubUnreachable, default_device, from_hub
+from timellm_job.trainer.data import DataError, data_options, load_splits
 
 
 def preflight(spec: JobSpec, estimate: dict | None = None) -> list[str]:

@@ -18,11 +18,11 @@ import threading
 import time
 from typing import Any
 
-from jobs.messages import duration
-from jobs.protocol import ENV_HEARTBEAT_INTERVAL_S, Heartbeat
-from storage.documents import write_json
-from storage.metrics_log import MetricsLog  # noqa: F401  (the trainer's metrics log)
-from storage.store import open_store
+from timellm_job.jobs.messages import duration
+from timellm_job.jobs.protocol import ENV_HEARTBEAT_INTERVAL_S, Heartbeat
+from timellm_job.storage.documents import write_json
+from timellm_job.storage.metrics_log import MetricsLog  # noqa: F401  (the trainer's metrics log)
+from timellm_job.storage.store import open_store
 
 
 class HeartbeatWriter:

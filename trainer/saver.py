@@ -27,14 +27,14 @@ import threading
 import time
 from collections.abc import Callable
 
-from storage import AlreadyCommitted, Store, commit_checkpoint
-from storage.checkpoints import verify
-from storage.layout import CHECKPOINTS, checkpoint_id
-from storage.lease import Fence
-from storage.manifest import MANIFEST, Manifest, ManifestError, parse_manifest
-from storage.retention import clean_up
-from storage.set_apart import set_apart
-from trainer.state import Snapshot
+from timellm_job.storage import AlreadyCommitted, Store, commit_checkpoint
+from timellm_job.storage.checkpoints import verify
+from timellm_job.storage.layout import CHECKPOINTS, checkpoint_id
+from timellm_job.storage.lease import Fence
+from timellm_job.storage.manifest import MANIFEST, Manifest, ManifestError, parse_manifest
+from timellm_job.storage.retention import clean_up
+from timellm_job.storage.set_apart import set_apart
+from timellm_job.trainer.state import Snapshot
 
 BACKGROUND_NICE = int(os.environ.get("TIMELLM_JOB_SAVER_NICE", "10"))
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from safetensors.torch import load as st_load
 
-from trainer import safetensors_parts
+from timellm_job.trainer import safetensors_parts
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_PREFIX = "optimizer-"

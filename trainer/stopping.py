@@ -14,8 +14,8 @@ import signal
 import threading
 import time
 
-from jobs.protocol import ENV_PARENT_PID, ExitCode
-from trainer import distributed
+from timellm_job.jobs.protocol import ENV_PARENT_PID, ExitCode
+from timellm_job.trainer import distributed
 
 
 class Preempted(Exception):

@@ -22,8 +22,8 @@ import struct
 import time
 from typing import Any
 
-from storage.layout import TENSORBOARD as TB
-from storage.store import Store
+from timellm_job.storage.layout import TENSORBOARD as TB
+from timellm_job.storage.store import Store
 
 SCALARS = {"loss": "train/loss", "lr": "train/lr", "val_loss": "val/mse", "val_mae": "val/mae",
            "test_mse": "test/mse", "test_mae": "test/mae"}

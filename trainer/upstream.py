@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from jobs.messages import first_line
+from timellm_job.jobs.messages import first_line
 
 # upstream's module names -> ours (the same blocks of the paper; kept as one table on purpose)
 NAME_MAP = {

@@ -125,8 +125,8 @@ def _patch_bnb(module) -> None:
     module.quantize_4bit = no_cpu
 
 
-PATCHES = {"bitsandbytes.functional": _patch_bnb, "trainer.loop": _patch_loop, "trainer.model.timellm": _patch_model,
-           "storage.store": _patch_store, "trainer.state": _patch_state}
+PATCHES = {"bitsandbytes.functional": _patch_bnb, "timellm_job.trainer.loop": _patch_loop, "timellm_job.trainer.model.timellm": _patch_model,
+           "timellm_job.storage.store": _patch_store, "timellm_job.trainer.state": _patch_state}
 
 
 class _Finder:

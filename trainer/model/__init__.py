@@ -2,6 +2,6 @@
 normalize -> patch embedding -> reprogramming against text prototypes -> prompt-as-prefix ->
 frozen LLM -> output projection -> denormalize."""
 
-from trainer.model.timellm import TimeLLM
+from timellm_job.trainer.model.timellm import TimeLLM
 
 __all__ = ["TimeLLM"]

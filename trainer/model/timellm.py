@@ -10,12 +10,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from trainer.backbone import Backbone
-from trainer.model.head import FlattenHead
-from trainer.model.normalize import denormalize, normalize
-from trainer.model.patching import PatchEmbedding, num_patches
-from trainer.model.prompt import build_prompts, description_for
-from trainer.model.reprogramming import ReprogrammingLayer, text_prototypes
+from timellm_job.trainer.backbone import Backbone
+from timellm_job.trainer.model.head import FlattenHead
+from timellm_job.trainer.model.normalize import denormalize, normalize
+from timellm_job.trainer.model.patching import PatchEmbedding, num_patches
+from timellm_job.trainer.model.prompt import build_prompts, description_for
+from timellm_job.trainer.model.reprogramming import ReprogrammingLayer, text_prototypes
 
 
 def trainable_parameters(model_spec, data_spec, vocab: int, d_llm: int) -> dict[str, int]:
