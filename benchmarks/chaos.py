@@ -10,7 +10,7 @@ an uninterrupted run, and no attempt may resume from a checkpoint whose bytes we
 Each runtime reaches the store through its own proxy (STORAGE_EMULATOR_HOST), so one runtime's
 path can stall while another's flows.
 
-    python benchmarks/chaos.py [--events 120] [--seed 1] [--epochs 24]     # the long run
+    python -m benchmarks.chaos [--events 120] [--seed 1] [--epochs 24]     # the long run
 
 tests/test_chaos.py runs the same engine with a CI-sized plan. Everything runs on 127.0.0.1.
 """
@@ -31,22 +31,19 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
+
+from benchmarks.common import with_faults
+from tests import servers
+from tests.faulty_proxy import FaultyProxy
+from tests.jobfiles import final_state_of as final_state
+from tests.jobfiles import quick_spec
+from timellm_job.storage import job_store, list_checkpoints
+from timellm_job.storage import lease as leases
+from timellm_job.storage.documents import read_json
+from timellm_job.storage.set_apart import list_set_apart
+
 REPO = Path(__file__).resolve().parents[1]
-for extra in (REPO, REPO / "tests", REPO / "benchmarks"):
-    if str(extra) not in sys.path:
-        sys.path.insert(0, str(extra))
-
-import psutil  # noqa: E402
-import servers  # noqa: E402
-from common import with_faults  # noqa: E402
-from faulty_proxy import FaultyProxy  # noqa: E402
-from jobfiles import final_state_of as final_state  # noqa: E402
-from jobfiles import quick_spec  # noqa: E402
-
-from timellm_job.storage import job_store, list_checkpoints  # noqa: E402
-from timellm_job.storage import lease as leases  # noqa: E402
-from timellm_job.storage.documents import read_json  # noqa: E402
-from timellm_job.storage.set_apart import list_set_apart  # noqa: E402
 
 KINDS = ("kill", "group", "sigterm", "sigstop", "corrupt", "second", "stall")
 SAVE_STEPS = 5
@@ -375,7 +372,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=24)
     ap.add_argument("--out", help="also write the summary (JSON) there")
     a = ap.parse_args()
-    from common import machine
+    from benchmarks.common import machine
 
     folder = Path(tempfile.mkdtemp(prefix="chaos-", dir="/var/tmp"))
     (folder / "ref").mkdir()

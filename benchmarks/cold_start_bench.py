@@ -2,8 +2,8 @@
 fresh machine (empty HF cache, empty local backbone cache), without and with the job's backbone
 cache, through local storage and the GCS emulator.
 
-    python benchmarks/cold_start_bench.py [--runs 3]
-    python benchmarks/cold_start_bench.py --shape llama-3-8b --device cuda --only hub-local --runs 1
+    python -m benchmarks.cold_start_bench [--runs 3]
+    python -m benchmarks.cold_start_bench --shape llama-3-8b --device cuda --only hub-local --runs 1
 
 Nothing can be downloaded here, so a random Llama-shaped model written to a local folder stands
 in for the hub, reached two ways:
@@ -36,12 +36,9 @@ import time
 import uuid
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
-sys.path.insert(0, str(REPO / "tests"))
+from benchmarks.common import machine
 
-from common import machine  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 TINY = REPO.parent / "shared" / "spec" / "jobs" / "tiny-cpu.yaml"
 REPO_ID = "stand-in/llama"
@@ -125,8 +122,8 @@ def main() -> None:
                     help="no untimed first start without the cache (then a timed start has no checkpoint to read, "
                          "which favours 'without')")
     a = ap.parse_args()
-    import servers
-    from hub_server import HubServer
+    from tests import servers
+    from tests.hub_server import HubServer
 
     tmp = Path(tempfile.mkdtemp(prefix="cold-", dir="/var/tmp"))
     gcs = servers.start_gcs() if a.only == "all" else None

@@ -2,9 +2,9 @@
 compute dtypes, gradient checkpointing, a real out-of-memory through the CLI, and the cost of
 background saves (and, with --tiny, all of it on a CPU at a tiny shape: the test suite runs it).
 
-    python benchmarks/gpu_bench.py                  # on a GPU: everything, about 6-8 minutes
-    python benchmarks/gpu_bench.py --parts plan     # plan | loss | oom | saves, comma-separated
-    python benchmarks/gpu_bench.py --tiny           # on a CPU, a tiny shape
+    python -m benchmarks.gpu_bench                  # on a GPU: everything, about 6-8 minutes
+    python -m benchmarks.gpu_bench --parts plan     # plan | loss | oom | saves, comma-separated
+    python -m benchmarks.gpu_bench --tiny           # on a CPU, a tiny shape
 
 Everything runs through the trainer's own code: ``trainer.loop.Trainer`` builds the job (data
 from a generated 7-column CSV, the backbone with random weights of Llama-3-8B's shape: hidden
@@ -46,23 +46,21 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
+import torch
+
+from benchmarks.common import with_faults
+from timellm_job.jobs.spec import parse_spec
+from timellm_job.storage import load_newest
+from timellm_job.trainer import memory
+from timellm_job.trainer import state as ckpt_state
+from timellm_job.trainer.data import train_batches
+from timellm_job.trainer.grad_checkpointing import set_gradient_checkpointing
+from timellm_job.trainer.loop import Trainer
+from timellm_job.trainer.saver import CheckpointSaver
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-from common import with_faults  # noqa: E402
-
-from timellm_job.jobs.spec import parse_spec  # noqa: E402
-from timellm_job.storage import load_newest  # noqa: E402
-from timellm_job.trainer import memory  # noqa: E402
-from timellm_job.trainer import state as ckpt_state  # noqa: E402
-from timellm_job.trainer.data import train_batches  # noqa: E402
-from timellm_job.trainer.grad_checkpointing import set_gradient_checkpointing  # noqa: E402
-from timellm_job.trainer.loop import Trainer  # noqa: E402
-from timellm_job.trainer.saver import CheckpointSaver  # noqa: E402
 
 GiB = memory.GiB
 LLAMA3_8B = {"family": "llama", "hidden_size": 4096, "num_layers": 32, "num_heads": 32, "num_kv_heads": 8,

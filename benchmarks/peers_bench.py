@@ -1,9 +1,9 @@
 """timellm-job next to what a user would reach for instead (Hugging Face accelerate), on the same
 model state and data in the same run; and the recovery breakdown after a SIGKILL.
 
-    python benchmarks/peers_bench.py stall    [--runs 5] [--steps 24] [--every 6]
-    python benchmarks/peers_bench.py resume   [--runs 5]
-    python benchmarks/peers_bench.py recovery [--runs 5]
+    python -m benchmarks.peers_bench stall    [--runs 5] [--steps 24] [--every 6]
+    python -m benchmarks.peers_bench resume   [--runs 5]
+    python -m benchmarks.peers_bench recovery [--runs 5]
 
 stall: training wall time with saves every N steps / without, for timellm-job's background and
 synchronous saves and ``Accelerator.save_state``; also the bytes each writes per checkpoint.
@@ -31,12 +31,10 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-for extra in (REPO, REPO / "benchmarks", REPO / "tests"):
-    sys.path.insert(0, str(extra))
+from benchmarks.common import machine, with_faults
+from benchmarks.trainer_bench import LLAMA3_VOCAB, TINY, step, trainer_for
 
-from common import machine, with_faults  # noqa: E402
-from trainer_bench import LLAMA3_VOCAB, TINY, step, trainer_for  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 FULL_EPOCH = ["--set", "data.percent=100"]
 
@@ -199,7 +197,7 @@ def resume(runs: int) -> None:
                 results.setdefault(("timellm-job", label), []).append(_run_timellm(root, gstep))
                 for kind in ("map-style", "iterable"):
                     launched = time.time()
-                    out = subprocess.run([sys.executable, __file__, "_accelerate", str(root), str(position), kind],
+                    out = subprocess.run([sys.executable, "-m", "benchmarks.peers_bench", "_accelerate", str(root), str(position), kind],
                                          cwd=REPO, capture_output=True, text=True, timeout=900)
                     if out.returncode != 0:
                         raise RuntimeError(out.stderr[-3000:])
@@ -232,7 +230,7 @@ def _breakdown(attempt: dict, beat: dict) -> dict[str, float]:
 
 
 def recovery(runs: int) -> None:
-    from jobfiles import quick_spec
+    from tests.jobfiles import quick_spec
 
     rows_fresh: list[dict] = []
     rows_restart: list[dict] = []

@@ -3,7 +3,7 @@ Llama-3-sized trainable state (Time-LLM over Llama-3-8B: 141.7M trainable parame
 1.70 GB), on moto S3 and the GCS emulator, each behind the faulty proxy throttled to one shared
 link of 100 MB/s.
 
-    python benchmarks/preempt_bench.py [--rate-mb 100] [--runs 1]
+    python -m benchmarks.preempt_bench [--rate-mb 100] [--runs 1]
 
 A child process holds the state in host memory (as the trainer's capture leaves it) and waits
 in a loop, as a trainer between steps does; on SIGTERM it commits a ``preempt`` checkpoint
@@ -27,17 +27,13 @@ import time
 import uuid
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
-sys.path.insert(0, str(REPO / "benchmarks"))
+from benchmarks.common import machine
 
-from common import machine  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 CHILD = r"""
 import json, signal, sys, time
-sys.path.insert(0, sys.argv[3])
-from common import llama3_trainable_state
+from benchmarks.common import llama3_trainable_state
 from timellm_job.storage import job_store
 from timellm_job.trainer.saver import CheckpointSaver
 from timellm_job.trainer.state import Snapshot
@@ -65,7 +61,7 @@ sys.exit(143)
 def one(root: str, options: dict) -> dict:
     from timellm_job.storage import job_store, list_checkpoints, verify
 
-    child = subprocess.Popen([sys.executable, "-c", CHILD, root, json.dumps(options), str(REPO / "benchmarks")],
+    child = subprocess.Popen([sys.executable, "-c", CHILD, root, json.dumps(options)],
                              cwd=REPO, stdout=subprocess.PIPE, text=True)
     ready = child.stdout.readline().split()
     assert ready and ready[0] == "ready", ready
@@ -86,8 +82,8 @@ def one(root: str, options: dict) -> dict:
 
 
 def main() -> None:
-    import servers
-    from faulty_proxy import FaultyProxy
+    from tests import servers
+    from tests.faulty_proxy import FaultyProxy
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--rate-mb", type=float, default=100.0, help="the proxy's shared link, MB/s (1 MB = 10^6 bytes)")

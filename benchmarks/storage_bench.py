@@ -1,6 +1,6 @@
 """Checkpoint save / verify / load through storage/, against a plain write / read of the same bytes.
 
-    python benchmarks/storage_bench.py [--runs 5] [--gcs-mb 64]
+    python -m benchmarks.storage_bench [--runs 5] [--gcs-mb 64]
 
 Local disk: the Llama-3-sized trainable state plus Adam (~1.7 GB, the files the trainer writes).
 GCS: a smaller checkpoint through the real gcsfs against gcp-storage-emulator on 127.0.0.1.
@@ -12,17 +12,12 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-from common import drop_caches, llama3_trainable_state, machine, median_time  # noqa: E402
-
+from benchmarks.common import drop_caches, llama3_trainable_state, machine, median_time
 from timellm_job.storage import commit_checkpoint, job_store, load  # noqa: E402
 
 
@@ -106,7 +101,7 @@ def local(runs: int) -> list[tuple]:
 
 
 def gcs(runs: int, size_mb: int) -> list[tuple]:
-    import servers
+    from tests import servers
 
     server = servers.start_gcs()
     os.environ.update(servers.gcs_env(server))

@@ -1,6 +1,6 @@
 """The storage state machine (tests/test_storage_model.py) run long: thousands of examples, seeded.
 
-    .venv/bin/python benchmarks/storage_model.py [--examples 5000] [--steps 30] [--seed 20261202]
+    .venv/bin/python -m benchmarks.storage_model [--examples 5000] [--steps 30] [--seed 20261202]
                                                  [--out benchmarks/results-storage-model.json]
 
 CI runs the same machine for a bounded number of examples; this runs it as long as you like and
@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import machine
+from benchmarks.common import machine
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,8 +1,8 @@
 """Trainer benchmarks on the Llama-3-sized trainable state (vocabulary 128,256 -> 1,000 prototypes;
 a small random backbone, so it runs on a CPU).
 
-    python benchmarks/trainer_bench.py resume  [--runs 5]
-    python benchmarks/trainer_bench.py baseline          # the tiny job vs repeat-the-last-value
+    python -m benchmarks.trainer_bench resume  [--runs 5]
+    python -m benchmarks.trainer_bench baseline          # the tiny job vs repeat-the-last-value
 
 (Saves against no saves, and against accelerate's: benchmarks/peers_bench.py stall.)
 resume: time to the first step after resuming at the last batch of an epoch divided by at its
@@ -22,11 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
+from benchmarks.common import machine
 
-from common import machine  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 TINY = REPO.parent / "shared" / "spec" / "jobs" / "tiny-cpu.yaml"
 LLAMA3_VOCAB = ["--set", "model.backbone.random.vocab_size=128256", "--set", "model.num_tokens=1000",

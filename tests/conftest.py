@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-import servers  # noqa: E402
+from tests import servers
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -76,7 +75,7 @@ def reference(tmp_path_factory):
     interrupted run must reproduce bit for bit."""
     import subprocess
 
-    from jobfiles import final_state, job_dir, quick_spec
+    from tests.jobfiles import final_state, job_dir, quick_spec
 
     folder = tmp_path_factory.mktemp("reference")
     spec = quick_spec(folder)

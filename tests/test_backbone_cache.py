@@ -170,8 +170,7 @@ def test_a_hub_backbone_is_downloaded_once_per_job_not_once_per_runtime(tmp_path
     import subprocess
     import sys
 
-    from hub_server import HubServer
-
+    from tests.hub_server import HubServer
     from timellm_job.jobs.spec import RandomBackbone
     from timellm_job.trainer.backbone import build_random_weights, random_tokenizer
 

@@ -11,13 +11,10 @@ and the stalled runtime, once its path flows again, is fenced and exits 3."""
 from __future__ import annotations
 
 import random
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import chaos  # noqa: E402
+from benchmarks import chaos
 
 pytestmark = pytest.mark.slow
 EPOCHS = 4

@@ -12,7 +12,8 @@ import time
 
 import numpy as np
 import pytest
-from cli import (
+
+from tests.cli import (
     SLOW,
     resume_after_preemption,
     run,
@@ -22,7 +23,7 @@ from cli import (
     wait_for_new_ground,
     wait_for_step,
 )
-from jobfiles import final_state, job_dir, quick_spec
+from tests.jobfiles import final_state, job_dir, quick_spec
 
 pytestmark = pytest.mark.slow
 
@@ -216,7 +217,7 @@ def test_a_changed_spec_is_refused_on_resume(tmp_path):
 
 
 def test_same_job_on_gcs_through_the_emulator(reference, gcs_server, tmp_path):
-    import servers
+    from tests import servers
 
     root = f"gs://{servers.GCS_BUCKET}/e2e-{time.time_ns()}"
     spec = quick_spec(tmp_path, storage={"root": root, "options": servers.gcs_options(gcs_server)})

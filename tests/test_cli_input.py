@@ -8,9 +8,9 @@ import time
 
 import pytest
 import yaml
-from cli import run
-from jobfiles import BIG_SPEC, TINY_SPEC, quick_spec
 
+from tests.cli import run
+from tests.jobfiles import BIG_SPEC, TINY_SPEC, quick_spec
 from timellm_job.jobs import SpecError, load_spec
 
 CORPUS = [
@@ -111,7 +111,7 @@ def test_missing_spec_file(tmp_path):
 
 
 def test_missing_bucket_is_bad_input(tmp_path, s3_server):
-    import servers
+    from tests import servers
 
     spec = quick_spec(tmp_path, storage={"root": "s3://no-such-bucket/x", "options": servers.s3_options(s3_server)})
     result = run(tmp_path, "submit", str(spec), timeout=120)
@@ -264,7 +264,7 @@ def test_an_unreachable_storage_root_fails_in_bounded_time_in_one_line(tmp_path,
 
 def test_an_unexpected_error_is_one_line_and_its_traceback_comes_with_debug(tmp_path):
     """A disk that answers every read with EIO (tests/faults/faultyfs.py): one line, exit 1."""
-    from faults.faultyfs import write_plan
+    from tests.faults.faultyfs import write_plan
 
     spec = quick_spec(tmp_path)
     job = tmp_path / "root" / "quick"

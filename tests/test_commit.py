@@ -7,8 +7,8 @@ import os
 import threading
 
 import pytest
-from faults.faultyfs import FAULTS, Fault
 
+from tests.faults.faultyfs import FAULTS, Fault
 from timellm_job.storage import (
     AlreadyCommitted,
     StorageError,

@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from jobfiles import ETTH1
 
+from tests.jobfiles import ETTH1
 from timellm_job.jobs.spec import DataSpec
 from timellm_job.trainer.data import DataError, borders, epoch_order, load_splits, train_batches
 

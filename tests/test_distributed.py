@@ -13,10 +13,18 @@ import time
 import psutil
 import pytest
 import torch
-from cli import resume_after_preemption, run, running_trainer, start, state, wait_for_progress, wait_for_step
-from jobfiles import final_state, job_dir, quick_spec
 from safetensors.torch import load_file
 
+from tests.cli import (
+    resume_after_preemption,
+    run,
+    running_trainer,
+    start,
+    state,
+    wait_for_progress,
+    wait_for_step,
+)
+from tests.jobfiles import final_state, job_dir, quick_spec
 from timellm_job.trainer.data import eval_batches, eval_rounds, load_splits, train_batches
 
 pytestmark = pytest.mark.slow

@@ -14,8 +14,9 @@ import time
 
 import psutil
 import pytest
-from cli import SLOW, run, running_trainer, start, state, wait_for_new_ground
-from jobfiles import final_state, job_dir, quick_spec
+
+from tests.cli import SLOW, run, running_trainer, start, state, wait_for_new_ground
+from tests.jobfiles import final_state, job_dir, quick_spec
 
 pytestmark = pytest.mark.slow
 TTL = "4"
@@ -105,7 +106,7 @@ def test_two_runtimes_on_one_drive_folder_through_two_lagging_mounts(reference, 
     and once that generation reaches the first mount the first runtime is fenced and exits 3.
     Its checkpoints the second mount had not seen arrive when its uploads resume; the job ends on the second mount bit for bit where one uninterrupted run ends, and
     both mounts end alike."""
-    from lagging_mirror import LaggingMirror
+    from tests.lagging_mirror import LaggingMirror
 
     spec = quick_spec(tmp_path)
     mount_a, mount_b = tmp_path / "mount-a", tmp_path / "mount-b"
@@ -167,10 +168,9 @@ def test_a_writer_stalled_mid_checkpoint_on_s3_never_writes_into_the_next_holder
     for bit as one uninterrupted run. (Failed before: A's files landed in B's committed folder.)"""
     import uuid
 
-    import servers
-    from faulty_proxy import FaultyProxy
-    from jobfiles import final_state_of
-
+    from tests import servers
+    from tests.faulty_proxy import FaultyProxy
+    from tests.jobfiles import final_state_of
     from timellm_job.storage import job_store, list_checkpoints, verify
     from timellm_job.storage.manifest import MANIFEST
 

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_gpu_bench_runs_every_part_tiny_on_cpu_through_the_trainer():
-    out = subprocess.run([sys.executable, "benchmarks/gpu_bench.py", "--tiny"], cwd=REPO, capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "benchmarks.gpu_bench", "--tiny"], cwd=REPO, capture_output=True,
                          text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     info = json.loads(out.stdout.strip().splitlines()[-1])

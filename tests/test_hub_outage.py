@@ -9,9 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cli import run
-from hub_server import HubServer
-from jobfiles import quick_spec
+from tests.cli import run
+from tests.hub_server import HubServer
+from tests.jobfiles import quick_spec
 
 REPO = Path(__file__).resolve().parents[1]
 LOAD = """

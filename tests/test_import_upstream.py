@@ -10,10 +10,10 @@ import sys
 import numpy as np
 import pytest
 import torch
-from cli import REPO, run, state
-from jobfiles import job_dir, quick_spec
 from safetensors.torch import load as st_load
 
+from tests.cli import REPO, run, state
+from tests.jobfiles import job_dir, quick_spec
 from timellm_job.jobs import load_spec
 from timellm_job.storage import job_store, list_checkpoints, load
 

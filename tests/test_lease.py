@@ -10,8 +10,8 @@ import threading
 import time
 
 import pytest
-from clocks import HolderRenewsMeanwhile, ManualClock, NoWaiting, Renewer, SkewedClock
 
+from tests.clocks import HolderRenewsMeanwhile, ManualClock, NoWaiting, Renewer, SkewedClock
 from timellm_job.storage import job_store
 from timellm_job.storage import lease as leases
 
@@ -20,7 +20,7 @@ from timellm_job.storage import lease as leases
 def job(request, tmp_path):
     if request.param == "local":
         return job_store(str(tmp_path), "job")
-    import servers
+    from tests import servers
 
     server = request.getfixturevalue("s3_server")
     return job_store(f"s3://{servers.S3_BUCKET}/lease-{time.time_ns()}", "job", servers.s3_options(server))

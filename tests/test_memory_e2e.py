@@ -14,8 +14,9 @@ import uuid
 from pathlib import Path
 
 import pytest
-from cli import REPO, argv, env_for, run, running_trainer, start, state, wait_for_new_ground
-from jobfiles import final_state, job_dir, quick_spec
+
+from tests.cli import REPO, argv, env_for, run, running_trainer, start, state, wait_for_new_ground
+from tests.jobfiles import final_state, job_dir, quick_spec
 
 pytestmark = pytest.mark.slow
 SLOW = {"TIMELLM_JOB_TEST_STEP_DELAY_S": "0.05", "TIMELLM_JOB_TEST_WRITE_DELAY_S": "0.03"}

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli import run, state
-from jobfiles import final_state, quick_spec
 
+from tests.cli import run, state
+from tests.jobfiles import final_state, quick_spec
 from timellm_job.storage import job_store, list_checkpoints
 from timellm_job.storage.layout import SET_APART
 
@@ -78,7 +78,7 @@ def test_a_rotten_best_is_set_apart_and_the_job_completes_bit_identical(complete
 def _upstream_run(spec, folder: Path, val_loss: float) -> Path:
     """A run folder as the upstream fork writes it, for this job's model: ``checkpoint`` (its best)
     beside ``checkpoint_step_3/checkpoint.pt`` whose ``val_loss_min`` is ``val_loss``."""
-    from test_import_upstream import upstream_checkpoint
+    from tests.test_import_upstream import upstream_checkpoint
 
     path, _, _ = upstream_checkpoint(spec, folder, steps=3, epoch=0)
     obj = torch.load(path, weights_only=False)

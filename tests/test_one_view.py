@@ -7,9 +7,9 @@ import hashlib
 import json
 
 import pytest
-from cli import run
-from jobfiles import job_dir, quick_spec
 
+from tests.cli import run
+from tests.jobfiles import job_dir, quick_spec
 from timellm_job.storage import commit_checkpoint, job_store, list_checkpoints, load
 
 pytestmark = pytest.mark.slow

@@ -9,8 +9,9 @@ import re
 import subprocess
 
 import pytest
-from cli import REPO, argv, env_for, run
-from jobfiles import quick_spec
+
+from tests.cli import REPO, argv, env_for, run
+from tests.jobfiles import quick_spec
 
 pytestmark = pytest.mark.slow
 

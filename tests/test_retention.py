@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from jobfiles import file_of
 
+from tests.jobfiles import file_of
 from timellm_job.storage import commit_checkpoint, job_store, list_checkpoints, load_newest
 from timellm_job.storage.layout import CHECKPOINTS
 from timellm_job.storage.manifest import FORMAT_VERSION, MANIFEST

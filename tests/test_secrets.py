@@ -9,10 +9,10 @@ import uuid
 
 import psutil
 import pytest
-import servers
-from cli import start
-from jobfiles import quick_spec
 
+from tests import servers
+from tests.cli import start
+from tests.jobfiles import quick_spec
 from timellm_job.orchestrator.submit import redacted, redacted_url
 
 

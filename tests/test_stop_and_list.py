@@ -9,10 +9,10 @@ import time
 import uuid
 
 import pytest
-import servers
-from cli import SLOW, run, start, wait_for_progress
-from jobfiles import final_state_of, quick_spec
 
+from tests import servers
+from tests.cli import SLOW, run, start, wait_for_progress
+from tests.jobfiles import final_state_of, quick_spec
 from timellm_job.storage import job_store, list_checkpoints
 from timellm_job.storage.documents import read_json
 

@@ -9,9 +9,9 @@ import subprocess
 import uuid
 
 import pytest
-import servers
-from faulty_proxy import FaultyProxy
 
+from tests import servers
+from tests.faulty_proxy import FaultyProxy
 from timellm_job.storage import (
     StorageError,
     commit_checkpoint,
@@ -146,8 +146,8 @@ def test_a_job_that_would_not_fit_the_disk_is_refused_naming_save_total_limit(ti
     estimates the backbone cache and the checkpoints the job will hold and compares them with the
     free space the disk reports; --allow-low-space goes on, and when the disk then fills, the
     attempt says so in plain words."""
-    from cli import run, state
-    from jobfiles import quick_spec
+    from tests.cli import run, state
+    from tests.jobfiles import quick_spec
 
     spec = quick_spec(tmp_path, storage={"root": str(tiny_disk / "root")},
                       run={"max_restarts": 1, "crash_loop_limit": 2})

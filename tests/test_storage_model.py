@@ -29,13 +29,13 @@ import uuid
 from dataclasses import dataclass
 
 import pytest
-from clocks import HolderRenewsMeanwhile, ManualClock
-from faults.faultyfs import FAULTS, Fault
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
-from test_commit import Stalled
 
+from tests.clocks import HolderRenewsMeanwhile, ManualClock
+from tests.faults.faultyfs import FAULTS, Fault
+from tests.test_commit import Stalled
 from timellm_job.storage import (
     AlreadyCommitted,
     StorageError,

@@ -14,8 +14,9 @@ pytestmark = pytest.mark.skipif(not available(), reason="the tensorboard extra i
 
 
 def test_event_files_written_through_a_gcs_store_read_back_by_tensorboard(gcs_server, tmp_path):
-    import servers
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tests import servers
 
     job = job_store(f"gs://{servers.GCS_BUCKET}/tb-{time.time_ns()}", "job", servers.gcs_options(gcs_server))
     first = TensorBoardLog(job, attempt=1)

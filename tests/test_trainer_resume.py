@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
-from jobfiles import final_state, job_dir, quick_spec
 
+from tests.jobfiles import final_state, job_dir, quick_spec
 from timellm_job.storage import job_store, list_checkpoints, verify
 
 REPO = Path(__file__).resolve().parents[1]

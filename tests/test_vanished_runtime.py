@@ -17,7 +17,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-from cli import (
+
+from tests.cli import (
     SLOW,
     run,
     running_trainer,
@@ -27,8 +28,7 @@ from cli import (
     wait_for_new_ground,
     wait_for_step,
 )
-from jobfiles import final_state, job_dir, quick_spec
-
+from tests.jobfiles import final_state, job_dir, quick_spec
 from timellm_job.jobs import load_spec, spec_hash
 from timellm_job.orchestrator.attempt import TrainerProcess
 from timellm_job.orchestrator.jobstate import JobState
