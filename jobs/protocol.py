@@ -56,6 +56,10 @@ ON_EXIT: dict[ExitCode, str] = {
     ExitCode.SIGTERM: "after our own SIGTERM: the job is preempted (exit 143); else a crash",
 }
 
+# ----------------------------------------------------------------------------- command
+#: the trainer's module: the orchestrator runs ``python -m TRAINER_MODULE run|check|import ...``
+TRAINER_MODULE = "timellm_job.trainer"
+
 # ----------------------------------------------------------------------------- environment
 ENV_HEARTBEAT = "TIMELLM_JOB_HEARTBEAT"  # the heartbeat document's local path (rank 0 writes it)
 ENV_HEARTBEAT_INTERVAL_S = "TIMELLM_JOB_HEARTBEAT_INTERVAL_S"  # the least time between beats (0.5)

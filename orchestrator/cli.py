@@ -18,7 +18,7 @@ import click
 
 from timellm_job.jobs import SpecError, load_spec
 from timellm_job.jobs.messages import first_line
-from timellm_job.jobs.protocol import ExitCode
+from timellm_job.jobs.protocol import TRAINER_MODULE, ExitCode
 from timellm_job.orchestrator.identity import identify
 from timellm_job.storage import StorageError, Unreachable, job_store
 
@@ -191,7 +191,7 @@ def import_cmd(spec: str, source: str, root: str | None, sets: tuple[str, ...], 
     from timellm_job.storage.private import private_copy
 
     with private_copy("job.yaml", spec_to_yaml(job_spec).encode()) as resolved:  # no option in an argv
-        argv = [sys.executable, "-m", "timellm_job.trainer", "import", str(resolved), source, "--as", kind]
+        argv = [sys.executable, "-m", TRAINER_MODULE, "import", str(resolved), source, "--as", kind]
         code = subprocess.call(argv + (["--weights-only"] if weights_only else []) + (["--add"] if add else []))
     if code == 0:
         adopt(job, job_spec)
@@ -269,7 +269,7 @@ def predict(source: str, input_csv: str, out: str | None, root: str | None) -> N
                 click.echo(f"error: {err}", err=True)
                 sys.exit(ExitCode.FAILED)
             export = tmp
-        argv = [sys.executable, "-m", "timellm_job.trainer.predict", export, "--input", input_csv]
+        argv = [sys.executable, "-m", f"{TRAINER_MODULE}.predict", export, "--input", input_csv]
         sys.exit(subprocess.call(argv + (["--out", out] if out else [])))
 
 

@@ -26,7 +26,7 @@ import yaml
 
 from timellm_job.jobs import JobSpec, Phase, SpecError, load_spec, training_fields
 from timellm_job.jobs.identity import diff_fields, without_new_defaults
-from timellm_job.jobs.protocol import ExitCode
+from timellm_job.jobs.protocol import TRAINER_MODULE, ExitCode
 from timellm_job.jobs.spec import spec_to_yaml
 from timellm_job.orchestrator.identity import Identity, identify
 from timellm_job.orchestrator.jobstate import JobState
@@ -60,7 +60,7 @@ def trainer_argv(spec: JobSpec, local_spec: Path, attempt: int, memory_hint: dic
     (one node, no restarts of its own: restarts are the supervisor's); ``memory_hint``: the
     job's memory plan so far (JobState.memory_hint); ``lease``: the lease it writes under (its
     generation fences the trainer's commits)."""
-    run = ["-m", "timellm_job.trainer", "run", str(local_spec), "--attempt", str(attempt)]
+    run = ["-m", TRAINER_MODULE, "run", str(local_spec), "--attempt", str(attempt)]
     if lease is not None:
         run += ["--lease", f"{lease.generation}:{lease.owner}"]
     if memory_hint:
@@ -125,7 +125,7 @@ def preflight(spec: JobSpec) -> dict:
     import torch. It reads the resolved spec from a private file: no option (credentials)
     reaches its argv. Returns the job's estimated footprint (trainer.footprint; {} if unknown)."""
     with private_copy("job.yaml", spec_to_yaml(spec).encode()) as path:
-        result = subprocess.run([sys.executable, "-m", "timellm_job.trainer", "check", str(path)], capture_output=True, text=True)
+        result = subprocess.run([sys.executable, "-m", TRAINER_MODULE, "check", str(path)], capture_output=True, text=True)
     if result.returncode == 2:
         raise InputError(result.stderr.strip())
     if result.returncode != 0:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import psutil
 
+from timellm_job.jobs.protocol import TRAINER_MODULE
+
 REPO = Path(__file__).resolve().parents[1]
 # How long a wait on a trainer's progress may take before it fails. A wait returns as soon as the
 # progress is seen, so this costs nothing when the trainer runs; it is generous because a trainer
@@ -114,11 +116,17 @@ def wait_for_step(job: Path, step: int, timeout: float = PATIENCE_S) -> None:
     raise TimeoutError(f"step {step} not reached in {job}")
 
 
+def is_trainer(cmd: list[str]) -> bool:
+    """Whether a command line is a trainer's (``python [-u] -m timellm_job.trainer run ...``)."""
+    at = cmd.index("-m") if "-m" in cmd else -1
+    return at >= 0 and cmd[at + 1:at + 3] == [TRAINER_MODULE, "run"]
+
+
 def trainer_pids() -> set[int]:
     out = set()
     for p in psutil.process_iter(["cmdline"]):
         cmd = p.info.get("cmdline") or []
-        if len(cmd) > 3 and cmd[1:4] == ["-m", "timellm_job.trainer", "run"]:
+        if is_trainer(cmd):
             out.add(p.pid)
     return out
 

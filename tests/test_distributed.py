@@ -16,6 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from tests.cli import (
+    PATIENCE_S,
+    is_trainer,
     resume_after_preemption,
     run,
     running_trainer,
@@ -32,22 +34,26 @@ SLOW = {"TIMELLM_JOB_TEST_STEP_DELAY_S": "0.08", "TIMELLM_JOB_TEST_WRITE_DELAY_S
 TWO = {"nproc": 2}
 
 
-def ranks(torchrun_pid: int, timeout: float = 60) -> dict[int, psutil.Process]:
-    """The trainer processes torchrun started, by rank (from their environment)."""
+def ranks(torchrun_pid: int, timeout: float = PATIENCE_S) -> dict[int, psutil.Process]:
+    """The trainer processes torchrun started, by rank (from their environment), once both run.
+    Raises psutil.NoSuchProcess when torchrun has ended (the job finished or the group was torn
+    down), TimeoutError when it runs on without two trainers."""
+    torchrun = psutil.Process(torchrun_pid)
     deadline = time.time() + timeout
     while time.time() < deadline:
+        if not torchrun.is_running() or torchrun.status() == psutil.STATUS_ZOMBIE:
+            raise psutil.NoSuchProcess(torchrun_pid)
         found = {}
         try:
-            for p in psutil.Process(torchrun_pid).children(recursive=True):
-                cmd = p.cmdline()  # python -u -m timellm_job.trainer run ...
-                if "-m" in cmd and cmd[cmd.index("-m") + 1:cmd.index("-m") + 3] == ["trainer", "run"]:
+            for p in torchrun.children(recursive=True):
+                if is_trainer(p.cmdline()):
                     found[int(p.environ()["RANK"])] = p
         except psutil.Error:
-            pass
+            pass  # a child that ended as it was read: look again
         if len(found) == 2:
             return found
         time.sleep(0.1)
-    raise TimeoutError("torchrun did not start two trainers")
+    raise TimeoutError(f"torchrun ({torchrun_pid}) did not start two trainers in {timeout:.0f} s")
 
 
 @pytest.fixture(scope="module")
@@ -116,8 +122,8 @@ def test_random_kills_of_one_rank_restart_the_group_bit_identical(reference2, tm
         time.sleep(rng.uniform(0.0, 1.2))
         rank = rng.choice([0, 1])
         try:
-            ranks(attempt["pid"], timeout=5)[rank].kill()
-        except (TimeoutError, psutil.Error):
+            ranks(attempt["pid"])[rank].kill()
+        except psutil.NoSuchProcess:
             break  # the job finished first
         killed.append(rank)
         running_trainer(job, after=attempt["number"], submit=proc)
