@@ -53,8 +53,7 @@ import torch
 from benchmarks.common import with_faults
 from timellm_job.jobs.spec import parse_spec
 from timellm_job.storage import load_newest
-from timellm_job.trainer import memory
-from timellm_job.trainer import state as ckpt_state
+from timellm_job.trainer import checkpoint_state, memory
 from timellm_job.trainer.data import train_batches
 from timellm_job.trainer.grad_checkpointing import set_gradient_checkpointing
 from timellm_job.trainer.loop import Trainer
@@ -273,7 +272,7 @@ def stall_and_resume(trainer: Trainer) -> dict:
     for _ in range(3):  # the first capture allocates the (pinned) host buffers
         sync(device)
         t = time.perf_counter()
-        snap = ckpt_state.capture(trainer.model, trainer.optimizer, trainer.scheduler, p, trainer.host_buffers)
+        snap = checkpoint_state.capture(trainer.model, trainer.optimizer, trainer.scheduler, p, trainer.host_buffers)
         stalls.append(time.perf_counter() - t)
     trainer.saver.wait()
     t = time.perf_counter()
@@ -282,7 +281,7 @@ def stall_and_resume(trainer: Trainer) -> dict:
     write = time.perf_counter() - t
     t = time.perf_counter()
     loaded = load_newest(trainer.job, spec_hash=trainer.hash)
-    ckpt_state.restore(ckpt_state.read_files(loaded.files), trainer.model, trainer.optimizer, trainer.scheduler)
+    checkpoint_state.restore(checkpoint_state.read_files(loaded.files), trainer.model, trainer.optimizer, trainer.scheduler)
     sync(device)
     del snap
     return {"checkpoint_bytes": loaded.manifest.bytes, "save_stall_s": statistics.median(stalls[1:]),

@@ -36,7 +36,7 @@ import json, signal, sys, time
 from benchmarks.common import llama3_trainable_state
 from timellm_job.storage import job_store
 from timellm_job.trainer.saver import CheckpointSaver
-from timellm_job.trainer.state import Snapshot
+from timellm_job.trainer.checkpoint_state import Snapshot
 
 params = llama3_trainable_state()
 moments = {}

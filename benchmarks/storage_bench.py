@@ -25,7 +25,7 @@ def checkpoint_files():
     """The files the trainer writes for the Llama-3-sized state after one Adam step."""
     import torch
 
-    from timellm_job.trainer.state import Progress, capture
+    from timellm_job.trainer.checkpoint_state import Progress, capture
 
     params = {k: torch.nn.Parameter(v) for k, v in llama3_trainable_state().items()}
 

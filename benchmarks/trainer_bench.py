@@ -58,7 +58,7 @@ def step(t, batches) -> None:
 
 def resume(runs: int) -> None:
     from timellm_job.storage import load_newest
-    from timellm_job.trainer import state as ckpt_state
+    from timellm_job.trainer import checkpoint_state
     from timellm_job.trainer.data import train_batches
 
     root = tempfile.mkdtemp(prefix="resume-bench-", dir="/var/tmp")
@@ -74,8 +74,8 @@ def resume(runs: int) -> None:
                 t.save("step", wait=True)
                 start = time.perf_counter()
                 loaded = load_newest(t.job)
-                snap = ckpt_state.read_files(loaded.files)
-                p = ckpt_state.restore(snap, t.model, t.optimizer, t.scheduler)
+                snap = checkpoint_state.read_files(loaded.files)
+                p = checkpoint_state.restore(snap, t.model, t.optimizer, t.scheduler)
                 t.progress = p
                 step(t, train_batches(t.splits.train, t.spec.train.batch_size, t.spec.train.seed, p.epoch, p.batch))
                 samples.append(time.perf_counter() - start)

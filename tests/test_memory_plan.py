@@ -10,8 +10,7 @@ import torch
 
 from timellm_job.jobs import SpecError, load_spec, spec_hash
 from timellm_job.jobs.spec import DataSpec, ModelSpec, parse_spec
-from timellm_job.trainer import memory
-from timellm_job.trainer import state as ckpt_state
+from timellm_job.trainer import checkpoint_state, memory
 from timellm_job.trainer.backbone import load_backbone
 from timellm_job.trainer.grad_checkpointing import blocks, is_on, set_gradient_checkpointing
 from timellm_job.trainer.memory import Card, GiB, decide
@@ -199,8 +198,8 @@ def test_the_loss_scaler_state_goes_into_the_checkpoint_and_comes_back():
         scaler.step(opt)
         scaler.update()
     scaler.update(1024.0)  # a scale no fresh scaler has
-    snap = ckpt_state.capture(model, opt, sched, ckpt_state.Progress(global_step=3), extra={"scaler": scaler.state_dict()})
+    snap = checkpoint_state.capture(model, opt, sched, checkpoint_state.Progress(global_step=3), extra={"scaler": scaler.state_dict()})
     files = {k: bytes(b"".join(v)) if isinstance(v, list) else v for k, v in snap.to_files().items()}
     fresh = torch.amp.GradScaler("cpu")
-    ckpt_state.restore(ckpt_state.read_files(files), model, opt, sched, scaler=fresh)
+    checkpoint_state.restore(checkpoint_state.read_files(files), model, opt, sched, scaler=fresh)
     assert fresh.state_dict() == scaler.state_dict() and fresh.get_scale() == 1024.0

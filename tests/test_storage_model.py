@@ -75,7 +75,7 @@ class Held:
 
 
 class _Snapshot:
-    """What the saver writes: a checkpoint's files (trainer.state.Snapshot's one method)."""
+    """What the saver writes: a checkpoint's files (trainer.checkpoint_state.Snapshot's one method)."""
 
     def __init__(self, files: dict[str, bytes]):
         self.files = files

@@ -20,7 +20,7 @@ from timellm_job.storage.checkpoints import CorruptCheckpoint, load
 from timellm_job.storage.manifest import Manifest
 from timellm_job.storage.retention import rank_bests
 from timellm_job.storage.set_apart import set_apart
-from timellm_job.trainer import state as ckpt_state
+from timellm_job.trainer import checkpoint_state
 
 
 class BestCheckpoint:
@@ -38,7 +38,7 @@ class BestCheckpoint:
         lost_own = own is not None and not any(m.step == p.best_step for m in bests)  # set apart earlier
         for m in rank_bests(bests):
             try:
-                return m, load(self.job, m, [ckpt_state.MODEL_FILE])
+                return m, load(self.job, m, [checkpoint_state.MODEL_FILE])
             except CorruptCheckpoint as exc:
                 where = set_apart(self.job, m, "; ".join(exc.problems), fence=self.fence)
                 print(f"best checkpoint {m.id} does not verify ({'; '.join(exc.problems)}): set apart as {where}",

@@ -30,8 +30,8 @@ from timellm_job.storage import lease as leases
 from timellm_job.storage import open_store
 from timellm_job.storage.checkpoints import verify
 from timellm_job.storage.manifest import Manifest
+from timellm_job.trainer.checkpoint_state import load_trainable
 from timellm_job.trainer.loop import Trainer
-from timellm_job.trainer.state import load_trainable
 from timellm_job.trainer.upstream import (
     ImportRefused,
     Upstream,

@@ -17,7 +17,7 @@ state in every checkpoint); the backbone's blocks may be recomputed in the backw
 (trainer.grad_checkpointing). Checkpoints are taken between optimizer steps only.
 
 Invariants:
-- Everything that influences the result is in the checkpoint (trainer.state), and the data order
+- Everything that influences the result is in the checkpoint (trainer.checkpoint_state), and the data order
   is a function of (seed, epoch): resuming from any checkpoint continues the same computation.
 - Validation and test use no randomness (eval mode, fixed order), so replaying them is exact.
 - A job whose ``results.json`` exists (same spec hash) is complete: the trainer exits 0 at once.
@@ -48,8 +48,7 @@ from timellm_job.storage.data_digest import DataUnreadable, data_sha256
 from timellm_job.storage.documents import read_json, write_json
 from timellm_job.storage.layout import RESULTS
 from timellm_job.storage.lease import Fence, LeaseLost
-from timellm_job.trainer import distributed, memory
-from timellm_job.trainer import state as ckpt_state
+from timellm_job.trainer import checkpoint_state, distributed, memory
 from timellm_job.trainer.backbone import BackboneError, default_device, hub_cache_bytes, load_backbone
 from timellm_job.trainer.backbone_cache import load_cached, prefetch
 from timellm_job.trainer.best import BestCheckpoint
@@ -136,7 +135,7 @@ class Trainer(BestCheckpoint, Preemption, MemorySteps, Telemetry):
         self.startup["backbone"] = time.time()
         self.heartbeat.beat(force=True, backbone_source=self.backbone.source)
         self._fresh_training_state()
-        self.host_buffers = ckpt_state.HostBuffers()
+        self.host_buffers = checkpoint_state.HostBuffers()
         self.saver = CheckpointSaver(self.job, self.hash, spec.storage.save_total_limit,
                                      background=self.background_saves, fence=self.fence,
                                      spec_hashes=self.hashes) if world.main else None
@@ -159,7 +158,7 @@ class Trainer(BestCheckpoint, Preemption, MemorySteps, Telemetry):
         # dynamic loss scaling for fp16 compute (disabled, it is the identity)
         self.scaler = torch.amp.GradScaler(torch.device(self.device).type, enabled=self.compute_dtype == "fp16")
         self.batch_per_process = spec.train.batch_size // world.size
-        self.progress = ckpt_state.Progress()
+        self.progress = checkpoint_state.Progress()
 
     def resume(self, at_or_before: list[int] | None = None) -> None:
         """Continue from the newest checkpoint that verifies (with ``at_or_before``, the newest
@@ -180,8 +179,8 @@ class Trainer(BestCheckpoint, Preemption, MemorySteps, Telemetry):
         if loaded is not None:
             if self.saver is not None:
                 self.saver.verified.add(loaded.manifest.id)  # read whole: every hash matched
-            snap = ckpt_state.read_files(loaded.files)
-            self.progress = ckpt_state.restore(snap, self.model, self.optimizer, self.scheduler, self.world.rank,
+            snap = checkpoint_state.read_files(loaded.files)
+            self.progress = checkpoint_state.restore(snap, self.model, self.optimizer, self.scheduler, self.world.rank,
                                                self.scaler)
             resumed = {"id": loaded.manifest.id, "step": loaded.manifest.step}
             if self.world.main:
@@ -200,13 +199,13 @@ class Trainer(BestCheckpoint, Preemption, MemorySteps, Telemetry):
         """Every rank calls it (their RNG states are gathered); rank 0 commits. With ``wait``
         the checkpoint is committed on return, on every rank."""
         p = self.progress
-        rng = distributed.gather(self.world, ckpt_state.rng_capture())
+        rng = distributed.gather(self.world, checkpoint_state.rng_capture())
         if self.saver is not None:
             # a slow store is not a hang: beat while waiting on a write, for one heartbeat timeout
             with self.heartbeat.keepalive(self.spec.run.heartbeat_timeout_s, "checkpoint write"):
                 self.saver.wait()  # the host buffers are reused: the previous write must be done
                 extra = {"scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}
-                snap = ckpt_state.capture(self.model, self.optimizer, self.scheduler, p, self.host_buffers, rng, extra)
+                snap = checkpoint_state.capture(self.model, self.optimizer, self.scheduler, p, self.host_buffers, rng, extra)
                 meta = {"epoch": p.epoch, "batch": p.batch, "best_val": p.best_val, "attempt": self.attempt,
                         "data_sha256": self.data_sha256,
                         "scaling": self.scaling, "memory_plan": self.plan.to_json() if self.plan else None}
@@ -310,8 +309,8 @@ class Trainer(BestCheckpoint, Preemption, MemorySteps, Telemetry):
             best, files = chosen
         else:  # another rank: the checkpoint rank 0 chose, verified again as it is read
             best = next(m for m in list_checkpoints(self.job, spec_hash=self.hashes).committed if m.id == decision)
-            files = load(self.job, best, [ckpt_state.MODEL_FILE])
-        ckpt_state.load_trainable(self.model, ckpt_state.tensors_from(files[ckpt_state.MODEL_FILE]))
+            files = load(self.job, best, [checkpoint_state.MODEL_FILE])
+        checkpoint_state.load_trainable(self.model, checkpoint_state.tensors_from(files[checkpoint_state.MODEL_FILE]))
         with self._evaluating():
             test = evaluate(self.model, self.splits.test, self.spec.train.eval_batch_size, self.device,
                             self.spec.data.features, self.stop, splits=self.splits, on_batch=self._eval_beat)

@@ -27,8 +27,8 @@ import torch
 from timellm_job.jobs.spec import DataSpec, ModelSpec
 from timellm_job.storage import open_store
 from timellm_job.trainer.backbone import default_device, load_backbone
+from timellm_job.trainer.checkpoint_state import load_trainable, tensors_from
 from timellm_job.trainer.model import TimeLLM
-from timellm_job.trainer.state import load_trainable, tensors_from
 
 
 class Forecaster:

@@ -1,7 +1,7 @@
 """Checkpoint saving off the training path.
 
 Invariants:
-- The training thread only captures a host-memory snapshot (trainer.state.capture); a single
+- The training thread only captures a host-memory snapshot (trainer.checkpoint_state.capture); a single
   background thread serializes, commits through ``storage`` and applies retention.
 - At most one write is in flight: ``submit`` first waits for the previous one.
 - A failed background save is re-raised on the training thread at the next ``submit``/``wait``
@@ -34,7 +34,7 @@ from timellm_job.storage.lease import Fence
 from timellm_job.storage.manifest import MANIFEST, Manifest, ManifestError, parse_manifest
 from timellm_job.storage.retention import clean_up
 from timellm_job.storage.set_apart import set_apart
-from timellm_job.trainer.state import Snapshot
+from timellm_job.trainer.checkpoint_state import Snapshot
 
 BACKGROUND_NICE = int(os.environ.get("TIMELLM_JOB_SAVER_NICE", "10"))
 

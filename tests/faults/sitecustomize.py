@@ -126,7 +126,7 @@ def _patch_bnb(module) -> None:
 
 
 PATCHES = {"bitsandbytes.functional": _patch_bnb, "timellm_job.trainer.loop": _patch_loop, "timellm_job.trainer.model.timellm": _patch_model,
-           "timellm_job.storage.store": _patch_store, "timellm_job.trainer.state": _patch_state}
+           "timellm_job.storage.store": _patch_store, "timellm_job.trainer.checkpoint_state": _patch_state}
 
 
 class _Finder:
