@@ -36,6 +36,7 @@ A JSON summary is printed as the last line and written to $OUT/gpu_bench.json wh
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -57,6 +58,7 @@ from timellm_job.trainer import checkpoint_state, memory
 from timellm_job.trainer.data import train_batches
 from timellm_job.trainer.grad_checkpointing import set_gradient_checkpointing
 from timellm_job.trainer.loop import Trainer
+from timellm_job.trainer.memory_steps import probe_peak
 from timellm_job.trainer.saver import CheckpointSaver
 
 REPO = Path(__file__).resolve().parents[1]
@@ -119,14 +121,14 @@ def build_trainer(spec, background: bool = True) -> tuple[Trainer, float]:
     trainer = Trainer(spec, background_saves=background)
     trainer.build()
     trainer.resume()
-    sync(trainer.device)
+    sync(trainer.parts.device)
     return trainer, time.perf_counter() - start
 
 
 def batches(trainer: Trainer, n: int) -> list:
     out, epoch = [], 0
     while len(out) < n:
-        for _, (x, y, _) in train_batches(trainer.splits.train, trainer.spec.train.batch_size, 0, epoch):
+        for _, (x, y, _) in train_batches(trainer.parts.splits.train, trainer.spec.train.batch_size, 0, epoch):
             out.append((x, y))
             if len(out) == n:
                 break
@@ -135,14 +137,14 @@ def batches(trainer: Trainer, n: int) -> list:
 
 
 def put_plan(trainer: Trainer, micro: int, checkpointing: bool) -> None:
-    trainer.plan = memory.MemoryPlan(micro, checkpointing, trainer.compute_dtype, trainer.batch_per_process,
-                                     trainer.card.name, trainer.card.total_bytes, how="bench")
-    set_gradient_checkpointing(trainer.backbone.model, checkpointing)
+    trainer.plan = memory.MemoryPlan(micro, checkpointing, trainer.parts.compute_dtype, (trainer.spec.train.batch_size // trainer.world.size),
+                                     trainer.parts.card.name, trainer.parts.card.total_bytes, how="bench")
+    set_gradient_checkpointing(trainer.parts.backbone.model, checkpointing)
 
 
 def time_steps(trainer: Trainer, size: Size) -> dict:
     """Median step time of ``size.timed`` optimizer steps after warm-up, with the plan in force."""
-    device = trainer.device
+    device = trainer.parts.device
     data = batches(trainer, size.warmup + size.timed)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
@@ -156,7 +158,7 @@ def time_steps(trainer: Trainer, size: Size) -> dict:
             times.append(time.perf_counter() - t)
     step = statistics.median(times)
     return {"micro_batch_size": trainer.plan.micro_batch_size, "gradient_checkpointing": trainer.plan.gradient_checkpointing,
-            "compute_dtype": trainer.compute_dtype, "step_s": step, "samples_per_s": size.batch / step,
+            "compute_dtype": trainer.parts.compute_dtype, "step_s": step, "samples_per_s": size.batch / step,
             "peak_gib": memory.peak_bytes(device) / GiB if device.startswith("cuda") else None}
 
 
@@ -170,24 +172,24 @@ def set_cap(device: str, cap_gib: float | None) -> None:
 
 def plan_under_cap(trainer: Trainer, size: Size, cap_gib: float | None) -> dict:
     """The plan ``auto`` makes under the cap (the trainer's probe), then its measured steps."""
-    set_cap(trainer.device, cap_gib)
-    card = memory.card_of(trainer.device)
+    set_cap(trainer.parts.device, cap_gib)
+    card = memory.card_of(trainer.parts.device)
     checkpointing = memory.checkpointing("auto", card)
     start = time.perf_counter()
     try:
-        plan = memory.decide(trainer.spec, card, trainer.compute_dtype, checkpointing, trainer.batch_per_process,
-                             None, trainer._probe if card.gpu else None)
+        plan = memory.decide(trainer.spec, card, trainer.parts.compute_dtype, checkpointing, (trainer.spec.train.batch_size // trainer.world.size),
+                             None, functools.partial(probe_peak, trainer.spec, trainer.parts, trainer.state) if card.gpu else None)
     except memory.OutOfPlans as exc:
-        set_cap(trainer.device, None)
+        set_cap(trainer.parts.device, None)
         return {"cap_gib": cap_gib, "error": str(exc)}
     planning_s = time.perf_counter() - start
     trainer.plan = plan
-    set_gradient_checkpointing(trainer.backbone.model, plan.gradient_checkpointing)
+    set_gradient_checkpointing(trainer.parts.backbone.model, plan.gradient_checkpointing)
     try:
         measured = time_steps(trainer, size)
     except torch.OutOfMemoryError as exc:
         measured = {"error": f"out of memory while stepping: {str(exc)[:200]}"}
-    set_cap(trainer.device, None)
+    set_cap(trainer.parts.device, None)
     return {"cap_gib": cap_gib, "card_budget_gib": (card.total_bytes or 0) / GiB, "plan": plan.to_json(),
             "planning_s": planning_s, **measured}
 
@@ -199,9 +201,9 @@ def full_batch_configs(trainer: Trainer, size: Size) -> list[dict]:
         try:
             out.append(time_steps(trainer, size))
         except torch.OutOfMemoryError:
-            out.append({"compute_dtype": trainer.compute_dtype, "gradient_checkpointing": checkpointing,
+            out.append({"compute_dtype": trainer.parts.compute_dtype, "gradient_checkpointing": checkpointing,
                         "error": "out of memory"})
-        if trainer.device.startswith("cuda"):
+        if trainer.parts.device.startswith("cuda"):
             torch.cuda.empty_cache()
     return out
 
@@ -215,8 +217,8 @@ def loss_curve(trainer: Trainer, size: Size) -> dict:
         loss, was_skipped = trainer.optimizer_step(x, y)
         losses.append(float(loss))
         skipped += was_skipped
-    return {"compute_dtype": trainer.compute_dtype, "losses": losses, "skipped_steps": skipped,
-            "final_scale": trainer.scaler.get_scale() if trainer.scaler.is_enabled() else None}
+    return {"compute_dtype": trainer.parts.compute_dtype, "losses": losses, "skipped_steps": skipped,
+            "final_scale": trainer.state.scaler.get_scale() if trainer.state.scaler.is_enabled() else None}
 
 
 def saves(trainer: Trainer, size: Size, modes=("none", "sync", "background", "background-1", "none")) -> dict:
@@ -225,28 +227,28 @@ def saves(trainer: Trainer, size: Size, modes=("none", "sync", "background", "ba
     Reported apart: the time to the last step (``train_s``: what saves cost training) and the
     wait for the last write after it (``final_wait_s``: once per run, not per save), and each
     step's time, so steps with a write in flight can be told from steps without one."""
-    trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda s: 1.0)  # any number of steps
+    trainer.state.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.state.optimizer, lambda s: 1.0)  # any number of steps
     put_plan(trainer, size.batch, trainer.plan.gradient_checkpointing if trainer.plan else False)
     data = batches(trainer, size.save_steps + 1)
     out = {}
     for mode in modes:  # "none" twice: the first run warms up; background-1: one file written at a time
-        trainer.saver = CheckpointSaver(trainer.job, trainer.hash, 2, background=mode.startswith("background"),
+        trainer.checkpoints.saver = CheckpointSaver(trainer.job, trainer.identity.hash, 2, background=mode.startswith("background"),
                                         background_workers=1 if mode == "background-1" else 4)
-        sync(trainer.device)
+        sync(trainer.parts.device)
         start = time.perf_counter()
         steps, in_flight = [], []
         for i, (x, y) in enumerate(data[1:], start=1):
             t = time.perf_counter()
-            flying = trainer.saver._thread is not None and trainer.saver._thread.is_alive()
+            flying = trainer.checkpoints.saver._thread is not None and trainer.checkpoints.saver._thread.is_alive()
             trainer.optimizer_step(x, y)
-            trainer.progress.global_step += 1
+            trainer.state.progress.global_step += 1
             if mode != "none" and i % size.save_every == 0:
                 trainer.save("step")
-            sync(trainer.device)
+            sync(trainer.parts.device)
             (in_flight if flying else steps).append(time.perf_counter() - t)
         trained = time.perf_counter() - start
-        trainer.saver.wait()
-        sync(trainer.device)
+        trainer.checkpoints.saver.wait()
+        sync(trainer.parts.device)
         total = time.perf_counter() - start
         out[mode] = {"total_s": total, "train_s": trained, "final_wait_s": total - trained,
                      "step_median_s": statistics.median(steps),
@@ -267,21 +269,21 @@ def saves(trainer: Trainer, size: Size, modes=("none", "sync", "background", "ba
 def stall_and_resume(trainer: Trainer) -> dict:
     """The save's stall on the training thread (a copy to reused host buffers), the commit of
     that checkpoint, and a resume of it (load + verify + restore)."""
-    p, device = trainer.progress, trainer.device
+    p, device = trainer.state.progress, trainer.parts.device
     stalls = []
     for _ in range(3):  # the first capture allocates the (pinned) host buffers
         sync(device)
         t = time.perf_counter()
-        snap = checkpoint_state.capture(trainer.model, trainer.optimizer, trainer.scheduler, p, trainer.host_buffers)
+        snap = checkpoint_state.capture(trainer.state.model, trainer.state.optimizer, trainer.state.scheduler, p, trainer.checkpoints.host_buffers)
         stalls.append(time.perf_counter() - t)
-    trainer.saver.wait()
+    trainer.checkpoints.saver.wait()
     t = time.perf_counter()
     p.global_step += 1
     trainer.save("step", wait=True)
     write = time.perf_counter() - t
     t = time.perf_counter()
-    loaded = load_newest(trainer.job, spec_hash=trainer.hash)
-    checkpoint_state.restore(checkpoint_state.read_files(loaded.files), trainer.model, trainer.optimizer, trainer.scheduler)
+    loaded = load_newest(trainer.job, spec_hash=trainer.identity.hash)
+    checkpoint_state.restore(checkpoint_state.read_files(loaded.files), trainer.state.model, trainer.state.optimizer, trainer.state.scheduler)
     sync(device)
     del snap
     return {"checkpoint_bytes": loaded.manifest.bytes, "save_stall_s": statistics.median(stalls[1:]),
@@ -297,8 +299,8 @@ def profile_saves(trainer: Trainer, size: Size) -> dict:
     without: what the training thread waits on while a save runs."""
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if trainer.device.startswith("cuda") else [])
-    trainer.saver = CheckpointSaver(trainer.job, trainer.hash, 2, background=True)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if trainer.parts.device.startswith("cuda") else [])
+    trainer.checkpoints.saver = CheckpointSaver(trainer.job, trainer.identity.hash, 2, background=True)
     window = max(3, size.save_every // 2)
     data = batches(trainer, window)
     watch = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaHostAlloc", "cudaMallocHost",
@@ -306,17 +308,17 @@ def profile_saves(trainer: Trainer, size: Size) -> dict:
              "aten::_local_scalar_dense")
     out = {}
     for label in ("without_save", "with_save_in_flight"):
-        trainer.saver.wait()
-        sync(trainer.device)
+        trainer.checkpoints.saver.wait()
+        sync(trainer.parts.device)
         step_times = []
         with profile(activities=activities) as prof:
             for i, (x, y) in enumerate(data):
                 if label == "with_save_in_flight" and i == 0:
-                    trainer.progress.global_step += 1
+                    trainer.state.progress.global_step += 1
                     trainer.save("step")  # the capture, then the write on the saver's thread
                 t = time.perf_counter()
                 trainer.optimizer_step(x, y)
-                sync(trainer.device)
+                sync(trainer.parts.device)
                 step_times.append(time.perf_counter() - t)
         events = prof.key_averages()
         top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
@@ -326,7 +328,7 @@ def profile_saves(trainer: Trainer, size: Size) -> dict:
                                 "device_ms": _device_time(e) / 1e3} for e in events if e.key in watch},
             "top_self_cpu": [{"op": e.key, "count": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3}
                              for e in top]}
-    trainer.saver.wait()
+    trainer.checkpoints.saver.wait()
     return out
 
 
@@ -398,7 +400,7 @@ def main(argv=None) -> dict:
                 continue
             trainer, built = build_trainer(spec_for(size, folder, csv, device, compute_dtype=dtype, name=f"b-{dtype}"))
             info[f"build_{dtype}_s"] = built
-            info["trainable_params"] = sum(p.numel() for p in trainer.model.trainable_state().values())
+            info["trainable_params"] = sum(p.numel() for p in trainer.state.model.trainable_state().values())
             if device == "cuda":
                 info["backbone_gib"] = torch.cuda.memory_allocated() / GiB
             if "loss" in parts:

@@ -46,14 +46,14 @@ def step(t, batches) -> None:
     import torch
 
     b, (x, y, _) = next(batches)
-    out = t.model(x)
+    out = t.state.model(x)
     loss = torch.nn.functional.mse_loss(out, y)
-    t.optimizer.zero_grad(set_to_none=True)
+    t.state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    t.optimizer.step()
-    t.scheduler.step()
-    t.progress.global_step += 1
-    t.progress.batch = b + 1
+    t.state.optimizer.step()
+    t.state.scheduler.step()
+    t.state.progress.global_step += 1
+    t.state.progress.batch = b + 1
 
 
 def resume(runs: int) -> None:
@@ -64,20 +64,20 @@ def resume(runs: int) -> None:
     root = tempfile.mkdtemp(prefix="resume-bench-", dir="/var/tmp")
     try:
         t = trainer_for(root, background=False, sets=LLAMA3_VOCAB)
-        n = t.steps_per_epoch
+        n = t.parts.steps_per_epoch
         times = {}
         for label, batch in (("first batch", 0), ("last batch", n - 1)):
             samples = []
             for r in range(runs):
-                t.progress.epoch, t.progress.batch, t.progress.global_step = 1, batch, n + batch + r * 0
+                t.state.progress.epoch, t.state.progress.batch, t.state.progress.global_step = 1, batch, n + batch + r * 0
                 shutil.rmtree(Path(root) / t.spec.name / "checkpoints", ignore_errors=True)
                 t.save("step", wait=True)
                 start = time.perf_counter()
                 loaded = load_newest(t.job)
                 snap = checkpoint_state.read_files(loaded.files)
-                p = checkpoint_state.restore(snap, t.model, t.optimizer, t.scheduler)
-                t.progress = p
-                step(t, train_batches(t.splits.train, t.spec.train.batch_size, t.spec.train.seed, p.epoch, p.batch))
+                p = checkpoint_state.restore(snap, t.state.model, t.state.optimizer, t.state.scheduler)
+                t.state.progress = p
+                step(t, train_batches(t.parts.splits.train, t.spec.train.batch_size, t.spec.train.seed, p.epoch, p.batch))
                 samples.append(time.perf_counter() - start)
             times[label] = statistics.median(samples)
         print(f"\nmachine: {machine()}; {n} batches per epoch; load + verify + restore + first step; "

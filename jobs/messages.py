@@ -1,10 +1,14 @@
 """How an error reads in a job's record and on the terminal: one line, bounded.
 
 Invariants: ``first_line`` never returns an empty string and never more than ``limit`` characters;
-``duration`` is the one way a length of time is written for people (status, progress, ETA).
+``duration`` is the one way a length of time is written for people (status, progress, ETA);
+``log_to_stderr`` is the one place the product's log records become terminal lines.
 """
 
 from __future__ import annotations
+
+import logging
+import sys
 
 
 def first_line(exc: BaseException, limit: int = 300) -> str:
@@ -21,3 +25,30 @@ def duration(seconds: float | None) -> str:
     days, rest = divmod(int(seconds), 86400)
     hours, rest = divmod(rest, 3600)
     return (f"{days}d " if days else "") + f"{hours:02d}:{rest // 60:02d}:{rest % 60:02d}"
+
+
+class _Stderr(logging.StreamHandler):
+    """A handler writing to whatever ``sys.stderr`` is at the time of each record (a test's
+    capture, a redirected stream), flushed at each record."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ sets it: the property decides
+        pass
+
+
+def log_to_stderr(fmt: str = "%(message)s", datefmt: str | None = None) -> None:
+    """Send the product's log records (the ``timellm_job`` loggers, INFO and above) to standard
+    error as the lines a person reads, once per process. Other libraries' loggers are left as
+    they are, so the terminal shows what it showed before the product logged."""
+    logger = logging.getLogger("timellm_job")
+    if any(isinstance(h, _Stderr) for h in logger.handlers):
+        return
+    handler = _Stderr()
+    handler.setFormatter(logging.Formatter(fmt, datefmt))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False

@@ -24,22 +24,22 @@ def upstream_checkpoint(spec_path, tmp_path, *, full=True, with_backbone=True, s
 
     t = Trainer(load_spec(spec_path), background_saves=False)
     t.build()
-    params = t.model.trainable_state()
+    params = t.state.model.trainable_state()
     g = torch.Generator().manual_seed(1)
     for _ in range(steps):  # a few Adam steps, so there are moments to carry over
         for p in params.values():
             p.grad = torch.randn(p.shape, generator=g)
-        t.optimizer.step()
-        t.scheduler.step()
+        t.state.optimizer.step()
+        t.state.scheduler.step()
     sd = {f"module.{k}": v.detach().clone() for k, v in params.items()}
     if with_backbone:
         sd["module.llm_model.layers.0.self_attn.q_proj.weight"] = torch.zeros(64, 64)
         sd["module.word_embeddings"] = torch.zeros(512, 64)
-    obj = {"model": sd, "optimizer": t.optimizer.state_dict(), "scheduler": t.scheduler.state_dict(),
+    obj = {"model": sd, "optimizer": t.state.optimizer.state_dict(), "scheduler": t.state.scheduler.state_dict(),
            "epoch": epoch, "global_step": steps, "best_score": -0.25, "val_loss_min": 0.25} if full else sd
     path = tmp_path / "checkpoint.pt"
     torch.save(obj, path)
-    return path, {k: v.detach().clone() for k, v in params.items()}, t.optimizer.state_dict()
+    return path, {k: v.detach().clone() for k, v in params.items()}, t.state.optimizer.state_dict()
 
 
 def test_full_upstream_checkpoint_imports_and_training_continues_from_it(tmp_path):

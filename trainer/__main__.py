@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 
 from timellm_job.jobs import SpecError, load_spec
+from timellm_job.jobs.messages import log_to_stderr
 from timellm_job.jobs.protocol import ENV_HEARTBEAT, ExitCode
+
+log = logging.getLogger("timellm_job.trainer")
 
 STARTUP_LIMIT_S = 600  # imports that take longer than this are a hang
 
@@ -42,10 +46,11 @@ def _args(argv):
 
 def main(argv=None) -> int:
     a = _args(argv)
+    log_to_stderr()  # the trainer's messages, as lines, to its log
     try:
         spec = load_spec(a.spec, root=a.root, sets=tuple(a.sets))
     except SpecError as err:
-        print(err, file=sys.stderr)
+        log.error("%s", err)
         return ExitCode.BAD_INPUT
     from timellm_job.trainer.backbone import BackboneError, HubUnreachable
     from timellm_job.trainer.data import DataError
@@ -56,29 +61,29 @@ def main(argv=None) -> int:
         estimate: dict = {}
         problems = preflight(spec, estimate)
         for p in problems:
-            print(p, file=sys.stderr)
+            log.error("%s", p)
         if not problems:
-            print(json.dumps(estimate, sort_keys=True))
+            print(json.dumps(estimate, sort_keys=True))  # the result, on standard output
         return ExitCode.BAD_INPUT if problems else ExitCode.OK
     if a.command == "import":
         from timellm_job.storage import StorageError
         from timellm_job.trainer.importer import ImportRefused, JobBusy, import_checkpoint
 
         if not a.source:
-            print("import: give the checkpoint or run folder to import (a path or URL)", file=sys.stderr)
+            log.error("import: give the checkpoint or run folder to import (a path or URL)")
             return ExitCode.BAD_INPUT
         try:
             import_checkpoint(spec, a.source, a.kind, a.weights_only, spec.storage.options if "://" in a.source else None,
                               add=a.add)
             return ExitCode.OK
         except (ImportRefused, DataError, BackboneError) as err:
-            print(f"error: {err}", file=sys.stderr)
+            log.error(f"error: {err}")
             return ExitCode.BAD_INPUT
         except StorageError as err:
-            print(f"error: {a.source}: {err}", file=sys.stderr)
+            log.error(f"error: {a.source}: {err}")
             return ExitCode.BAD_INPUT
         except JobBusy as err:
-            print(f"error: {err}", file=sys.stderr)
+            log.error(f"error: {err}")
             return ExitCode.FENCED  # another holds the job's lease
     # the first heartbeat comes before the heavy imports (torch, transformers: seconds on a slow
     # machine), and beats go on while they load: start-up is never read as a hang
@@ -95,10 +100,10 @@ def main(argv=None) -> int:
         return Trainer(spec, attempt=a.attempt, background_saves=not a.sync_saves,
                        previous_plan=a.memory_plan, lease=lease).run()
     except (DataError, BackboneError) as err:
-        print(f"bad input: {err}", file=sys.stderr, flush=True)
+        log.error(f"bad input: {err}")
         return ExitCode.BAD_INPUT
     except HubUnreachable as err:  # transient: a crash the supervisor may retry, never bad input
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        log.error(f"error: {err}")
         return ExitCode.FAILED
 
 

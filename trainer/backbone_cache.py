@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
-import sys
 import tempfile
 import threading
 from concurrent.futures import Future
@@ -43,6 +43,8 @@ from timellm_job.trainer.backbone import Backbone, compute_dtype_of, finish, loa
 
 FORMAT = 2  # 2: random LLaMA tokenizers add BOS (a cache of format 1 holds one that does not)
 SHARD = "1GB"  # safetensors shards: verifying and copying hash (up to 4) files in parallel
+
+log = logging.getLogger(__name__)
 
 
 def _version(package: str) -> str:
@@ -71,7 +73,7 @@ def local_root() -> Path:
 
 
 def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    log.info("%s", msg)
 
 
 def _read_folder(folder: Path) -> dict[str, bytes]:

@@ -20,18 +20,23 @@ local temporary file first), so the frozen LLM inside them is never read into me
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import re
-import sys
 import tempfile
 from pathlib import Path
 
+from timellm_job.jobs import JobSpec
+from timellm_job.storage import job_store, open_store
 from timellm_job.storage import lease as leases
-from timellm_job.storage import open_store
 from timellm_job.storage.checkpoints import verify
 from timellm_job.storage.manifest import Manifest
+from timellm_job.trainer import distributed
 from timellm_job.trainer.checkpoint_state import load_trainable
-from timellm_job.trainer.loop import Trainer
+from timellm_job.trainer.checkpointing import Checkpointing
+from timellm_job.trainer.components import Parts, TrainingState, build_parts, fresh_state, identify
+from timellm_job.trainer.stopping import StopFlag
+from timellm_job.trainer.telemetry import Reporter
 from timellm_job.trainer.upstream import (
     ImportRefused,
     Upstream,
@@ -44,6 +49,8 @@ from timellm_job.trainer.upstream import (
 BEST_FILE = "checkpoint"
 STEP_DIR = re.compile(r"^checkpoint_step_(\d+)$")
 STEP_FILE = "checkpoint.pt"
+
+log = logging.getLogger(__name__)
 
 
 class JobBusy(RuntimeError):
@@ -63,12 +70,12 @@ def has_history(job) -> str | None:
     return " and ".join(parts) or None
 
 
-def _check_position(trainer: Trainer, up: Upstream, source: str) -> None:
+def _check_position(spec: JobSpec, parts: Parts, up: Upstream, source: str) -> None:
     """The file's place in training must be one this job has: never negative, never past its end."""
-    total, epochs = trainer.total_steps, trainer.spec.train.epochs
+    total, epochs = parts.total_steps, spec.train.epochs
     if not 0 <= up.global_step <= total:
         raise ImportRefused(f"global_step: {up.global_step} in {source} is not a step of this job "
-                            f"(0 to {total}: train.epochs {epochs} x {trainer.steps_per_epoch} steps per epoch)")
+                            f"(0 to {total}: train.epochs {epochs} x {parts.steps_per_epoch} steps per epoch)")
     if not 0 <= up.epoch <= epochs:
         raise ImportRefused(f"epoch: {up.epoch} in {source} is not an epoch of this job (0 to {epochs}, train.epochs)")
 
@@ -121,8 +128,8 @@ def read(url: str, options: dict | None) -> Upstream:
         return read_upstream(path)
 
 
-def _check_model(trainer: Trainer, up: Upstream, source: str) -> None:
-    rows = mismatches(trainer.model, up.params)
+def _check_model(state: TrainingState, up: Upstream, source: str) -> None:
+    rows = mismatches(state.model, up.params)
     if rows:
         width = max(len(r[0]) for r in rows)
         table = "\n".join(f"  {n:<{width}}  {a:>22}  {b:>22}" for n, a, b in rows)
@@ -132,56 +139,57 @@ def _check_model(trainer: Trainer, up: Upstream, source: str) -> None:
                             "vocabulary) to the run that wrote the file.")
 
 
-def _check_training_state(trainer: Trainer, up: Upstream) -> None:
-    problems = optimizer_problems(trainer.optimizer, up.optimizer) + scheduler_problems(trainer.scheduler, up.scheduler)
+def _check_training_state(state: TrainingState, up: Upstream) -> None:
+    problems = optimizer_problems(state.optimizer, up.optimizer) + scheduler_problems(state.scheduler, up.scheduler)
     if problems:
         raise ImportRefused("the optimizer or scheduler cannot carry over: " + "; ".join(problems) +
                             ". Add --weights-only to import the weights alone (fresh Adam and schedule).")
 
 
-def _take_training_state(trainer: Trainer, up: Upstream) -> None:
+def _take_training_state(spec: JobSpec, parts: Parts, state: TrainingState, up: Upstream) -> None:
     """Adam, OneCycleLR and the position in training, from a full upstream checkpoint."""
-    p = trainer.progress
-    trainer.optimizer.load_state_dict(up.optimizer)
-    trainer.scheduler.load_state_dict(up.scheduler)
-    n = trainer.steps_per_epoch
+    p = state.progress
+    state.optimizer.load_state_dict(up.optimizer)
+    state.scheduler.load_state_dict(up.scheduler)
+    n = parts.steps_per_epoch
     p.global_step = up.global_step
-    p.epoch = min(up.epoch, trainer.spec.train.epochs)
+    p.epoch = min(up.epoch, spec.train.epochs)
     p.batch = max(0, min(n, up.global_step - up.epoch * n))
 
 
-def _commit(trainer: Trainer, kind: str, source: str) -> Manifest:
-    p = trainer.progress
-    before = len(trainer.saver.committed)
-    trainer.save(kind, wait=True)
-    if len(trainer.saver.committed) == before:
+def _commit(ckpt: Checkpointing, state: TrainingState, kind: str, source: str) -> Manifest:
+    p = state.progress
+    before = len(ckpt.saver.committed)
+    ckpt.save(state, kind, None, wait=True)
+    if len(ckpt.saver.committed) == before:
         raise ImportRefused(f"a {kind} checkpoint at step {p.global_step} exists already; nothing more was written")
-    manifest = trainer.saver.committed[-1]
-    problems = verify(trainer.job, manifest)
+    manifest = ckpt.saver.committed[-1]
+    problems = verify(ckpt.job, manifest)
     if problems:
         raise ImportRefused(f"the checkpoint committed from {source} does not verify: {'; '.join(problems)}")
     return manifest
 
 
-def import_checkpoint(spec, source: str, kind: str = "step", weights_only: bool = False,
+def import_checkpoint(spec: JobSpec, source: str, kind: str = "step", weights_only: bool = False,
                       source_options: dict | None = None, add: bool = False) -> list[Manifest]:
     """Import a file (as ``kind``) or a whole upstream run folder; returns what was committed.
     ``add``: into a job that has checkpoints or results already (else ImportRefused)."""
     # no backbone cache writes: an import that is refused must leave nothing behind
     spec = spec.model_copy(update={"run": spec.run.model_copy(update={"backbone_cache": False})})
-    trainer = Trainer(spec, attempt=0, background_saves=False)
-    holder = leases.live_holder(trainer.job)
+    identity = identify(spec)
+    job = job_store(spec.storage.root, spec.name, spec.storage.options)
+    holder = leases.live_holder(job)
     if holder is not None:
         raise JobBusy(f"job {spec.name} is running (orchestrator pid {holder.pid} on {holder.host}); "
                       "stop it before importing")
-    held = has_history(trainer.job)
+    held = has_history(job)
     if held and not add:
         raise ImportRefused(f"job {spec.name} has {held} already: importing into it could change what it "
                             "resumes from. Give --add to add the run to it (its best replaces the job's only if "
                             "its validation loss is lower; nothing is deleted), or import into a new job name")
     # committed under the job's newest lease generation, so the import is ordered after the
     # checkpoints already there; a submit that starts meanwhile fences the import out
-    trainer.fence = leases.Fence(trainer.job, leases.newest_generation(trainer.job))
+    fence = leases.Fence(job, leases.newest_generation(job))
     folder = run_folder(source, source_options)
     if folder is None:
         best_url, step_url = (source, None) if kind == "best" else (None, source)
@@ -189,17 +197,21 @@ def import_checkpoint(spec, source: str, kind: str = "step", weights_only: bool 
         best_url, step_url = folder
     best = read(best_url, source_options) if best_url else None
     step = read(step_url, source_options) if step_url else None
-    trainer.build()
-    trainer.saver.retention = False  # an import adds; retention runs at the job's next commit
+    world = distributed.World()  # one process
+    reporter = Reporter(job, attempt=0, main=False)  # an import writes no heartbeat or metrics
+    parts = build_parts(spec, world, job, reporter.heartbeat, StopFlag(world), attempt=0)
+    state = fresh_state(spec, world, parts)
+    ckpt = Checkpointing(spec, job, identity, world, parts, reporter, attempt=0, fence=fence, background=False)
+    ckpt.saver.retention = False  # an import adds; retention runs at the job's next commit
     for up, url in ((best, best_url), (step, step_url)):
         if up is not None:
-            _check_model(trainer, up, url)
-            _check_position(trainer, up, url)
+            _check_model(state, up, url)
+            _check_position(spec, parts, up, url)
     full = step if step is not None else best  # the file that carries the training state
     if not weights_only:
-        _check_training_state(trainer, full)
-        _take_training_state(trainer, full)
-    p = trainer.progress
+        _check_training_state(state, full)
+        _take_training_state(spec, parts, state, full)
+    p = state.progress
     val = full.val_loss_min
     if val is not None and math.isfinite(val):
         p.best_val, p.best_step = val, p.global_step
@@ -208,10 +220,10 @@ def import_checkpoint(spec, source: str, kind: str = "step", weights_only: bool 
     for up, url, as_kind in ((best, best_url, "best"), (step, step_url, "step")):
         if up is None:
             continue
-        load_trainable(trainer.model, up.params)
-        m = _commit(trainer, as_kind, url)
+        load_trainable(state.model, up.params)
+        m = _commit(ckpt, state, as_kind, url)
         committed.append(m)
-        print(f"imported {url} as checkpoint {m.id} (step {m.step}, epoch {p.epoch}; "
-              f"{'weights only' if weights_only else 'weights, Adam and OneCycleLR'}; "
-              f"dropped {len(up.dropped)} frozen backbone entries)", file=sys.stderr)
+        log.info("imported %s as checkpoint %s (step %d, epoch %d; %s; dropped %d frozen backbone entries)",
+                 url, m.id, m.step, p.epoch, "weights only" if weights_only else "weights, Adam and OneCycleLR",
+                 len(up.dropped))
     return committed

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
-import sys
 
 import psutil
 import torch
@@ -31,6 +31,8 @@ from timellm_job.jobs.messages import first_line
 from timellm_job.trainer import footprint, memory
 from timellm_job.trainer.backbone import BackboneError, HubUnreachable, default_device, from_hub
 from timellm_job.trainer.data import DataError, data_options, load_splits
+
+log = logging.getLogger(__name__)
 
 
 def preflight(spec: JobSpec, estimate: dict | None = None) -> list[str]:
@@ -77,7 +79,7 @@ def hub_config(name: str, revision: str | None):
     try:
         return [], from_hub(lambda: AutoConfig.from_pretrained(name, revision=revision), name, within_s=0)
     except HubUnreachable as err:
-        print(f"warning: {err}", file=sys.stderr)  # not a problem: the run retries
+        log.warning("warning: %s", err)  # not a problem: the run retries
     except (OSError, ValueError) as exc:
         cause = first_line(exc)
         return [f"model.backbone.pretrained: cannot load {name!r}: {cause}"], None

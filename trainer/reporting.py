@@ -12,8 +12,8 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
-import sys
 import threading
 import time
 from typing import Any
@@ -23,6 +23,8 @@ from timellm_job.jobs.protocol import ENV_HEARTBEAT_INTERVAL_S, Heartbeat
 from timellm_job.storage.documents import write_json
 from timellm_job.storage.metrics_log import MetricsLog  # noqa: F401  (the trainer's metrics log)
 from timellm_job.storage.store import open_store
+
+log = logging.getLogger(__name__)
 
 
 class HeartbeatWriter:
@@ -94,5 +96,5 @@ class ProgressLine:
         self.last = now
         rate = self.rate
         eta = (self.total - step) / rate if rate > 0 else None
-        print(f"step {step}/{self.total} epoch {epoch} loss {loss:.4f} lr {lr:.3e} "
-              f"{rate:.2f} steps/s ETA {duration(eta)}", file=sys.stderr, flush=True)
+        log.info("step %d/%d epoch %d loss %.4f lr %.3e %.2f steps/s ETA %s", step, self.total, epoch, loss, lr,
+                 rate, duration(eta))

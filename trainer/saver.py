@@ -21,8 +21,8 @@ Invariants:
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -38,6 +38,8 @@ from timellm_job.trainer.checkpoint_state import Snapshot
 
 BACKGROUND_NICE = int(os.environ.get("TIMELLM_JOB_SAVER_NICE", "10"))
 
+log = logging.getLogger(__name__)
+
 
 def _lower_priority() -> None:
     """Let training threads win the CPU: a background save only needs to finish before the next."""
@@ -48,7 +50,7 @@ def _lower_priority() -> None:
 
 
 def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    log.info("%s", msg)
 
 
 class CheckpointSaver:

@@ -51,7 +51,8 @@ def _patch_loop(module) -> None:
         module.torch.cuda.set_per_process_memory_fraction(min(1.0, cap * 2**30 / total))
     if not (fail_at or delay or eval_delay):
         return
-    beat = module.HeartbeatWriter.beat
+    writer = sys.modules["timellm_job.trainer.reporting"].HeartbeatWriter  # imported by the loop before it
+    beat = writer.beat
 
     def stepping_beat(self, force=False, **fields):
         beat(self, force, **fields)
@@ -63,7 +64,7 @@ def _patch_loop(module) -> None:
         if "eval_batch" in fields and eval_delay:  # the beat of a validation or test batch
             time.sleep(eval_delay)
 
-    module.HeartbeatWriter.beat = stepping_beat
+    writer.beat = stepping_beat
 
 
 def _patch_model(module) -> None:
