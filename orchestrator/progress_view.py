@@ -2,8 +2,8 @@
 
 On a terminal (stderr is a TTY): one live rich bar for the phase the trainer is in (starting,
 loading, training with step/total, epoch, loss, lr, steps/s and ETA; validating and testing with
-batches), with every orchestrator message (restarts, preemptions, plans) printed above it as it
-happens. Elsewhere (a startup script, nohup, Colab's ``!``): no carriage returns, a plain line
+batches), with every orchestrator message (restarts, preemptions, plans: the ``timellm_job``
+log records, written to stderr, which the live bar redirects) printed above it as it happens. Elsewhere (a startup script, nohup, Colab's ``!``): no carriage returns, a plain line
 at every phase change and every ``TIMELLM_JOB_PROGRESS_EVERY_S`` seconds (30) while training.
 
 Invariants: the view only reads the status and heartbeat; it never decides anything, and a
@@ -12,6 +12,7 @@ broken terminal never stops a job (errors while drawing are dropped).
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -21,6 +22,8 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 
 from timellm_job.jobs.messages import duration
 from timellm_job.jobs.protocol import Heartbeat, TrainerActivity
+
+log = logging.getLogger(__name__)
 
 
 def describe(beat: Heartbeat) -> tuple[str, int | None, int | None, str]:
@@ -56,14 +59,6 @@ class ProgressView:
         self.task = None
         self.last_line, self.last_phase = 0.0, None
 
-    def say(self, msg: str) -> None:
-        """An orchestrator message, printed above the bar."""
-        line = f"[timellm-job {time.strftime('%H:%M:%S')}] {msg}"
-        if self.progress is not None:
-            self.progress.console.print(line, markup=False, highlight=False)
-        else:
-            print(line, file=self.stream, flush=True)
-
     def update(self, beat: Heartbeat | None) -> None:
         if beat is None:
             return
@@ -91,7 +86,7 @@ class ProgressView:
             return
         self.last_line, self.last_phase = now, phase
         where = f" {done}/{total}" if done is not None and total else ""
-        self.say(f"{phase}{where}" + (f" {details}" if details else ""))
+        log.info(f"{phase}{where}" + (f" {details}" if details else ""))
 
     def close(self) -> None:
         if self.progress is not None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -26,13 +27,14 @@ import yaml
 
 from timellm_job.jobs import JobSpec, Phase, SpecError, load_spec, training_fields
 from timellm_job.jobs.identity import diff_fields, without_new_defaults
+from timellm_job.jobs.messages import log_to_stderr
 from timellm_job.jobs.protocol import TRAINER_MODULE, ExitCode
 from timellm_job.jobs.spec import spec_to_yaml
 from timellm_job.orchestrator.identity import Identity, identify
 from timellm_job.orchestrator.jobstate import JobState
 from timellm_job.orchestrator.notice import NoticeWatcher
 from timellm_job.orchestrator.progress_view import ProgressView
-from timellm_job.orchestrator.supervisor import Supervisor, default_log
+from timellm_job.orchestrator.supervisor import Supervisor
 from timellm_job.storage import StorageError, Store, Unreachable, job_store, list_checkpoints
 from timellm_job.storage import lease as leases
 from timellm_job.storage.commit_strategy import strategy_for
@@ -40,6 +42,8 @@ from timellm_job.storage.documents import read_json
 from timellm_job.storage.layout import RESULTS, SPEC, STATE, STOP
 from timellm_job.storage.private import private_copy, write_private
 from timellm_job.storage.store import NotAFolder
+
+log = logging.getLogger(__name__)
 
 
 class InputError(Exception):
@@ -296,8 +300,8 @@ def prepare(spec_path: str, root: str | None, sets: tuple[str, ...], allow_low_s
     return Prepared(spec, job, workdir_for(spec), identity)
 
 
-def submit(spec_path: str, root: str | None, sets: tuple[str, ...], log=default_log,
-           allow_low_space: bool = False) -> int:
+def submit(spec_path: str, root: str | None, sets: tuple[str, ...], allow_low_space: bool = False) -> int:
+    log_to_stderr("[timellm-job %(asctime)s] %(message)s", "%H:%M:%S")  # what a person reads, as before
     try:
         prep = prepare(spec_path, root, sets, allow_low_space)
     except InputError as err:
@@ -311,13 +315,13 @@ def submit(spec_path: str, root: str | None, sets: tuple[str, ...], log=default_
     state = JobState(job, spec.name, prep.identity.hashes)
     if results and state.status.phase == Phase.COMPLETED:
         test = results.get("test", {})
-        log(f"job {spec.name} is completed already (best step {results.get('best_step')}, "
+        log.info(f"job {spec.name} is completed already (best step {results.get('best_step')}, "
             f"test mse {test.get('mse')}, mae {test.get('mae')}): nothing to do")
         return ExitCode.OK
     previous = leases.read(job)  # a vanished orchestrator's, if any: it closes its attempt as lost
 
     def watching(holder: leases.Lease, ttl: float) -> None:
-        log(f"the job's lease names pid {holder.pid} on {holder.host}: taking the job over once its lease "
+        log.info(f"the job's lease names pid {holder.pid} on {holder.host}: taking the job over once its lease "
             f"stays unrenewed for {ttl:.0f} s, judged on this machine's clock (a live holder renews it)")
 
     try:
@@ -341,22 +345,20 @@ def submit(spec_path: str, root: str | None, sets: tuple[str, ...], log=default_
         state.record_identity(prep.identity.hash, prep.identity.data_sha256)
         if state.unreadable:
             kept = state.keep_unreadable()
-            log(f"warning: {state.unreadable}: rebuilt from storage (checkpoints, results, logs)"
+            log.warning(f"warning: {state.unreadable}: rebuilt from storage (checkpoints, results, logs)"
                 + (f"; the unreadable file is kept as {kept}" if kept else ""))
         lost = state.close_lost(previous)
         if lost is not None:
-            log(f"attempt {lost.number} of a runtime that vanished is closed: {lost.reason}")
+            log.info(f"attempt {lost.number} of a runtime that vanished is closed: {lost.reason}")
         state.set_lease(lease)
         state.status.unsafe_single_writer = check_create_only(job, spec)
         if state.status.unsafe_single_writer:
-            log(f"warning: UNSAFE single-writer mode: {state.status.unsafe_single_writer}")
-        log(f"job {spec.name}: storage {job.url}, lease generation {lease.generation} taken (pid {os.getpid()})")
-        view = ProgressView() if log is default_log else None  # the live bar, or plain lines
-        if view is not None:
-            log = view.say
+            log.warning(f"warning: UNSAFE single-writer mode: {state.status.unsafe_single_writer}")
+        log.info(f"job {spec.name}: storage {job.url}, lease generation {lease.generation} taken (pid {os.getpid()})")
+        view = ProgressView()  # the live bar, or plain lines
         supervisor = Supervisor(spec, job, state, lease, lease_ttl_s(),
                                 lambda n, hint: trainer_argv(spec, local_spec, n, hint, lease),
-                                prep.workdir, log, view.update if view is not None else (lambda beat: None))
+                                prep.workdir, view.update)
         watcher = None
         if spec.run.preemption_notice is not None:
             n = spec.run.preemption_notice
@@ -364,22 +366,21 @@ def submit(spec_path: str, root: str | None, sets: tuple[str, ...], log=default_
 
             def trouble(problem: str | None) -> None:
                 if problem:
-                    log(f"warning: {problem}")
+                    log.warning(f"warning: {problem}")
                 state.status.preemption_notice = {**state.status.preemption_notice, "problem": problem}
 
             watcher = NoticeWatcher(n.provider, n.url, n.interval_s, supervisor.request_preemption, trouble).start()
         try:
             code = supervisor.run()
         except StorageError as err:
-            log(f"error: storage failed for good, stopping (the trainer stops with us): {err}")
+            log.error(f"error: storage failed for good, stopping (the trainer stops with us): {err}")
             code = ExitCode.FAILED
         finally:
-            if view is not None:
-                view.close()
+            view.close()
             if watcher:
                 watcher.stop()
                 state.status.preemption_notice = None  # nobody watches once submit ends
-        log(f"job {spec.name}: {state.status.phase.value}"
+        log.info(f"job {spec.name}: {state.status.phase.value}"
             f"{' (' + state.status.reason + ')' if state.status.reason else ''}; exit {code}")
         return code
     finally:
@@ -389,4 +390,4 @@ def submit(spec_path: str, root: str | None, sets: tuple[str, ...], log=default_
                 leases.release(job, lease)
                 state.flush()
             except (StorageError, OSError) as exc:
-                log(f"warning: could not release the lease: {exc}")
+                log.warning(f"warning: could not release the lease: {exc}")

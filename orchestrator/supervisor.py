@@ -27,10 +27,10 @@ and never count.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -49,6 +49,8 @@ from timellm_job.storage import lease as leases
 from timellm_job.storage.documents import read_json
 from timellm_job.storage.layout import STOP
 from timellm_job.storage.log_segments import LogUploader
+
+log = logging.getLogger(__name__)
 
 TICK_S = 1.0
 STOP_POLL_S = 3.0
@@ -71,11 +73,11 @@ class StopRequest:
 
 class Supervisor:
     def __init__(self, spec: JobSpec, job: Store, state: JobState, lease: leases.Lease, lease_ttl_s: float,
-                 trainer_argv: Callable[[int, dict | None], list[str]], workdir: Path, log: Callable[[str], None],
+                 trainer_argv: Callable[[int, dict | None], list[str]], workdir: Path,
                  on_progress: Callable[[dict | None], None] = lambda beat: None):
         self.spec, self.job, self.state, self.lease = spec, job, state, lease
         self.lease_ttl_s, self.renew_every = lease_ttl_s, lease_ttl_s / 3
-        self.trainer_argv, self.workdir, self.say, self.on_progress = trainer_argv, workdir, log, on_progress
+        self.trainer_argv, self.workdir, self.on_progress = trainer_argv, workdir, on_progress
         self.wake = threading.Event()
         self.stop: StopRequest | None = None
         self.lease_renewed = time.monotonic()  # renewals are timed on this machine's monotonic clock
@@ -114,14 +116,14 @@ class Supervisor:
         try:
             request = read_json(self.job, STOP)
         except ValueError as exc:  # torn or written by hand: still somebody asking to stop
-            self.say(f"warning: the stop request cannot be read ({exc}); stopping as asked")
+            log.warning(f"warning: the stop request cannot be read ({exc}); stopping as asked")
             request = {}
         if request is None:
             return
         if not isinstance(request, dict):
             request = {}
         self.job.remove(STOP)
-        self.say(f"stop requested from {request.get('host', '?')} (pid {request.get('pid', '?')})"
+        log.info(f"stop requested from {request.get('host', '?')} (pid {request.get('pid', '?')})"
                  + (": at once" if request.get("now") else ""))
         self._on_signal(signal.SIGTERM, None)
         if request.get("now"):
@@ -129,7 +131,7 @@ class Supervisor:
 
     def request_preemption(self, why: str) -> None:
         """A preemption notice (metadata watcher): the same path as our own SIGTERM."""
-        self.say(f"preemption notice: {why}")
+        log.info(f"preemption notice: {why}")
         os.kill(os.getpid(), signal.SIGTERM)
 
     # ------------------------------------------------------------------ one attempt
@@ -141,7 +143,7 @@ class Supervisor:
         self.proc = proc
         self.state.begin_attempt(proc.pid, socket.gethostname(), proc.started_at)
         self.state.flush()
-        self.say(f"attempt {attempt}: trainer pid {proc.pid} started (log: {proc.log_path})")
+        log.info(f"attempt {attempt}: trainer pid {proc.pid} started (log: {proc.log_path})")
         threading.Thread(target=lambda: (proc.exited.wait(), self.wake.set()), daemon=True).start()
         if self.stop is not None:  # a signal arrived while starting
             proc.signal_group(self.stop.signum)
@@ -153,7 +155,7 @@ class Supervisor:
         try:
             self.log_uploader.upload(proc.log_path)
         except OSError as exc:
-            self.say(f"warning: could not copy the trainer log: {exc}")
+            log.warning(f"warning: could not copy the trainer log: {exc}")
 
     def _renew_lease_if_due(self) -> None:
         now = time.monotonic()
@@ -163,11 +165,11 @@ class Supervisor:
             except StorageError as exc:  # a stalled store: try again next tick; if the lease lapses
                 # meanwhile and another runtime takes it, the next renewal (and every commit) is fenced
                 if not self.renew_failing:
-                    self.say(f"warning: could not renew the lease (trying again every tick): {exc}")
+                    log.warning(f"warning: could not renew the lease (trying again every tick): {exc}")
                 self.renew_failing = True
                 return
             if self.renew_failing:
-                self.say("the lease is renewed again")
+                log.info("the lease is renewed again")
             self.renew_failing = False
             self.state.set_lease(self.lease)
             self.lease_renewed = now
@@ -192,7 +194,7 @@ class Supervisor:
             return None
         age = proc.heartbeat_age()
         if self.stop is None and age > self.spec.run.heartbeat_timeout_s:
-            self.say(f"attempt {proc.attempt}: no heartbeat for {age:.0f} s: killing the trainer")
+            log.info(f"attempt {proc.attempt}: no heartbeat for {age:.0f} s: killing the trainer")
             proc.kill()
             return age
         if now - self.log_uploaded >= LOG_UPLOAD_S:
@@ -216,12 +218,12 @@ class Supervisor:
         except Exception as exc:  # noqa: BLE001 - see the module docstring
             why = f"{type(exc).__name__}: {first_line(exc)}"
             if why != self.tick_failing:
-                self.say(f"warning: supervision could not do its housekeeping ({why}); "
+                log.warning(f"warning: supervision could not do its housekeeping ({why}); "
                          "the trainer runs on, and the next tick tries again")
             self.tick_failing = why
             return None
         if self.tick_failing is not None:
-            self.say("supervision's housekeeping works again")
+            log.info("supervision's housekeeping works again")
             self.tick_failing = None
         return hung_for
 
@@ -266,14 +268,14 @@ class Supervisor:
         plan = self.state.attempt.memory_plan if self.state.attempt else None
         if plan and self.plan_said != proc.attempt:
             self.plan_said = proc.attempt
-            self.say(f"attempt {proc.attempt}: memory plan: {describe_plan(plan)}")
+            log.info(f"attempt {proc.attempt}: memory plan: {describe_plan(plan)}")
 
     # ------------------------------------------------------------------ the loop
     def _end(self, end: End) -> int:
         self.state.set_phase(end.phase, end.reason)
         self.state.flush()
         if end.phase is Phase.FAILED:
-            self.say(f"failed: {end.reason}")
+            log.info(f"failed: {end.reason}")
         return end.exit_code
 
     def run(self) -> int:
@@ -284,7 +286,7 @@ class Supervisor:
         except leases.LeaseLost as lost:  # fenced: the newer holder's state and files stay untouched
             if self.proc is not None and not self.proc.exited.is_set():
                 self.proc.kill()
-            self.say(f"error: {lost}; stopped the trainer, wrote nothing")
+            log.error(f"error: {lost}; stopped the trainer, wrote nothing")
             return ExitCode.FENCED
         except Exception as exc:  # noqa: BLE001 - never leave the attempt open and the trainer orphaned
             return self._abandon(exc)
@@ -305,8 +307,8 @@ class Supervisor:
         try:
             self.state.flush()
         except Exception as flush_exc:  # noqa: BLE001 - the store may be what failed
-            self.say(f"warning: could not record the failure in state.json: {first_line(flush_exc)}")
-        self.say(f"error: {why}")
+            log.warning(f"warning: could not record the failure in state.json: {first_line(flush_exc)}")
+        log.error(f"error: {why}")
         return ExitCode.FAILED
 
     def _loop(self) -> int:
@@ -318,7 +320,7 @@ class Supervisor:
             if outcome.exit_class is ExitClass.FENCED:
                 leases.check(self.job, self.lease.generation, self.lease.owner)  # raises: we are fenced too
             self.state.end_attempt(outcome.exit_code, outcome.signal, outcome.reason)
-            self.say(f"attempt {proc.attempt}: {outcome.reason}")
+            log.info(f"attempt {proc.attempt}: {outcome.reason}")
             decision = decide(outcome, history, run, self.stop.stopping() if self.stop else None)
             if isinstance(decision, End):
                 return self._end(decision)
@@ -327,12 +329,8 @@ class Supervisor:
             self.state.status.restarts += 1
             self.state.set_phase(Phase.RESTARTING, decision.reason)
             self.state.flush()
-            self.say(f"restarting in {decision.delay_s:.1f} s "
+            log.info(f"restarting in {decision.delay_s:.1f} s "
                      f"(restart {history.restarts_here}/{run.max_restarts} of this submit)")
             self._backoff(decision.delay_s)
             if self.stop is not None:
                 return self._end(stopped(self.stop.stopping()))
-
-
-def default_log(msg: str) -> None:
-    print(f"[timellm-job {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
