@@ -44,6 +44,7 @@ from timellm_job.orchestrator.attempt import TrainerProcess
 from timellm_job.orchestrator.jobstate import JobState
 from timellm_job.orchestrator.outcome import ExitClass, Outcome, Stopping, classify
 from timellm_job.orchestrator.policy import End, History, Restart, decide, stopped
+from timellm_job.orchestrator.threads import thread_env
 from timellm_job.storage import StorageError, Store, list_checkpoints
 from timellm_job.storage import lease as leases
 from timellm_job.storage.documents import read_json
@@ -139,7 +140,7 @@ class Supervisor:
         attempt = len(self.state.status.attempts) + 1
         hint = self.state.memory_hint()
         proc = TrainerProcess(self.trainer_argv(attempt, hint), self.workdir, attempt,
-                              launcher=self.spec.train.nproc > 1)
+                              env=thread_env(self.spec.train.nproc), launcher=self.spec.train.nproc > 1)
         self.proc = proc
         self.state.begin_attempt(proc.pid, socket.gethostname(), proc.started_at)
         self.state.flush()

@@ -27,6 +27,7 @@ from tests.cli import (
     wait_for_checkpoint,
     wait_for_new_ground,
     wait_for_step,
+    wait_until,
 )
 from tests.jobfiles import final_state, job_dir, quick_spec
 from timellm_job.jobs import load_spec, spec_hash
@@ -50,10 +51,8 @@ def test_a_vanished_runtime_reads_interrupted_and_its_attempt_is_closed_as_lost(
     assert json.loads(live.stdout)["phase"] == "running" and "Warning" not in live.stderr, live.stderr
     os.killpg(proc.pid, signal.SIGKILL)  # everything dies at once: nobody writes the state
     proc.wait()
-    deadline = time.time() + 10
-    while psutil.pid_exists(attempt["pid"]) and psutil.Process(attempt["pid"]).status() != "zombie":
-        assert time.time() < deadline, "the trainer outlived its orchestrator"
-        time.sleep(0.05)
+    wait_until(lambda: not psutil.pid_exists(attempt["pid"]) or psutil.Process(attempt["pid"]).status() == "zombie",
+               "the trainer to die with its orchestrator", timeout=10, poll=0.05)
     assert state(job)["phase"] == "running"  # what the dead runtime left behind...
     shown = json.loads(run(tmp_path, "status", str(spec), "--json").stdout)
     assert shown["phase"] == "interrupted" and shown["lease"] is None  # ...is not what status says
@@ -185,22 +184,21 @@ def test_where_an_attempt_resumed_is_on_record_at_once_not_at_the_next_periodic_
     spec, folder = load_spec(spec_path), job_dir(spec_path)
     job = job_store(str(folder.parent), folder.name)
     record = JobState(job, spec.name, spec_hash(spec))
-    supervisor = Supervisor(spec, job, record, None, 60.0, lambda n, hint: [], tmp_path, lambda line: None)
+    supervisor = Supervisor(spec, job, record, None, 60.0, lambda n, hint: [], tmp_path)
     repo = str(Path(__file__).resolve().parents[1])
     proc = TrainerProcess([sys.executable, "-c", TRAINER, str(tmp_path)], tmp_path, 1, env={"PYTHONPATH": repo})
     try:
         record.begin_attempt(proc.pid, "here", proc.started_at)
         record.flush()
-        deadline = time.time() + 60
-        while getattr(proc.heartbeat(), "activity", None) != "starting":
-            assert time.time() < deadline and not proc.exited.is_set(), proc.log_path.read_text()
-            time.sleep(0.05)
+        def beat_says(field: str, value) -> bool:
+            assert not proc.exited.is_set(), proc.log_path.read_text()
+            return getattr(proc.heartbeat(), field, None) == value
+
+        wait_until(lambda: beat_says("activity", "starting"), "the trainer's first beat", timeout=60, poll=0.05)
         supervisor._fold(proc)  # a beat with no resume point: nothing to put on record yet
         assert state(folder)["attempts"][0].get("resumed_from") is None
         (tmp_path / "resume").touch()
-        while not getattr(proc.heartbeat(), "resume_known", False):
-            assert time.time() < deadline and not proc.exited.is_set(), proc.log_path.read_text()
-            time.sleep(0.05)
+        wait_until(lambda: beat_says("resume_known", True), "a beat with the resume point", timeout=60, poll=0.05)
         supervisor._fold(proc)  # within the flush interval of the flush above: written at once all the same
         attempt = state(folder)["attempts"][0]
         assert attempt["resumed_from"] == {"id": "000000014-step", "step": 14} and attempt["start_step"] == 14
