@@ -52,34 +52,52 @@ def state(job: Path) -> dict:
         return {}
 
 
+def wait_until(ready, what: str, timeout: float = PATIENCE_S, poll: float = 0.1, alive=()):
+    """Poll ``ready()`` until it returns something truthy, and return that. Fails (AssertionError
+    naming ``what``) after ``timeout`` seconds, or at once when a process in ``alive`` (a Popen)
+    has ended: a wait on a job whose ``submit`` is gone would otherwise spend its whole timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = ready()
+        if got:
+            return got
+        for proc in alive:
+            if proc.poll() is not None:
+                out = proc.communicate()[0] if proc.stdout else ""
+                raise AssertionError(f"{what}: a process ended first (exit {proc.returncode}): {out}")
+        assert time.monotonic() < deadline, f"timed out after {timeout:.0f} s: {what}"
+        time.sleep(poll)
+
+
 def running_trainer(job: Path, after: int = 0, timeout: float = PATIENCE_S, submit=None) -> dict | None:
     """The running attempt (number > after) once its trainer is alive; None if ``submit`` ended."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
+    def running():
         if submit is not None and submit.poll() is not None:
-            return None
+            return {"ended": True}
         attempts = state(job).get("attempts") or []
         if attempts and attempts[-1]["number"] > after and attempts[-1].get("ended_at") is None \
                 and psutil.pid_exists(attempts[-1]["pid"]):
             return attempts[-1]
-        time.sleep(0.1)
-    raise TimeoutError(f"no running trainer in {job}")
+        return None
+
+    found = wait_until(running, f"a running trainer (attempt > {after}) in {job}", timeout)
+    return None if found.get("ended") else found
 
 
 def _wait_for_heartbeat(tmp: Path, attempt: int, reached, timeout: float, what: str) -> None:
     """Wait until the heartbeat of ``attempt`` (its own file, fresher than state.json) satisfies
     ``reached``, once the trainer has resumed (its ``start_step`` is known)."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
+    def seen() -> bool:
         for beat in (tmp / "work").glob(f"*/heartbeat-{attempt:03d}.json"):
             try:
                 doc = json.loads(beat.read_text())
             except (OSError, ValueError):
                 continue
             if "start_step" in doc and reached(doc):
-                return
-        time.sleep(0.05)
-    raise TimeoutError(f"attempt {attempt} {what}")
+                return True
+        return False
+
+    wait_until(seen, f"attempt {attempt} {what}", timeout, poll=0.05)
 
 
 def wait_for_progress(tmp: Path, attempt: int, steps: int, timeout: float = PATIENCE_S) -> None:
@@ -100,20 +118,13 @@ def wait_for_new_ground(tmp: Path, job: Path, attempt: int, steps: int = 2, time
 
 def wait_for_checkpoint(job: Path, kind: str, submit: subprocess.Popen, timeout: float = PATIENCE_S) -> None:
     """Wait until a checkpoint of ``kind`` is committed in ``job`` while ``submit`` runs."""
-    deadline = time.time() + timeout
-    while not list((job / "checkpoints").glob(f"*-{kind}/manifest.json")):
-        assert time.time() < deadline and submit.poll() is None, f"no {kind} checkpoint was committed"
-        time.sleep(0.1)
+    wait_until(lambda: list((job / "checkpoints").glob(f"*-{kind}/manifest.json")),
+               f"a committed {kind} checkpoint in {job}", timeout, alive=[submit])
 
 
 def wait_for_step(job: Path, step: int, timeout: float = PATIENCE_S) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        beat = state(job).get("heartbeat") or {}
-        if (beat.get("step") or 0) >= step:
-            return
-        time.sleep(0.1)
-    raise TimeoutError(f"step {step} not reached in {job}")
+    wait_until(lambda: ((state(job).get("heartbeat") or {}).get("step") or 0) >= step,
+               f"step {step} in {job}", timeout)
 
 
 def is_trainer(cmd: list[str]) -> bool:

@@ -22,6 +22,7 @@ from tests.cli import (
     state,
     wait_for_new_ground,
     wait_for_step,
+    wait_until,
 )
 from tests.jobfiles import final_state, job_dir, quick_spec
 
@@ -226,12 +227,11 @@ def test_same_job_on_gcs_through_the_emulator(reference, gcs_server, tmp_path):
     from timellm_job.storage.documents import read_json
 
     store = job_store(root, "quick", servers.gcs_options(gcs_server))
-    deadline = time.time() + 120
-    while time.time() < deadline:
+    def at_step_15() -> dict | None:
         doc = read_json(store, "state.json") or {}
-        if (doc.get("heartbeat") or {}).get("step", 0) >= 15:
-            break
-        time.sleep(0.3)
+        return doc if (doc.get("heartbeat") or {}).get("step", 0) >= 15 else None
+
+    doc = wait_until(at_step_15, "step 15 in state.json on GCS", poll=0.3, alive=[proc])
     os.kill(doc["attempts"][-1]["pid"], signal.SIGKILL)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out

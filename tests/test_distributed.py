@@ -25,6 +25,7 @@ from tests.cli import (
     state,
     wait_for_progress,
     wait_for_step,
+    wait_until,
 )
 from tests.jobfiles import final_state, job_dir, quick_spec
 from timellm_job.trainer.data import eval_batches, eval_rounds, load_splits, train_batches
@@ -37,10 +38,10 @@ TWO = {"nproc": 2}
 def ranks(torchrun_pid: int, timeout: float = PATIENCE_S) -> dict[int, psutil.Process]:
     """The trainer processes torchrun started, by rank (from their environment), once both run.
     Raises psutil.NoSuchProcess when torchrun has ended (the job finished or the group was torn
-    down), TimeoutError when it runs on without two trainers."""
+    down); fails when it runs on without two trainers."""
     torchrun = psutil.Process(torchrun_pid)
-    deadline = time.time() + timeout
-    while time.time() < deadline:
+
+    def both() -> dict[int, psutil.Process] | None:
         if not torchrun.is_running() or torchrun.status() == psutil.STATUS_ZOMBIE:
             raise psutil.NoSuchProcess(torchrun_pid)
         found = {}
@@ -49,11 +50,10 @@ def ranks(torchrun_pid: int, timeout: float = PATIENCE_S) -> dict[int, psutil.Pr
                 if is_trainer(p.cmdline()):
                     found[int(p.environ()["RANK"])] = p
         except psutil.Error:
-            pass  # a child that ended as it was read: look again
-        if len(found) == 2:
-            return found
-        time.sleep(0.1)
-    raise TimeoutError(f"torchrun ({torchrun_pid}) did not start two trainers in {timeout:.0f} s")
+            return None  # a child that ended as it was read: look again
+        return found if len(found) == 2 else None
+
+    return wait_until(both, f"torchrun ({torchrun_pid}) starting two trainers", timeout)
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ terminal shows it beside the phase."""
 from __future__ import annotations
 
 import json
-import time
 
+from tests.cli import wait_until
 from timellm_job.jobs.protocol import Heartbeat
 from timellm_job.orchestrator.progress_view import describe
 from timellm_job.trainer.backbone import hub_cache_bytes
@@ -27,14 +27,12 @@ def test_the_download_reaches_the_heartbeat_and_the_terminal(tmp_path, monkeypat
     heartbeat = HeartbeatWriter(str(beat_file), interval=0)
     with heartbeat.keepalive(60, "loading the backbone",
                              lambda: {"download_bytes": hub_cache_bytes("meta-llama/Meta-Llama-3-8B")}):
-        deadline = time.time() + 30
-        while json.loads(beat_file.read_text() if beat_file.exists() else "{}").get("download_bytes") != 1500:
-            assert time.time() < deadline
-            time.sleep(0.1)
+        def beat_reports(n: int) -> bool:
+            return json.loads(beat_file.read_text() if beat_file.exists() else "{}").get("download_bytes") == n
+
+        wait_until(lambda: beat_reports(1500), "a beat with the first file's bytes", timeout=30)
         (blobs / "bbb.incomplete").write_bytes(b"y" * 5000)
-        while json.loads(beat_file.read_text()).get("download_bytes") != 6000:
-            assert time.time() < deadline
-            time.sleep(0.1)
+        wait_until(lambda: beat_reports(6000), "a beat with both files' bytes", timeout=30)
         doc = json.loads(beat_file.read_text())
     assert doc["busy"] == "loading the backbone"
     phase, done, total, details = describe(Heartbeat.parse({**doc, "download_bytes": 1_530_000_000}))

@@ -15,7 +15,7 @@ import time
 import psutil
 import pytest
 
-from tests.cli import SLOW, run, running_trainer, start, state, wait_for_new_ground
+from tests.cli import SLOW, run, running_trainer, start, state, wait_for_new_ground, wait_until
 from tests.jobfiles import final_state, job_dir, quick_spec
 
 pytestmark = pytest.mark.slow
@@ -45,15 +45,10 @@ def test_a_stalled_runtime_is_fenced_by_the_next_and_the_job_ends_bit_identical(
     try:
         # the second watches the lease until it stays unchanged for a TTL of its own clock
         second = start(tmp_path, "submit", str(spec), TIMELLM_JOB_LEASE_TTL_S=TTL, **SLOW)
-        deadline = time.time() + 120
-        while 2 not in _lease_docs(job):
-            assert time.time() < deadline and second.poll() is None, "the second runtime took no lease"
-            time.sleep(0.1)
+        wait_until(lambda: 2 in _lease_docs(job), "the second runtime's lease", alive=[second])
         taken_at = _lease_docs(job)[2]["acquired_at"]
-        deadline = time.time() + 300
-        while not _gone(attempt["pid"]):  # fenced at its next commit (save_steps 7)
-            assert time.time() < deadline, "the first runtime's trainer was never fenced"
-            time.sleep(0.2)
+        # fenced at its next commit (save_steps 7)
+        wait_until(lambda: _gone(attempt["pid"]), "the first runtime's trainer fenced", poll=0.2)
     finally:
         os.kill(first.pid, signal.SIGCONT)
     out, _ = first.communicate(timeout=120)
@@ -86,15 +81,6 @@ def _committed(job) -> dict[str, dict]:
     return out
 
 
-def _wait(what: str, ready, timeout: float = 300, alive=()) -> None:
-    deadline = time.time() + timeout
-    while not ready():
-        assert time.time() < deadline, f"timed out: {what}"
-        for proc in alive:
-            assert proc.poll() is None, f"{what}: a submit ended early: {proc.communicate()[0]}"
-        time.sleep(0.1)
-
-
 def test_two_runtimes_on_one_drive_folder_through_two_lagging_mounts(reference, tmp_path):
     """Drive (issue 15): two runtimes see one Drive folder through their own mounts, which sync
     late (tests/lagging_mirror.py: file by file, a second behind, the newer change winning a
@@ -118,26 +104,27 @@ def test_two_runtimes_on_one_drive_folder_through_two_lagging_mounts(reference, 
         first = start(tmp_path, "submit", str(spec), "--root", str(mount_a / "runs"),
                       TIMELLM_JOB_LEASE_TTL_S=TTL, **SLOW)
         attempt = running_trainer(job_a, submit=first)
-        _wait("the first runtime's lease on the second mount", lambda: 1 in _lease_docs(job_b), alive=[first])
+        wait_until(lambda: 1 in _lease_docs(job_b),
+                   "the first runtime's lease on the second mount", alive=[first])
         early = run(tmp_path, "submit", str(spec), "--root", str(mount_b / "runs"),
                     TIMELLM_JOB_LEASE_TTL_S=TTL, **on_b)
         assert early.returncode == 3 and "held by orchestrator" in early.stderr, early.stderr
-        _wait("a checkpoint on the second mount", lambda: _committed(job_b), alive=[first])
+        wait_until(lambda: _committed(job_b), "a checkpoint on the second mount", alive=[first])
         mirror.pause("a->b")  # the first runtime's uploads fall behind; it trains and commits on
         seen = max(m["step"] for m in _committed(job_b).values())
-        _wait("a checkpoint the second mount has not seen",
-              lambda: max(m["step"] for m in _committed(job_a).values()) > seen, alive=[first])
+        wait_until(lambda: max(m["step"] for m in _committed(job_a).values()) > seen,
+                   "a checkpoint the second mount has not seen", alive=[first])
         # the first trainer is held from here until generation 2 reaches its mount, so it cannot
         # finish the job before the takeover however fast it trains (its orchestrator renews on)
         os.kill(attempt["pid"], signal.SIGSTOP)
-        _wait("the lease to expire as the second mount sees it",
-              lambda: _lease_docs(job_b)[1]["expires_at"] < time.time(), alive=[first])
+        wait_until(lambda: _lease_docs(job_b)[1]["expires_at"] < time.time(),
+                   "the lease to expire as the second mount sees it", alive=[first])
         assert first.poll() is None  # ... while the first runtime lives and renews it on its own mount
         assert _lease_docs(job_a)[1]["expires_at"] > _lease_docs(job_b)[1]["expires_at"]
         second = start(tmp_path, "submit", str(spec), "--root", str(mount_b / "runs"),
                        TIMELLM_JOB_LEASE_TTL_S=TTL, **on_b, **SLOW)
-        _wait("the second runtime's lease", lambda: 2 in _lease_docs(job_b), alive=[second])
-        _wait("generation 2 on the first mount", lambda: 2 in _lease_docs(job_a), alive=[second])
+        wait_until(lambda: 2 in _lease_docs(job_b), "the second runtime's lease", alive=[second])
+        wait_until(lambda: 2 in _lease_docs(job_a), "generation 2 on the first mount", alive=[second])
         with contextlib.suppress(ProcessLookupError):  # its orchestrator may have ended it already, fenced
             os.kill(attempt["pid"], signal.SIGCONT)
         out, _ = first.communicate(timeout=300)  # fenced once generation 2 reaches its mount
@@ -148,7 +135,7 @@ def test_two_runtimes_on_one_drive_folder_through_two_lagging_mounts(reference, 
         mirror.resume("a->b")
         out, _ = second.communicate(timeout=600)
         assert second.returncode == 0, out
-        _wait("the mounts to agree", mirror.settled, timeout=120)
+        wait_until(mirror.settled, "the mounts to agree", timeout=120)
     finally:
         for proc in (first, second):
             if proc is not None and proc.poll() is None:
@@ -204,7 +191,7 @@ def test_a_writer_stalled_mid_checkpoint_on_s3_never_writes_into_the_next_holder
                 time.sleep(0.02)
                 continue
             proxy.stall()  # A's uploads, renewals and everything else hang, unanswered
-            _wait("requests under way before the stall", proxy.settled, timeout=60)
+            wait_until(proxy.settled, "requests under way before the stall", timeout=60)
             target = mid_checkpoint()  # still no manifest once nothing more can land: frozen there
             if target is None:
                 proxy.resume()
@@ -213,7 +200,7 @@ def test_a_writer_stalled_mid_checkpoint_on_s3_never_writes_into_the_next_holder
         def b_committed_target() -> bool:
             return any(m.id == target and m.lease_generation == 2 for m in list_checkpoints(store).committed)
 
-        _wait("B commits the checkpoint A was writing", b_committed_target, alive=(b,))
+        wait_until(b_committed_target, "B commits the checkpoint A was writing", alive=(b,))
     finally:
         proxy.resume()  # A wakes: its held uploads land now
     try:

@@ -10,11 +10,11 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
+from tests.cli import wait_until
 from tests.jobfiles import final_state, job_dir, quick_spec
 from timellm_job.storage import job_store, list_checkpoints, verify
 
@@ -65,10 +65,9 @@ def test_random_sigkills_resume_bit_identical(reference, tmp_path):
 def test_sigterm_commits_a_preempt_checkpoint_and_exits_143(reference, tmp_path):
     spec = quick_spec(tmp_path)
     proc = trainer(spec)
-    deadline = time.time() + 120
     job = job_store(str(tmp_path / "root"), "quick")
-    while time.time() < deadline and not any(m.kind == "step" for m in list_checkpoints(job).committed):
-        time.sleep(0.2)
+    wait_until(lambda: any(m.kind == "step" for m in list_checkpoints(job).committed), "a step checkpoint",
+               poll=0.2, alive=[proc])
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err
@@ -159,20 +158,20 @@ def test_a_preemption_at_a_step_just_saved_writes_no_second_checkpoint_of_it(tmp
     t.build()
     t.resume()
     t.plan_memory()
-    batches = train_batches(t.splits.train, t.spec.train.batch_size, 0, 0)
+    batches = train_batches(t.parts.splits.train, t.spec.train.batch_size, 0, 0)
     for _ in range(2):
         _, (x, y, _) = next(batches)
         t.optimizer_step(x, y)
-        t.progress.global_step += 1
-        t.progress.batch += 1
+        t.state.progress.global_step += 1
+        t.state.progress.batch += 1
     t.save("step")  # in flight on the saver's thread
-    assert t._preempted(signal.SIGTERM) == 143
+    assert t.preempted(signal.SIGTERM) == 143
     kinds = [(m.step, m.kind) for m in list_checkpoints(t.job).committed]
     assert kinds == [(2, "step")]
     _, (x, y, _) = next(batches)
     t.optimizer_step(x, y)
-    t.progress.global_step += 1
-    t.progress.batch += 1
-    assert t._preempted(signal.SIGTERM) == 143
+    t.state.progress.global_step += 1
+    t.state.progress.batch += 1
+    assert t.preempted(signal.SIGTERM) == 143
     kinds = [(m.step, m.kind) for m in list_checkpoints(t.job).committed]
     assert kinds == [(3, "preempt"), (2, "step")]
