@@ -5,25 +5,31 @@ from __future__ import annotations
 import json
 import time
 
+from tests.cli import wait_until
+from tests.clocks import ManualClock
 from timellm_job.trainer.reporting import HeartbeatWriter
-
-
-def _age(path) -> float:
-    return time.time() - json.loads(path.read_text())["time"]
 
 
 def test_keepalive_beats_during_a_long_call_then_falls_silent_after_its_limit(tmp_path):
     path = tmp_path / "heartbeat.json"
-    beat = HeartbeatWriter(str(path), interval=0.5)
+    clock = ManualClock()  # time passes when the test says so; the keep-alive ticks every 10 ms
+    beat = HeartbeatWriter(str(path), interval=0.5, clock=clock, keepalive_every_s=0.01)
+
+    def written_at() -> float:
+        return json.loads(path.read_text())["time"]
+
     beat.beat(force=True, phase="training")
     with beat.keepalive(limit_s=2.5, what="checkpoint write"):
-        time.sleep(2.2)
-        assert _age(path) < 1.5  # still beating, saying why
+        clock.now += 2.2  # a long call, within the limit: still beating, saying why
+        wait_until(lambda: written_at() == clock.now, "a keep-alive beat", timeout=30, poll=0.01)
         assert json.loads(path.read_text())["busy"] == "checkpoint write"
-        time.sleep(2.5)
-        assert _age(path) > 1.5  # past the limit: silence, so a call stuck for good reads as a hang
+        clock.now += 2.5  # past the limit: silence, so a call stuck for good reads as a hang
+        time.sleep(0.05)  # a tick that read the clock just before it moved has written by now
+        last = written_at()
+        time.sleep(0.2)  # twenty keep-alive ticks: none beats
+        assert written_at() == last
     doc = json.loads(path.read_text())
-    assert doc["busy"] is None and doc["phase"] == "training" and _age(path) < 0.5
+    assert doc["busy"] is None and doc["phase"] == "training" and doc["time"] == clock.now
 
 
 def test_without_a_heartbeat_file_keepalive_does_nothing(tmp_path, monkeypatch):

@@ -21,6 +21,7 @@ from typing import Any
 from timellm_job.jobs.messages import duration
 from timellm_job.jobs.protocol import ENV_HEARTBEAT_INTERVAL_S, Heartbeat
 from timellm_job.storage.documents import write_json
+from timellm_job.storage.lease import SYSTEM, Clock
 from timellm_job.storage.metrics_log import MetricsLog  # noqa: F401  (the trainer's metrics log)
 from timellm_job.storage.store import open_store
 
@@ -32,10 +33,12 @@ class HeartbeatWriter:
     call (a download, waiting for a checkpoint write) does ``keepalive`` beat from a helper
     thread, and only for a bounded time, so a call stuck for good still reads as a hang."""
 
-    def __init__(self, path: str | None, interval: float | None = None):
+    def __init__(self, path: str | None, interval: float | None = None, clock: Clock = SYSTEM,
+                 keepalive_every_s: float = 1.0):
         if interval is None:  # 0 (benchmarks): a beat at every step
             interval = float(os.environ.get(ENV_HEARTBEAT_INTERVAL_S, "0.5"))
         self.interval, self.last = interval, 0.0
+        self.clock, self.keepalive_every_s = clock, keepalive_every_s  # injectable: tests pass their own time
         self.store = open_store(os.path.dirname(path)) if path else None
         self.name = os.path.basename(path) if path else None
         self.doc = Heartbeat(pid=os.getpid())
@@ -45,7 +48,7 @@ class HeartbeatWriter:
         """Fold ``fields`` (Heartbeat's) in; write when forced or ``interval`` has passed."""
         with self.lock:
             self.doc.update(fields)
-            now = time.time()
+            now = self.clock.time()
             if self.store is None or (not force and now - self.last < self.interval):
                 return
             self.last = now
@@ -60,10 +63,10 @@ class HeartbeatWriter:
             yield
             return
         done = threading.Event()
-        start = time.time()
+        start = self.clock.monotonic()
 
         def run():
-            while not done.wait(1.0) and time.time() - start < limit_s:
+            while not done.wait(self.keepalive_every_s) and self.clock.monotonic() - start < limit_s:
                 try:
                     extra = measure() if measure else {}
                 except OSError:
