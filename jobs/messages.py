@@ -42,13 +42,13 @@ class _Stderr(logging.StreamHandler):
 
 def log_to_stderr(fmt: str = "%(message)s", datefmt: str | None = None) -> None:
     """Send the product's log records (the ``timellm_job`` loggers, INFO and above) to standard
-    error as the lines a person reads, once per process. Other libraries' loggers are left as
+    error as the lines a person reads (one handler per process; called again, the new format). Other libraries' loggers are left as
     they are, so the terminal shows what it showed before the product logged."""
     logger = logging.getLogger("timellm_job")
-    if any(isinstance(h, _Stderr) for h in logger.handlers):
-        return
-    handler = _Stderr()
-    handler.setFormatter(logging.Formatter(fmt, datefmt))
-    logger.addHandler(handler)
+    handler = next((h for h in logger.handlers if isinstance(h, _Stderr)), None)
+    if handler is None:
+        handler = _Stderr()
+        logger.addHandler(handler)
+    handler.setFormatter(logging.Formatter(fmt, datefmt))  # a process has one terminal: the last format
     logger.setLevel(logging.INFO)
     logger.propagate = False

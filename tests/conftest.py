@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests import servers
+from timellm_job.jobs.messages import log_to_stderr
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -26,6 +27,11 @@ os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(FAULTS), os.environ.g
 # threads as there are cores slow each other 10-30 times on 2 cores. A reference run and the runs
 # compared with it always share this setting (CPU results depend on the thread count).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# The product's messages reach stderr as its entry points send them there (python -m
+# timellm_job.trainer, submit), so a test that calls the product in-process reads them as a
+# terminal would (capsys).
+log_to_stderr()
 
 # Never reach a cloud metadata server or a real endpoint from tests.
 os.environ.setdefault("NO_GCE_CHECK", "true")
