@@ -11,6 +11,6 @@ trap 'kill "$tools" 2>/dev/null || true' EXIT  # not left running when the other
 bash scripts/setup.sh test
 wait "$tools"
 # two test files at once (pytest-xdist; a file's tests stay together, so its module fixtures are
-# built once); each process runs one intra-op thread (tests/conftest.py), so the two do not spin
+# built once), the longest first (tests/conftest.py); each process runs one intra-op thread (tests/conftest.py), so the two do not spin
 # against each other on 2 cores. Arguments go to pytest: `-n 0` runs one file at a time.
-exec .venv/bin/python -m pytest -q -n 2 --dist loadfile --durations=25 "$@"
+exec .venv/bin/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=25 "$@"

@@ -89,3 +89,15 @@ def reference(tmp_path_factory):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     return final_state(job_dir(spec))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Longest first: files marked ``long``, then ``slow`` ones, then the rest, each kept in its
+    order. With two test processes (scripts/test.sh, ``--no-loadscope-reorder``) the files are
+    handed out in this order, so a run of several minutes never starts last while the other
+    process idles."""
+    def weight(item) -> int:
+        return 0 if item.get_closest_marker("long") else 1 if item.get_closest_marker("slow") else 2
+
+    items.sort(key=weight)
+

@@ -16,7 +16,7 @@ import pytest
 
 from benchmarks import chaos
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]  # about 3.5 minutes on 2 cores
 EPOCHS = 4
 
 

@@ -58,6 +58,10 @@ log = logging.getLogger(__name__)
 
 
 class Trainer:
+    """One trainer process: build, resume, plan, epochs, finish. What it is built from lives in
+    its components (``parts``: built once; ``state``: what a checkpoint holds; ``checkpoints``;
+    ``report``); the loop only orders them."""
+
     def __init__(self, spec: JobSpec, attempt: int = 1, background_saves: bool = True,
                  previous_plan: dict | None = None, lease: tuple[int, str] | None = None):
         self.spec, self.attempt, self.background_saves = spec, attempt, background_saves
