@@ -191,6 +191,29 @@ class RunSpec(_Section):
     crash_loop_limit: int = Field(default=3, ge=2)
     preemption_notice: PreemptionNotice | None = None
     backbone_cache: bool = True
+    # a word when a runtime dies: webhooks told of every phase change, and a dead-man's switch
+    # (healthchecks.io's convention) pinged while the job runs; secrets, redacted when stored
+    notify: list[str] = Field(default_factory=list)
+    healthcheck_url: str | None = None
+    healthcheck_every_s: float = Field(default=60.0, gt=0.0)
+
+    @field_validator("notify")
+    @classmethod
+    def _webhooks(cls, v: list[str]) -> list[str]:
+        for url in v:
+            _http_url(url)
+        return v
+
+    @field_validator("healthcheck_url")
+    @classmethod
+    def _healthcheck(cls, v: str | None) -> str | None:
+        return v if v is None else _http_url(v).rstrip("/")
+
+
+def _http_url(url: str) -> str:
+    if not re.match(r"^https?://[^/?#\s]+", url or ""):
+        raise ValueError(f"{url!r} is not an http(s) URL")
+    return url
 
 
 class JobSpec(_Section):

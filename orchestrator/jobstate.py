@@ -17,6 +17,7 @@ Invariants:
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from timellm_job.jobs import Attempt, JobStatus, Phase
@@ -103,6 +104,8 @@ class JobState:
         self.status, self.unreadable = read_status(job, name)
         self.last_flush = 0.0
         self.fence: Fence | None = None  # set with the lease: a fenced writer never writes state.json
+        # told of every phase change and every attempt's start (orchestrator.notify); never raises
+        self.on_change: Callable[[JobStatus], None] | None = None
 
     @property
     def attempt(self) -> Attempt | None:
@@ -137,6 +140,7 @@ class JobState:
         self.status.attempts.append(attempt)
         self.status.phase = Phase.RUNNING
         self.status.reason = None
+        self._changed()
         return attempt
 
     def fold_heartbeat(self, beat: Heartbeat | None) -> None:
@@ -201,7 +205,14 @@ class JobState:
             a.ended_at, a.exit_code, a.signal, a.reason = time.time(), exit_code, signal_name, reason
 
     def set_phase(self, phase: Phase, reason: str | None = None) -> None:
+        changed = phase is not self.status.phase
         self.status.phase, self.status.reason = phase, reason
+        if changed:
+            self._changed()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change(self.status)
 
     def flush(self, force: bool = True, every_s: float = 5.0) -> None:
         now = time.time()

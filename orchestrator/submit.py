@@ -33,6 +33,7 @@ from timellm_job.jobs.spec import spec_to_yaml
 from timellm_job.orchestrator.identity import Identity, identify
 from timellm_job.orchestrator.jobstate import JobState
 from timellm_job.orchestrator.notice import NoticeWatcher
+from timellm_job.orchestrator.notify import Notifier
 from timellm_job.orchestrator.progress_view import ProgressView
 from timellm_job.orchestrator.supervisor import Supervisor
 from timellm_job.storage import StorageError, Store, Unreachable, job_store, list_checkpoints
@@ -200,6 +201,13 @@ def redacted_url(value: str) -> str:
            f"{'?<redacted>' if m.group('query') else ''}"
 
 
+def redacted_secret_url(value: str) -> str:
+    """A URL that is itself a secret (a webhook, a healthcheck's ping URL): its scheme and host
+    only."""
+    m = re.match(r"^(?P<base>[a-zA-Z][a-zA-Z0-9+.-]*://)(?:[^@/?#]*@)?(?P<host>[^/?#]*)", value or "")
+    return f"{m.group('base')}{m.group('host')}/<redacted>" if m else "<redacted>"
+
+
 def redacted(value, key: str = ""):
     """``storage.options`` as the stored spec keeps them: a value survives only under a key
     known to be harmless (``HARMLESS_OPTIONS``; ``token`` only when it names a method such as
@@ -221,6 +229,9 @@ def redacted_yaml(spec: JobSpec) -> str:
     doc["storage"]["options"] = redacted(doc["storage"]["options"])
     doc["storage"]["root"] = redacted_url(doc["storage"]["root"])
     doc["data"]["path"] = redacted_url(doc["data"]["path"])
+    doc["run"]["notify"] = [redacted_secret_url(u) for u in doc["run"].get("notify") or []]
+    if doc["run"].get("healthcheck_url"):
+        doc["run"]["healthcheck_url"] = redacted_secret_url(doc["run"]["healthcheck_url"])
     notice = doc["run"].get("preemption_notice")
     if notice and notice.get("url"):
         notice["url"] = redacted_url(notice["url"])
@@ -356,6 +367,9 @@ def submit(spec_path: str, root: str | None, sets: tuple[str, ...], allow_low_sp
             log.warning(f"warning: UNSAFE single-writer mode: {state.status.unsafe_single_writer}")
         log.info(f"job {spec.name}: storage {job.url}, lease generation {lease.generation} taken (pid {os.getpid()})")
         view = ProgressView()  # the live bar, or plain lines
+        notifier = Notifier(spec.name, spec.run.notify, spec.run.healthcheck_url, spec.run.healthcheck_every_s) \
+            if spec.run.notify or spec.run.healthcheck_url else None
+        state.on_change = notifier.changed if notifier is not None else None
         supervisor = Supervisor(spec, job, state, lease, lease_ttl_s(),
                                 lambda n, hint: trainer_argv(spec, local_spec, n, hint, lease),
                                 prep.workdir, view.update)
@@ -377,6 +391,8 @@ def submit(spec_path: str, root: str | None, sets: tuple[str, ...], allow_low_sp
             code = ExitCode.FAILED
         finally:
             view.close()
+            if notifier is not None:
+                notifier.close()  # the final phase goes out (a few seconds at most)
             if watcher:
                 watcher.stop()
                 state.status.preemption_notice = None  # nobody watches once submit ends
