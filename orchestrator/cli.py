@@ -220,6 +220,30 @@ def list_cmd(root: str, as_json: bool) -> None:
         render_list(rows)
 
 
+@main.command("table", short_help="Every job under a root as the paper lays out its results.")
+@click.option("--root", default=".", show_default=True, help=ROOT_HELP)
+@click.option("--format", "fmt", type=click.Choice(["md", "csv", "json"]), default="md", show_default=True)
+def table_cmd(root: str, fmt: str) -> None:
+    """One row per job under a root (dataset, horizon, seed, the sweep's fields, phase, test MSE and
+    MAE normalized and in data units, best validation loss, goodput); in markdown, beneath them,
+    the mean and spread over seeds per horizon and the average over horizons per dataset."""
+    from timellm_job.orchestrator import results_table
+    from timellm_job.storage import open_store
+
+    try:
+        store = open_store(root if "://" in root else os.path.abspath(os.path.expanduser(root)))
+        table = results_table.rows(store)
+    except StorageError as err:
+        click.echo(f"error: --root: {err}", err=True)
+        sys.exit(ExitCode.BAD_INPUT)
+    if fmt == "json":
+        click.echo(json.dumps(table, indent=1))
+    elif fmt == "csv":
+        click.echo(results_table.as_csv(table), nl=False)
+    else:
+        click.echo(results_table.markdown(table), nl=False)
+
+
 @main.command()
 @click.argument("spec", type=click.Path(dir_okay=False))
 @click.option("--root", help=ROOT_HELP)
