@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import click
 
@@ -218,6 +219,34 @@ def list_cmd(root: str, as_json: bool) -> None:
         click.echo(json.dumps(rows, indent=1))
     else:
         render_list(rows)
+
+
+@main.command(short_help="Every point of a grid as an ordinary job (local engine).")
+@click.argument("sweep_file", metavar="SWEEP.yaml", type=click.Path(dir_okay=False))
+@click.option("--root", help=ROOT_HELP + " (default: the base job's storage.root)")
+@click.option("--on", "engine", type=click.Choice(["local", "ray", "skypilot"]), default="local", show_default=True,
+              help="Where the jobs run.")
+@click.option("--max-parallel", type=click.IntRange(min=1), default=1, show_default=True,
+              help="local: jobs at once on this machine (one GPU each where there are GPUs).")
+def sweep(sweep_file: str, root: str | None, engine: str, max_parallel: int) -> None:
+    """Expand SWEEP.yaml (a base job and a grid of dotted fields) into ordinary jobs under one
+    root and run them: running it again trains nothing that completed. Exit 0 when every job
+    completed, 1 when any did not (the table says which), 2 for a bad sweep file."""
+    from timellm_job.jobs.messages import log_to_stderr
+    from timellm_job.jobs.sweep import load_sweep
+    from timellm_job.orchestrator.sweep import LocalEngine
+
+    try:
+        plan = load_sweep(sweep_file, root=root)
+    except SpecError as err:
+        click.echo(f"error: {sweep_file}:\n{err}", err=True)
+        sys.exit(ExitCode.BAD_INPUT)
+    if engine != "local":
+        click.echo(f"error: --on {engine}: not available in this version; --on local runs the sweep here", err=True)
+        sys.exit(ExitCode.BAD_INPUT)
+    log_to_stderr("[timellm-job %(asctime)s] %(message)s", "%H:%M:%S")
+    base = os.environ.get("TIMELLM_JOB_WORKDIR") or os.path.join(os.path.expanduser("~"), ".cache", "timellm-job")
+    sys.exit(LocalEngine(plan, Path(base) / "sweeps" / plan.name, max_parallel).run())
 
 
 @main.command("table", short_help="Every job under a root as the paper lays out its results.")
