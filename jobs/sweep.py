@@ -8,6 +8,9 @@ A sweep file (CONTRACT, "Being added")::
       data.pred_len: [96, 192, 336, 720]
       train.seed: [1, 2, 3]
 
+A value that is a mapping, given for a section, sets those fields of it together (``data:
+[{kind: ETTh1, path: ...}, {kind: ETTh2, path: ...}]``: a dataset is its kind and its file).
+
 Invariants:
 - Expansion is deterministic: the same file gives the same jobs with the same names in the same
   order (the grid's fields in file order, the last one varying fastest).
@@ -54,6 +57,8 @@ class Sweep:
 
 
 def _slug(value: Any) -> str:
+    if isinstance(value, dict) and value:  # several fields set together: named by the first
+        value = next(iter(value.values()))
     text = json.dumps(value) if not isinstance(value, str) else value
     return re.sub(r"[^A-Za-z0-9._]+", "_", text).strip("._") or "_"
 
@@ -77,13 +82,17 @@ def _names(sweep_name: str, points: list[dict[str, Any]]) -> list[str]:
 
 
 def _set(raw: dict, dotted: str, value: Any) -> None:
+    """Set a dotted field; a mapping set on a section sets those of its fields together."""
     node = raw
     parts = dotted.split(".")
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise SpecError([f"grid.{dotted}: {part} is not a section"])
-    node[parts[-1]] = value
+    if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
+        node[parts[-1]] = {**node[parts[-1]], **value}
+    else:
+        node[parts[-1]] = value
 
 
 def parse_sweep(raw: Any, base_dir: Path, root: str | None = None) -> Sweep:

@@ -95,3 +95,13 @@ def test_a_sweeps_job_whose_runtime_died_is_run_again_and_ends_as_its_solo_run(r
     assert logs.count("is completed already") == 1  # the second sweep trained nothing
     rows = {r["name"]: r for r in json.loads(run(tmp_path, "table", "--root", str(root), "--format", "json").stdout)}
     assert rows["seeds-seed7"]["fields"] == {"train.seed": 7} and rows["seeds-seed2021"]["test"] is not None
+
+
+def test_the_papers_ett_sweep_is_sixteen_jobs_each_dataset_with_its_own_file(tmp_path):
+    sweep = load_sweep(REPO / "examples" / "sweep-ett-paper.yaml", root=str(tmp_path))
+    got = {(p.spec.data.kind, p.spec.data.path.rsplit("/", 1)[-1], p.spec.data.pred_len) for p in sweep.points}
+    assert len(sweep.points) == len(got) == 16
+    assert all(path == f"{kind}.csv" for kind, path, _ in got)
+    assert {h for *_, h in got} == {96, 192, 336, 720}
+    assert sweep.points[0].name == "ett-paper-dataETTh1-pred_len96"
+    assert all(p.spec.model.quantization == "nf4" for p in sweep.points)  # the rest is the base's
