@@ -4,13 +4,10 @@
 # stop them; nothing else is contacted.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# the two venvs are independent: installed side by side (a failure in either stops the run)
-bash scripts/setup-tools.sh &  # SkyPilot, hadolint, nbformat for tests/test_packaging.py
-tools=$!
-trap 'kill "$tools" 2>/dev/null || true' EXIT  # not left running when the other fails
 bash scripts/setup.sh test
-wait "$tools"
+bash scripts/setup-tools.sh  # SkyPilot, hadolint, nbformat for tests/test_packaging.py
 # two test files at once (pytest-xdist; a file's tests stay together, so its module fixtures are
-# built once), the longest first (tests/conftest.py); each process runs one intra-op thread (tests/conftest.py), so the two do not spin
-# against each other on 2 cores. Arguments go to pytest: `-n 0` runs one file at a time.
+# built once), the long ones first (tests/conftest.py); each process runs one intra-op thread
+# (tests/conftest.py), so the two do not spin against each other on 2 cores. Arguments go to
+# pytest: `-n 0` runs one file at a time.
 exec .venv/bin/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=25 "$@"

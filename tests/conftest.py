@@ -92,12 +92,15 @@ def reference(tmp_path_factory):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Longest first: files marked ``long``, then ``slow`` ones, then the rest, each kept in its
-    order. With two test processes (scripts/test.sh, ``--no-loadscope-reorder``) the files are
-    handed out in this order, so a run of several minutes never starts last while the other
-    process idles."""
-    def weight(item) -> int:
-        return 0 if item.get_closest_marker("long") else 1 if item.get_closest_marker("slow") else 2
+    """Files marked ``long`` first, then the rest as xdist orders them (files with the most tests
+    first; ``--no-loadscope-reorder`` keeps this order). A run of several minutes never starts
+    last while the other test process idles, and the end-to-end files, which contend when two run
+    at once, stay mixed with the unit files."""
+    per_file: dict[str, int] = {}
+    for item in items:
+        per_file[item.nodeid.split("::")[0]] = per_file.get(item.nodeid.split("::")[0], 0) + 1
 
-    items.sort(key=weight)
+    def order(item) -> tuple[int, int]:
+        return (0 if item.get_closest_marker("long") else 1, -per_file[item.nodeid.split("::")[0]])
 
+    items.sort(key=order)
