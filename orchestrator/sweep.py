@@ -38,7 +38,7 @@ from timellm_job.jobs.spec import spec_to_yaml
 from timellm_job.jobs.sweep import Point, Sweep
 from timellm_job.orchestrator.results_table import SWEEP_FIELDS, markdown, row
 from timellm_job.orchestrator.threads import thread_env
-from timellm_job.storage import job_store
+from timellm_job.storage import StorageError, job_store
 from timellm_job.storage.documents import read_json, write_json
 from timellm_job.storage.private import write_private
 
@@ -80,14 +80,19 @@ class LocalEngine:
         self.stopping = signum
 
     def _mark(self, point: Point) -> None:
+        """The job's grid fields beside it (what ``table`` shows); a store that fails here is the
+        job's own submit's to report, not a reason to stop the other jobs."""
         job = job_store(point.spec.storage.root, point.name, point.spec.storage.options)
         doc = {"sweep": self.sweep.name, "fields": point.fields}
         try:
-            same = read_json(job, SWEEP_FIELDS) == doc
-        except ValueError:
-            same = False
-        if not same:
-            write_json(job, SWEEP_FIELDS, doc)
+            try:
+                same = read_json(job, SWEEP_FIELDS) == doc
+            except ValueError:
+                same = False
+            if not same:
+                write_json(job, SWEEP_FIELDS, doc)
+        except StorageError as err:
+            log.warning(f"warning: sweep {self.sweep.name}: could not write {point.name}/{SWEEP_FIELDS}: {err}")
 
     def _start(self, point: Point, slot: int) -> Running:
         spec_path = self.workdir / f"{point.name}.yaml"
