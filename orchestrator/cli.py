@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import click
 
@@ -204,14 +203,12 @@ def import_cmd(spec: str, source: str, root: str | None, sets: tuple[str, ...], 
 @click.option("--json", "as_json", is_flag=True, help="One JSON list instead of a table.")
 def list_cmd(root: str, as_json: bool) -> None:
     """List every job under a storage root: phase, step/total, best val loss, last heartbeat."""
-    from timellm_job.orchestrator.status_view import render_list, summary
+    from timellm_job.orchestrator.status_view import job_names, render_list, summary
     from timellm_job.storage import open_store
-    from timellm_job.storage.layout import SPEC, STATE
 
     try:
         store = open_store(root if "://" in root else os.path.abspath(os.path.expanduser(root)))
-        rows = [summary(store.child(name), name) for name, kind, _ in store.list_dir("")
-                if kind == "directory" and (store.exists(f"{name}/{STATE}") or store.exists(f"{name}/{SPEC}"))]
+        rows = [summary(store.child(name), name) for name in job_names(store)]
     except StorageError as err:
         click.echo(f"error: --root: {err}", err=True)
         sys.exit(ExitCode.BAD_INPUT)
@@ -232,8 +229,8 @@ def sweep(sweep_file: str, root: str | None, engine: str, max_parallel: int) -> 
     """Expand SWEEP.yaml (a base job and a grid of dotted fields) into ordinary jobs under one
     root and run them: running it again trains nothing that completed. Exit 0 when every job
     completed, 1 when any did not (the table says which), 2 for a bad sweep file."""
-    from timellm_job.jobs.messages import log_to_stderr
     from timellm_job.jobs.sweep import load_sweep
+    from timellm_job.orchestrator.submit import log_to_terminal, workdir_root
     from timellm_job.orchestrator.sweep import LocalEngine
 
     try:
@@ -244,9 +241,8 @@ def sweep(sweep_file: str, root: str | None, engine: str, max_parallel: int) -> 
     if engine != "local":
         click.echo(f"error: --on {engine}: not available in this version; --on local runs the sweep here", err=True)
         sys.exit(ExitCode.BAD_INPUT)
-    log_to_stderr("[timellm-job %(asctime)s] %(message)s", "%H:%M:%S")
-    base = os.environ.get("TIMELLM_JOB_WORKDIR") or os.path.join(os.path.expanduser("~"), ".cache", "timellm-job")
-    sys.exit(LocalEngine(plan, Path(base) / "sweeps" / plan.name, max_parallel).run())
+    log_to_terminal()
+    sys.exit(LocalEngine(plan, workdir_root() / "sweeps" / plan.name, max_parallel).run())
 
 
 @main.command("table", short_help="Every job under a root as the paper lays out its results.")

@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from timellm_job.jobs.status import JobStatus, Phase
+from timellm_job.orchestrator.redaction import redacted_secret_url
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +41,6 @@ TIMEOUT_S = 10.0  # one request
 CLOSE_S = 5.0  # the final messages, at submit's exit
 QUEUE_SIZE = 100
 LIVE = (Phase.RUNNING, Phase.RESTARTING)
-
-
-def _redacted(url: str) -> str:
-    scheme, _, rest = url.partition("://")
-    return f"{scheme}://{rest.split('/', 1)[0].rsplit('@', 1)[-1]}/<redacted>"
 
 
 @dataclass(frozen=True)
@@ -133,12 +129,12 @@ class Notifier:
         except Exception as exc:  # noqa: BLE001 - a notifier never harms the job
             if request.url not in self.failing:
                 self.failing.add(request.url)
-                log.warning(f"warning: notifier {_redacted(request.url)} failed "
+                log.warning(f"warning: notifier {redacted_secret_url(request.url)} failed "
                             f"({type(exc).__name__}: {str(exc)[:200]}); the job goes on")
             return
         if request.url in self.failing:
             self.failing.discard(request.url)
-            log.info(f"notifier {_redacted(request.url)} answers again")
+            log.info(f"notifier {redacted_secret_url(request.url)} answers again")
 
     def _send_loop(self) -> None:
         while not self.closed.is_set():

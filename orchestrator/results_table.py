@@ -29,17 +29,12 @@ from typing import Any
 import yaml
 
 from timellm_job.jobs.messages import first_line
-from timellm_job.orchestrator.status_view import summary
+from timellm_job.orchestrator.status_view import job_names, summary_and_status
 from timellm_job.storage import Store
 from timellm_job.storage.documents import read_json
-from timellm_job.storage.layout import RESULTS, SPEC, STATE
+from timellm_job.storage.layout import RESULTS, SPEC
 
 SWEEP_FIELDS = "sweep.json"  # in a job's folder, where a sweep wrote it: {"sweep": name, "fields": {...}}
-
-
-def job_names(root: Store) -> list[str]:
-    return sorted(name for name, kind, _ in root.list_dir("")
-                  if kind == "directory" and (root.exists(f"{name}/{STATE}") or root.exists(f"{name}/{SPEC}")))
 
 
 def _dataset(data: dict) -> str:
@@ -49,28 +44,30 @@ def _dataset(data: dict) -> str:
 
 def row(job: Store, name: str) -> dict[str, Any]:
     """One job's row; never raises for what a job folder holds."""
-    line = summary(job, name)
+    line, status = summary_and_status(job, name)
     out: dict[str, Any] = {"name": name, "phase": line["phase"], "dataset": None, "pred_len": None, "seed": None,
                            "fields": {}, "global_step": line.get("global_step"), "total_steps": line.get("total_steps"),
                            "test": None, "test_data_units": None, "best_val_loss": line.get("best_val_loss"),
-                           "goodput": None}
+                           "goodput": None, **({"problem": line["problem"]} if "problem" in line else {})}
     try:
-        spec = yaml.safe_load(job.read_bytes(SPEC)) if job.exists(SPEC) else None
+        try:
+            spec = yaml.safe_load(job.read_bytes(SPEC))
+        except FileNotFoundError:
+            spec = None
         if isinstance(spec, dict):
             data, train = spec.get("data") or {}, spec.get("train") or {}
             out.update(dataset=_dataset(data), pred_len=data.get("pred_len"), seed=train.get("seed"))
-        swept = read_json(job, SWEEP_FIELDS) if job.exists(SWEEP_FIELDS) else None
+        swept = read_json(job, SWEEP_FIELDS)
         if isinstance(swept, dict) and isinstance(swept.get("fields"), dict):
             out["fields"] = swept["fields"]
-        results = read_json(job, RESULTS) if job.exists(RESULTS) else None
+        results = read_json(job, RESULTS)
         if isinstance(results, dict) and isinstance(results.get("test"), dict):
             t = results["test"]
             out["test"] = {"mse": t.get("mse"), "mae": t.get("mae")}
             out["test_data_units"] = {"mse": t.get("mse_data_units"), "mae": t.get("mae_data_units")}
             if results.get("val_loss") is not None:
                 out["best_val_loss"] = results["val_loss"]
-        state = read_json(job, STATE) if job.exists(STATE) else None
-        good = (state or {}).get("goodput") if isinstance(state, dict) else None
+        good = status.goodput if status is not None else None
         if isinstance(good, dict) and good.get("share") is not None:
             out["goodput"] = good["share"]
     except Exception as exc:  # noqa: BLE001 - one job's trouble never hides the others

@@ -15,12 +15,12 @@ from rich.table import Table
 
 from timellm_job.jobs.messages import duration, first_line
 from timellm_job.jobs.protocol import Heartbeat
-from timellm_job.jobs.status import LeaseInfo, describe_plan, effective_phase, goodput
+from timellm_job.jobs.status import JobStatus, LeaseInfo, describe_plan, effective_phase, goodput
 from timellm_job.orchestrator.jobstate import checkpoint_infos, fold_results, load_status, read_status
 from timellm_job.storage import Store, list_checkpoints
 from timellm_job.storage import lease as leases
 from timellm_job.storage.checkpoints import summaries, verify
-from timellm_job.storage.layout import BACKBONE
+from timellm_job.storage.layout import BACKBONE, SPEC, STATE
 from timellm_job.storage.set_apart import list_set_apart
 
 STALE_S = 60.0  # a running job's state.json older than this is not current (its ETA is not shown)
@@ -71,21 +71,33 @@ def collect(job: Store, name: str, verify_hashes: bool = False, spec_hash: str |
     return doc
 
 
+def job_names(root: Store) -> list[str]:
+    """The jobs under a storage root: its folders holding a state document or a stored spec."""
+    return [name for name, kind, _ in root.list_dir("")
+            if kind == "directory" and (root.exists(f"{name}/{STATE}") or root.exists(f"{name}/{SPEC}"))]
+
+
 def summary(job: Store, name: str) -> dict[str, Any]:
     """One line of ``list``: from the state document and the lease alone (no checkpoint listing).
     A job whose state.json cannot be read is shown as ``unreadable``, never an error."""
+    return summary_and_status(job, name)[0]
+
+
+def summary_and_status(job: Store, name: str) -> tuple[dict[str, Any], JobStatus | None]:
+    """``summary``, and the status document it was read from (None when it could not be read)."""
     try:
         status, unreadable = read_status(job, name)
     except Exception as exc:  # noqa: BLE001 - one job's trouble never hides the others
         return {"name": name, "phase": "unreadable", "global_step": 0, "total_steps": None, "best_val_loss": None,
-                "heartbeat_age_s": None, "host": None, "problem": first_line(exc)}
+                "heartbeat_age_s": None, "host": None, "problem": first_line(exc)}, None
     holder = leases.live_holder(job)
     beat = status.heartbeat.time if status.heartbeat else None
     phase = "unreadable" if unreadable else effective_phase(status.phase, holder is not None).value
     return {"name": name, "phase": phase, "global_step": status.global_step,
             "total_steps": status.total_steps, "best_val_loss": status.best.val_loss if status.best else None,
             "heartbeat_age_s": round(time.time() - beat, 1) if beat else None,
-            "host": holder.host if holder else None, **({"problem": unreadable} if unreadable else {})}
+            "host": holder.host if holder else None, **({"problem": unreadable} if unreadable else {})}, \
+        None if unreadable else status
 
 
 def render_list(rows: list[dict[str, Any]], console: Console | None = None) -> None:

@@ -16,7 +16,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from timellm_job.orchestrator.jobstate import JobState
 from timellm_job.orchestrator.notice import NoticeWatcher
 from timellm_job.orchestrator.notify import Notifier
 from timellm_job.orchestrator.progress_view import ProgressView
+from timellm_job.orchestrator.redaction import redacted_yaml
 from timellm_job.orchestrator.supervisor import Supervisor
 from timellm_job.storage import StorageError, Store, Unreachable, job_store, list_checkpoints
 from timellm_job.storage import lease as leases
@@ -80,10 +80,19 @@ def lease_ttl_s() -> float:
     return float(os.environ.get("TIMELLM_JOB_LEASE_TTL_S", "60"))
 
 
+def log_to_terminal() -> None:
+    """The orchestrator's messages as a person reads them: ``[timellm-job HH:MM:SS] ...``."""
+    log_to_stderr("[timellm-job %(asctime)s] %(message)s", "%H:%M:%S")
+
+
+def workdir_root() -> Path:
+    """This machine's folder for local copies (specs, trainer logs, heartbeats, sweeps)."""
+    return Path(os.environ.get("TIMELLM_JOB_WORKDIR") or os.path.join(Path.home(), ".cache", "timellm-job"))
+
+
 def workdir_for(spec: JobSpec) -> Path:
-    base = os.environ.get("TIMELLM_JOB_WORKDIR") or os.path.join(Path.home(), ".cache", "timellm-job")
     key = hashlib.sha256(spec.storage.root.encode()).hexdigest()[:8]
-    return Path(base) / f"{spec.name}-{key}"
+    return workdir_root() / f"{spec.name}-{key}"
 
 
 def check_create_only(job: Store, spec: JobSpec) -> str | None:
@@ -180,64 +189,6 @@ def check_space(job: Store, spec: JobSpec, estimate: dict, allow_low_space: bool
     raise InputError(why)
 
 
-# storage.options whose values are harmless to keep in the stored spec (everything else is
-# redacted, at any depth): where the store is, never who may use it
-HARMLESS_OPTIONS = {"project", "region", "region_name", "endpoint_url", "endpoint", "location",
-                    "default_location", "use_ssl", "requester_pays", "version_aware", "anon",
-                    "consistency", "cache_timeout", "listings_expiry_time", "auto_mkdir", "target_protocol",
-                    "client_kwargs", "config_kwargs", "s3_additional_kwargs", "default_block_size",
-                    "fixed_upload_size", "addressing_style", "signature_version", "timeout", "retries"}
-TOKEN_METHODS = {"anon", "google_default", "cache", "cloud", "browser"}  # gcsfs: how, not what
-_URL = re.compile(r"^(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<userinfo>[^@/?#]*@)?(?P<rest>[^?#]*)(?P<query>\?[^#]*)?(?P<frag>#.*)?$")
-
-
-def redacted_url(value: str) -> str:
-    """A URL without its user-info (``user:password@``) and its query (where signed URLs and
-    SAS tokens carry their signatures); any other string as it is."""
-    m = _URL.match(value) if isinstance(value, str) else None
-    if not m or not (m.group("userinfo") or m.group("query")):
-        return value
-    return f"{m.group('scheme')}{'<redacted>@' if m.group('userinfo') else ''}{m.group('rest')}" \
-           f"{'?<redacted>' if m.group('query') else ''}"
-
-
-def redacted_secret_url(value: str) -> str:
-    """A URL that is itself a secret (a webhook, a healthcheck's ping URL): its scheme and host
-    only."""
-    m = re.match(r"^(?P<base>[a-zA-Z][a-zA-Z0-9+.-]*://)(?:[^@/?#]*@)?(?P<host>[^/?#]*)", value or "")
-    return f"{m.group('base')}{m.group('host')}/<redacted>" if m else "<redacted>"
-
-
-def redacted(value, key: str = ""):
-    """``storage.options`` as the stored spec keeps them: a value survives only under a key
-    known to be harmless (``HARMLESS_OPTIONS``; ``token`` only when it names a method such as
-    ``anon``), URLs lose their user-info and signatures, and everything else is redacted."""
-    if isinstance(value, dict):
-        return {k: redacted(v, str(k)) if str(k) in HARMLESS_OPTIONS or str(k) == "token" else "<redacted>"
-                for k, v in value.items()} if not key or key in HARMLESS_OPTIONS else "<redacted>"
-    if key == "token":
-        return value if isinstance(value, str) and value in TOKEN_METHODS else "<redacted>"
-    if isinstance(value, list):
-        return [redacted(v, key) for v in value] if key in HARMLESS_OPTIONS else "<redacted>"
-    if isinstance(value, str):
-        return redacted_url(value)
-    return value
-
-
-def redacted_yaml(spec: JobSpec) -> str:
-    doc = spec.model_dump(mode="json")
-    doc["storage"]["options"] = redacted(doc["storage"]["options"])
-    doc["storage"]["root"] = redacted_url(doc["storage"]["root"])
-    doc["data"]["path"] = redacted_url(doc["data"]["path"])
-    doc["run"]["notify"] = [redacted_secret_url(u) for u in doc["run"].get("notify") or []]
-    if doc["run"].get("healthcheck_url"):
-        doc["run"]["healthcheck_url"] = redacted_secret_url(doc["run"]["healthcheck_url"])
-    notice = doc["run"].get("preemption_notice")
-    if notice and notice.get("url"):
-        notice["url"] = redacted_url(notice["url"])
-    return yaml.safe_dump(doc, sort_keys=False)
-
-
 def _without_path(fields: dict) -> dict:
     return {**fields, "data": {k: v for k, v in (fields.get("data") or {}).items() if k != "path"}}
 
@@ -312,7 +263,7 @@ def prepare(spec_path: str, root: str | None, sets: tuple[str, ...], allow_low_s
 
 
 def submit(spec_path: str, root: str | None, sets: tuple[str, ...], allow_low_space: bool = False) -> int:
-    log_to_stderr("[timellm-job %(asctime)s] %(message)s", "%H:%M:%S")  # what a person reads, as before
+    log_to_terminal()
     try:
         prep = prepare(spec_path, root, sets, allow_low_space)
     except InputError as err:

@@ -64,7 +64,6 @@ class Running:
     point: Point
     proc: subprocess.Popen
     slot: int
-    log_path: Path
 
 
 class LocalEngine:
@@ -74,7 +73,6 @@ class LocalEngine:
         self.parallel = max(1, min(max_parallel, self.gpus) if self.gpus else max_parallel)
         self.stopping: int | None = None  # the signal that stopped the sweep
         self.runs: collections.Counter[str] = collections.Counter()
-        self.ended: dict[str, int] = {}  # job -> its submit's last exit code
 
     def _on_signal(self, signum, frame) -> None:
         self.stopping = signum
@@ -109,7 +107,7 @@ class LocalEngine:
         self.runs[point.name] += 1
         log.info(f"sweep {self.sweep.name}: job {point.name} started (run {self.runs[point.name]}, "
                  f"slot {slot}{f', GPU {slot % self.gpus}' if self.gpus else ''}; log: {log_path})")
-        return Running(point, proc, slot, log_path)
+        return Running(point, proc, slot)
 
     def _again(self, code: int) -> bool:
         return self.stopping is None and (code in AGAIN or code < 0)
@@ -135,7 +133,6 @@ class LocalEngine:
                 if code is None:
                     continue
                 running.remove(r)
-                self.ended[r.point.name] = code
                 if self._again(code) and self.runs[r.point.name] <= RERUNS:
                     log.info(f"sweep {self.sweep.name}: job {r.point.name} ended with exit {code}: run again")
                     pending.append(r.point)

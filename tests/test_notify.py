@@ -12,11 +12,12 @@ import threading
 import pytest
 import yaml
 
+from tests import servers
 from tests.cli import run, state, wait_until
 from tests.jobfiles import final_state, job_dir, quick_spec
 from timellm_job.jobs import Attempt, JobStatus, Phase, SpecError, load_spec
 from timellm_job.orchestrator.notify import Notifier
-from timellm_job.orchestrator.submit import redacted_yaml
+from timellm_job.orchestrator.redaction import redacted_yaml
 
 
 class Recorder:
@@ -75,11 +76,7 @@ def _status(phase: Phase, attempts: int = 1, reason: str | None = None) -> JobSt
 
 
 def _closed_port() -> str:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{s.getsockname()[1]}/hook"
+    return f"http://127.0.0.1:{servers.free_port()}/hook"  # nothing listens there
 
 
 def test_every_phase_change_is_posted_with_the_contracts_fields(recorder):

@@ -13,7 +13,7 @@ import pytest
 from tests import servers
 from tests.cli import start
 from tests.jobfiles import quick_spec
-from timellm_job.orchestrator.submit import redacted, redacted_url
+from timellm_job.orchestrator.redaction import redacted, redacted_url
 
 
 def test_secrets_are_redacted_at_any_depth():

@@ -13,7 +13,7 @@ import pytest
 from tests.cli import run
 from tests.jobfiles import job_dir, quick_spec
 from timellm_job.jobs import load_spec
-from timellm_job.orchestrator.submit import redacted_yaml
+from timellm_job.orchestrator.redaction import redacted_yaml
 from timellm_job.storage import open_store
 
 
@@ -58,7 +58,7 @@ def test_one_row_per_job_with_the_contracts_fields_and_nothing_written(root):
     assert rows["h96-s2"]["test"] == {"mse": 0.44, "mae": 0.22} and rows["h96-s2"]["fields"]["train.seed"] == 2
     assert rows["h96-s2"]["best_val_loss"] == pytest.approx(0.54) and rows["h96-s2"]["goodput"] == 0.5
     assert rows["h192-s2"]["test"] is None and rows["h192-s2"]["phase"] in ("running", "interrupted")
-    assert rows["torn"]["phase"] == "unreadable" and rows["torn"]["test"] is None
+    assert rows["torn"]["phase"] == "unreadable" and rows["torn"]["test"] is None and "state.json" in rows["torn"]["problem"]
     assert _listing(root / "root") == before  # read-only
 
 

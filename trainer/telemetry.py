@@ -23,9 +23,8 @@ from timellm_job.trainer.tensorboard import TensorBoardLog
 
 
 class Reporter:
-    def __init__(self, job: Store, attempt: int, main: bool, heartbeat_path: str | None = None):
-        path = heartbeat_path if heartbeat_path is not None else os.environ.get(ENV_HEARTBEAT)
-        self.heartbeat = HeartbeatWriter(path if main else None)
+    def __init__(self, job: Store, attempt: int, main: bool):
+        self.heartbeat = HeartbeatWriter(os.environ.get(ENV_HEARTBEAT) if main else None)
         self.metrics = MetricsLog(job, attempt, enabled=main)
         self.tb = TensorBoardLog(job, attempt, enabled=main)  # with the tensorboard extra
         self.startup = {"imported": time.time()}
