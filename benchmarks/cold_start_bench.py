@@ -36,11 +36,10 @@ import time
 import uuid
 from pathlib import Path
 
-from benchmarks.common import machine
+from benchmarks.common import TINY_SPEC, machine
 
 REPO = Path(__file__).resolve().parents[1]
 
-TINY = REPO.parent / "shared" / "spec" / "jobs" / "tiny-cpu.yaml"
 REPO_ID = "stand-in/llama"
 
 
@@ -76,7 +75,7 @@ def start(root: str, options: dict, name: str, backbone: str, cache: bool, env: 
     sets = [f"name={name}", f"model.backbone={{pretrained: {backbone}}}", "model.quantization=nf4",
             "model.d_ff=32", f"run.backbone_cache={str(cache).lower()}", f"storage.options={json.dumps(options)}",
             "data.percent=5", "data.features=S", "train.batch_size=1", f"train.device={device}"]
-    argv = [sys.executable, "-m", "timellm_job.orchestrator.cli", "submit", str(TINY), "--root", root]
+    argv = [sys.executable, "-m", "timellm_job.orchestrator.cli", "submit", str(TINY_SPEC), "--root", root]
     for s in sets:
         argv += ["--set", s]
     work = Path(env["TIMELLM_JOB_WORKDIR"])

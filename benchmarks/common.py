@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 FAULTS = Path(__file__).resolve().parents[1] / "tests" / "faults"
+TINY_SPEC = Path(__file__).resolve().parents[2] / "shared" / "spec" / "jobs" / "tiny-cpu.yaml"  # the demo's job
 
 
 def with_faults(env: dict[str, str]) -> dict[str, str]:

@@ -31,12 +31,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import machine
-from timellm_job.orchestrator.threads import thread_env, usable_cores
+from benchmarks.common import TINY_SPEC, machine
+from timellm_job.orchestrator.threads import THREAD_VARS, thread_env, usable_cores
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = REPO.parent / "shared" / "spec" / "jobs" / "tiny-cpu.yaml"
-THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def _env(work: Path, extra: dict[str, str], heartbeat: Path) -> dict[str, str]:
@@ -60,7 +58,7 @@ def run_case(work: Path, processes: int, extra: dict[str, str], steps: int) -> l
         root, beat = work / f"root-{i}", work / f"heartbeat-{i}.json"
         shutil.rmtree(root, ignore_errors=True)
         beat.unlink(missing_ok=True)
-        procs.append(subprocess.Popen([sys.executable, "-m", "timellm_job.trainer", "run", str(TINY), "--root",
+        procs.append(subprocess.Popen([sys.executable, "-m", "timellm_job.trainer", "run", str(TINY_SPEC), "--root",
                                        str(root), "--set", "train.epochs=1"], cwd=REPO, env=_env(work, extra, beat),
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
         beats.append(beat)

@@ -22,11 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import machine
+from benchmarks.common import TINY_SPEC, machine
 
-REPO = Path(__file__).resolve().parents[1]
-
-TINY = REPO.parent / "shared" / "spec" / "jobs" / "tiny-cpu.yaml"
 LLAMA3_VOCAB = ["--set", "model.backbone.random.vocab_size=128256", "--set", "model.num_tokens=1000",
                 "--set", "data.percent=5"]
 
@@ -36,7 +33,7 @@ def trainer_for(root: str, background: bool, sets: list[str]):
     from timellm_job.trainer.loop import Trainer
 
     pairs = tuple(sets[i + 1] for i in range(0, len(sets), 2))
-    spec = load_spec(TINY, root=root, sets=pairs)
+    spec = load_spec(TINY_SPEC, root=root, sets=pairs)
     t = Trainer(spec, background_saves=background)
     t.build()
     return t
@@ -101,10 +98,10 @@ def baseline() -> None:
     root = tempfile.mkdtemp(prefix="tiny-", dir="/var/tmp")
     try:
         start = time.time()
-        subprocess.run([sys.executable, "-m", "timellm_job.trainer", "run", str(TINY), "--root", root], check=True,
+        subprocess.run([sys.executable, "-m", "timellm_job.trainer", "run", str(TINY_SPEC), "--root", root], check=True,
                        stderr=subprocess.DEVNULL)
         wall = time.time() - start
-        spec = load_spec(TINY, root=root)
+        spec = load_spec(TINY_SPEC, root=root)
         results = json.loads((Path(root) / spec.name / "results.json").read_text())
         splits = load_splits(spec.data)
         se = ae = se_raw = ae_raw = count = 0.0
