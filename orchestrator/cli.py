@@ -7,6 +7,7 @@ written); 3 another live orchestrator holds the job; 143/130 stopped by SIGTERM/
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
@@ -223,26 +224,48 @@ def list_cmd(root: str, as_json: bool) -> None:
 @click.option("--root", help=ROOT_HELP + " (default: the base job's storage.root)")
 @click.option("--on", "engine", type=click.Choice(["local", "ray", "skypilot"]), default="local", show_default=True,
               help="Where the jobs run.")
-@click.option("--max-parallel", type=click.IntRange(min=1), default=1, show_default=True,
-              help="local: jobs at once on this machine (one GPU each where there are GPUs).")
+@click.option("--max-parallel", type=click.IntRange(min=1),
+              help="Jobs at once. local: on this machine, one GPU each where there are GPUs (default 1); "
+                   "ray: tasks in flight (default: as many as the cluster's resources hold).")
 def sweep(sweep_file: str, root: str | None, engine: str, max_parallel: int) -> None:
     """Expand SWEEP.yaml (a base job and a grid of dotted fields) into ordinary jobs under one
     root and run them: running it again trains nothing that completed. Exit 0 when every job
     completed, 1 when any did not (the table says which), 2 for a bad sweep file."""
     from timellm_job.jobs.sweep import load_sweep
     from timellm_job.orchestrator.submit import log_to_terminal, workdir_root
-    from timellm_job.orchestrator.sweep import LocalEngine
 
     try:
         plan = load_sweep(sweep_file, root=root)
     except SpecError as err:
         click.echo(f"error: {sweep_file}:\n{err}", err=True)
         sys.exit(ExitCode.BAD_INPUT)
-    if engine != "local":
-        click.echo(f"error: --on {engine}: not available in this version; --on local runs the sweep here", err=True)
+    if engine == "ray" and importlib.util.find_spec("ray") is None:
+        click.echo("error: --on ray: Ray is not installed here: pip install 'timellm-job[ray]'", err=True)
         sys.exit(ExitCode.BAD_INPUT)
     log_to_terminal()
-    sys.exit(LocalEngine(plan, workdir_root() / "sweeps" / plan.name, max_parallel).run())
+    if engine == "ray":
+        from timellm_job.orchestrator.sweep_ray import RayEngine
+
+        sys.exit(RayEngine(plan, max_parallel).run())
+    if engine == "skypilot":
+        sys.exit(_sweep_on_skypilot(plan, sweep_file))
+    from timellm_job.orchestrator.sweep import LocalEngine
+
+    sys.exit(LocalEngine(plan, workdir_root() / "sweeps" / plan.name, max_parallel or 1).run())
+
+
+def _sweep_on_skypilot(plan, sweep_file: str) -> int:
+    from timellm_job.orchestrator.submit import InputError
+    from timellm_job.orchestrator.sweep_sky import SkyPilotEngine, SkyPilotError
+
+    try:
+        return SkyPilotEngine(plan).run()
+    except InputError as err:
+        click.echo(f"error: {sweep_file}: {err}", err=True)
+        return ExitCode.BAD_INPUT
+    except SkyPilotError as err:
+        click.echo(f"error: {err}", err=True)
+        return ExitCode.FAILED
 
 
 @main.command("table", short_help="Every job under a root as the paper lays out its results.")

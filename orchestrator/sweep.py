@@ -59,6 +59,45 @@ def gpu_count() -> int:
     return sum(1 for line in out.splitlines() if line.startswith("GPU "))
 
 
+def again(code: int) -> bool:
+    """Whether a job's ``submit`` that exited with ``code`` is run again: preempted, fenced or
+    lost (killed by a signal: its runtime died); not one that completed, failed or was refused."""
+    return code in AGAIN or code < 0
+
+
+def submit_argv(spec_path: Path) -> list[str]:
+    """The job's own ``timellm-job submit``, in this Python."""
+    return [sys.executable, "-m", "timellm_job.orchestrator.cli", "submit", str(spec_path)]
+
+
+def mark(sweep: Sweep, point: Point) -> None:
+    """The job's grid fields beside it (what ``table`` shows); a store that fails here is the
+    job's own submit's to report, not a reason to stop the other jobs."""
+    job = job_store(point.spec.storage.root, point.name, point.spec.storage.options)
+    doc = {"sweep": sweep.name, "fields": point.fields}
+    try:
+        try:
+            same = read_json(job, SWEEP_FIELDS) == doc
+        except ValueError:
+            same = False
+        if not same:
+            write_json(job, SWEEP_FIELDS, doc)
+    except StorageError as err:
+        log.warning(f"warning: sweep {sweep.name}: could not write {point.name}/{SWEEP_FIELDS}: {err}")
+
+
+def summary(sweep: Sweep, stopping: int | None) -> int:
+    """The sweep's table, from storage, and its exit code: 0 when every job completed, 1 when any
+    did not, 130/143 when the sweep was stopped by SIGINT/SIGTERM."""
+    rows = [row(job_store(p.spec.storage.root, p.name, p.spec.storage.options), p.name) for p in sweep.points]
+    print(markdown(rows), end="", flush=True)
+    if stopping is not None:
+        return ExitCode.SIGINT if stopping == signal.SIGINT else ExitCode.SIGTERM
+    done = [r for r in rows if r["phase"] == "completed"]
+    log.info(f"sweep {sweep.name}: {len(done)} of {len(rows)} jobs completed")
+    return ExitCode.OK if len(done) == len(rows) else ExitCode.FAILED
+
+
 @dataclass
 class Running:
     point: Point
@@ -77,40 +116,21 @@ class LocalEngine:
     def _on_signal(self, signum, frame) -> None:
         self.stopping = signum
 
-    def _mark(self, point: Point) -> None:
-        """The job's grid fields beside it (what ``table`` shows); a store that fails here is the
-        job's own submit's to report, not a reason to stop the other jobs."""
-        job = job_store(point.spec.storage.root, point.name, point.spec.storage.options)
-        doc = {"sweep": self.sweep.name, "fields": point.fields}
-        try:
-            try:
-                same = read_json(job, SWEEP_FIELDS) == doc
-            except ValueError:
-                same = False
-            if not same:
-                write_json(job, SWEEP_FIELDS, doc)
-        except StorageError as err:
-            log.warning(f"warning: sweep {self.sweep.name}: could not write {point.name}/{SWEEP_FIELDS}: {err}")
-
     def _start(self, point: Point, slot: int) -> Running:
         spec_path = self.workdir / f"{point.name}.yaml"
         write_private(spec_path, spec_to_yaml(point.spec).encode())  # credentials: 0600, never in an argv
-        self._mark(point)
+        mark(self.sweep, point)
         env = {**os.environ, **thread_env(self.parallel)}
         if self.gpus:
             env["CUDA_VISIBLE_DEVICES"] = str(slot % self.gpus)
         log_path = self.workdir / f"{point.name}.log"
         with open(log_path, "ab") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "timellm_job.orchestrator.cli", "submit", str(spec_path)],
-                                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                    start_new_session=True)
+            proc = subprocess.Popen(submit_argv(spec_path), stdout=out, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, env=env, start_new_session=True)
         self.runs[point.name] += 1
         log.info(f"sweep {self.sweep.name}: job {point.name} started (run {self.runs[point.name]}, "
                  f"slot {slot}{f', GPU {slot % self.gpus}' if self.gpus else ''}; log: {log_path})")
         return Running(point, proc, slot)
-
-    def _again(self, code: int) -> bool:
-        return self.stopping is None and (code in AGAIN or code < 0)
 
     def run(self) -> int:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -133,20 +153,10 @@ class LocalEngine:
                 if code is None:
                     continue
                 running.remove(r)
-                if self._again(code) and self.runs[r.point.name] <= RERUNS:
+                if self.stopping is None and again(code) and self.runs[r.point.name] <= RERUNS:
                     log.info(f"sweep {self.sweep.name}: job {r.point.name} ended with exit {code}: run again")
                     pending.append(r.point)
                 else:
                     log.info(f"sweep {self.sweep.name}: job {r.point.name} ended with exit {code}")
             time.sleep(0.2)
-        return self._summary()
-
-    def _summary(self) -> int:
-        rows = [row(job_store(p.spec.storage.root, p.name, p.spec.storage.options), p.name) for p in self.sweep.points]
-        print(markdown(rows), end="", flush=True)
-        if self.stopping is not None:
-            return ExitCode.SIGINT if self.stopping == signal.SIGINT else ExitCode.SIGTERM
-        done = [r for r in rows if r["phase"] == "completed"]
-        log.info(f"sweep {self.sweep.name}: {len(done)} of {len(rows)} jobs completed")
-        return ExitCode.OK if len(done) == len(rows) else ExitCode.FAILED
-
+        return summary(self.sweep, self.stopping)

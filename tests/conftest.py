@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 import uuid
 from pathlib import Path
 
@@ -79,16 +78,9 @@ def backend(request, tmp_path):
 def reference(tmp_path_factory):
     """The quick job trained once, uninterrupted, by the trainer alone: what every
     interrupted run must reproduce bit for bit."""
-    import subprocess
+    from tests.jobfiles import solo_run
 
-    from tests.jobfiles import final_state, job_dir, quick_spec
-
-    folder = tmp_path_factory.mktemp("reference")
-    spec = quick_spec(folder)
-    proc = subprocess.run([sys.executable, "-m", "timellm_job.trainer", "run", str(spec)], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr
-    return final_state(job_dir(spec))
+    return solo_run(tmp_path_factory.mktemp("reference"))
 
 
 def pytest_collection_modifyitems(config, items):

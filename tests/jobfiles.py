@@ -7,7 +7,8 @@ from pathlib import Path
 
 import yaml
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
 ETTH1 = SHARED / "data" / "ETT-small" / "ETTh1.csv"
 TINY_SPEC = SHARED / "spec" / "jobs" / "tiny-cpu.yaml"
 BIG_SPEC = SHARED / "spec" / "jobs" / "etth1-llama3-nf4.yaml"
@@ -81,3 +82,17 @@ def file_of(store, ckpt_id: str, name: str, base: str = "checkpoints") -> str:
 
     manifest = parse_manifest(store.read_bytes(f"{base}/{ckpt_id}/{MANIFEST}"))
     return f"{manifest.data_folder(base)}/{name}"
+
+
+def solo_run(folder: Path, **sections) -> dict:
+    """The quick job (with ``sections`` as in ``quick_spec``) trained once, uninterrupted, by the
+    trainer alone: its ``final_state``, what every interrupted run of it must reproduce."""
+    import subprocess
+    import sys
+
+    folder.mkdir(parents=True, exist_ok=True)
+    spec = quick_spec(folder, **sections)
+    proc = subprocess.run([sys.executable, "-m", "timellm_job.trainer", "run", str(spec)], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return final_state(job_dir(spec))

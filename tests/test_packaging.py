@@ -4,39 +4,20 @@ image's entry point is the CLI, and every timellm-job command they run is a real
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import yaml
 from click.testing import CliRunner
 
+from tests.tools import tool, tools_python
 from timellm_job.orchestrator.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 COMMANDS = set(main.commands)
-TOOLS = REPO / ".venv-tools" / "bin"  # scripts/setup-tools.sh: SkyPilot, hadolint, nbformat
-
-
-def tool(name: str) -> Path:
-    """A packaging checker from .venv-tools; CI installs them (scripts/test.sh), so there a
-    missing one fails; elsewhere the test is skipped with how to install it."""
-    path = TOOLS / name
-    if not path.exists():
-        if os.environ.get("CI"):
-            pytest.fail(f"{path} is missing: scripts/setup-tools.sh installs it")
-        pytest.skip(f"{path} is missing: run scripts/setup-tools.sh")
-    return path
-
-
-def tools_python(code: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(tool("python")), "-c", code, *args], capture_output=True, text=True, timeout=300,
-                          cwd=REPO, env={**os.environ, "SKYPILOT_DISABLE_USAGE_COLLECTION": "1",
-                                         "HOME": os.environ.get("HOME", "/tmp")})
 
 
 def used_commands(text: str) -> list[str]:

@@ -3,6 +3,7 @@ run by the local engine; bad sweeps refused whole, naming the field, with nothin
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -60,10 +61,11 @@ def test_a_bad_grid_exits_2_naming_the_field_and_writes_nothing(tmp_path, grid, 
     assert not (tmp_path / "sweep-root").exists() and not (tmp_path / "work").exists()
 
 
-def test_an_engine_not_built_yet_is_refused_before_anything_is_written(tmp_path):
+@pytest.mark.skipif(importlib.util.find_spec("ray") is not None, reason="Ray is installed here")
+def test_ray_not_installed_is_refused_before_anything_is_written(tmp_path):
     result = run(tmp_path, "sweep", str(_sweep(tmp_path, {"train.seed": [1]})), "--on", "ray",
                  "--root", str(tmp_path / "sweep-root"))
-    assert result.returncode == 2 and "--on ray" in result.stderr
+    assert result.returncode == 2 and "--on ray" in result.stderr and "timellm-job[ray]" in result.stderr
     assert not (tmp_path / "sweep-root").exists()
 
 
