@@ -24,6 +24,10 @@ TRAINING_SECTIONS = ("data", "model", "train")
 # submits of one job (after an out-of-memory diagnosis, on another card) and are left out of
 # the spec hash and of the comparison with the stored spec.
 MEMORY_FIELDS = {"model": ("compute_dtype",), "train": ("micro_batch_size", "gradient_checkpointing")}
+# Fields added after jobs existed, and the values that mean what a job meant before them: left
+# out of the hash at those values, so an upgrade changes no job's identity.
+NEW_DEFAULTS = (("train", "nproc", (1,)), ("train", "deterministic", ("auto", True)),
+                ("model", "ablation", ("none",)))
 
 
 def training_fields(spec: JobSpec) -> dict[str, Any]:
@@ -38,8 +42,9 @@ def without_new_defaults(fields: dict[str, Any]) -> dict[str, Any]:
     """Training sections (of a spec, or as stored by an earlier submit) without the fields that
     are at a default added after jobs existed, and without the memory plan's fields."""
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in fields.items()}
-    if isinstance(out.get("train"), dict) and out["train"].get("nproc") == 1:
-        del out["train"]["nproc"]
+    for section, name, defaults in NEW_DEFAULTS:
+        if isinstance(out.get(section), dict) and out[section].get(name, defaults[0]) in defaults:
+            out[section].pop(name, None)
     for section, names in MEMORY_FIELDS.items():
         if isinstance(out.get(section), dict):
             for name in names:

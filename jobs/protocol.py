@@ -111,6 +111,7 @@ class Heartbeat(BaseModel):
     start_step: int | None = None
     resumed_from: dict[str, Any] | None = None  # {"id", "step"} of the checkpoint, None: from the start
     skipped: list[str] | None = None  # checkpoints that did not verify (id and why)
+    resume_exactness: str | None = None  # "bit for bit" or "up to float order (what differs)"
     backbone_source: str | None = None
     memory_plan: dict[str, Any] | None = None  # trainer.memory's plan in force
     peak_bytes: int | None = None  # peak GPU memory so far

@@ -138,6 +138,17 @@ class ModelSpec(_Section):
     # layers stay fp32). auto: bf16 on a GPU with native bf16 (compute capability >= 8.0), fp16
     # on older GPUs (T4, V100; with dynamic loss scaling), fp32 on a CPU.
     compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    # the LLM-free variants of Time-LLM (Tan et al., NeurIPS 2024): the frozen LLM removed
+    # (no_llm), or replaced by one randomly initialised multi-head attention layer (attention)
+    # or transformer block (transformer), trained with the rest
+    ablation: Literal["none", "no_llm", "attention", "transformer"] = "none"
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> ModelSpec:
+        if self.ablation in ("attention", "transformer") and self.d_model % self.n_heads:
+            raise ValueError(f"n_heads: {self.n_heads} heads must divide d_model ({self.d_model}) for "
+                             f"ablation {self.ablation}")
+        return self
 
     @model_validator(mode="after")
     def _layers_exist(self) -> ModelSpec:
@@ -165,6 +176,10 @@ class TrainSpec(_Section):
     # recompute the frozen backbone's activations in the backward pass (non-reentrant).
     # auto: on for GPUs with less than 40 GiB.
     gradient_checkpointing: bool | Literal["auto"] = "auto"
+    # deterministic kernels and every device's RNG state in checkpoints (trainer.determinism):
+    # a resume on the same card and software continues bit for bit. auto: true. false: torch's
+    # fastest kernels (a GPU run then differs in the last bits from run to run).
+    deterministic: bool | Literal["auto"] = "auto"
 
     @field_validator("micro_batch_size")
     @classmethod
@@ -256,6 +271,13 @@ class JobSpec(_Section):
         if problems:
             raise SpecError(problems)
         return self
+
+
+def model_variant(model: Any) -> str:
+    """What a job trains, from its model section (a ``ModelSpec`` or a stored spec's mapping):
+    Time-LLM, or an LLM-free variant (``model.ablation``)."""
+    ablation = model.get("ablation") if isinstance(model, dict) else getattr(model, "ablation", None)
+    return f"LLM-free: {ablation}" if ablation and ablation != "none" else "Time-LLM"
 
 
 def data_storage_options(spec: JobSpec) -> dict | None:

@@ -66,6 +66,9 @@ class Attempt(BaseModel):
     start_step: int | None = None
     end_step: int | None = None
     skipped_checkpoints: list[str] = Field(default_factory=list)
+    # how the resume continues the run: "bit for bit", or "up to float order (what differs:
+    # the card, a version, deterministic kernels off)"; None from the start
+    resume_exactness: str | None = None
     backbone_source: str | None = None
     memory_plan: dict[str, Any] | None = None  # the plan the trainer made (trainer.memory), with peak_bytes
     oom: dict[str, Any] | None = None  # the trainer's out-of-memory diagnosis, when it ran out

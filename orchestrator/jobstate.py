@@ -157,6 +157,7 @@ class JobState:
                 rf = beat.resumed_from
                 a.resumed_from = CheckpointRef(**rf) if rf else None
                 a.skipped_checkpoints = list(beat.skipped or [])
+                a.resume_exactness = beat.resume_exactness
             a.end_step = s.global_step
             if beat.backbone_source:
                 a.backbone_source = beat.backbone_source

@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 
 from timellm_job.jobs.messages import first_line
+from timellm_job.jobs.spec import model_variant
 from timellm_job.orchestrator.status_view import job_names, summary_and_status
 from timellm_job.storage import Store
 from timellm_job.storage.documents import read_json
@@ -45,7 +46,8 @@ def _dataset(data: dict) -> str:
 def row(job: Store, name: str) -> dict[str, Any]:
     """One job's row; never raises for what a job folder holds."""
     line, status = summary_and_status(job, name)
-    out: dict[str, Any] = {"name": name, "phase": line["phase"], "dataset": None, "pred_len": None, "seed": None,
+    out: dict[str, Any] = {"name": name, "phase": line["phase"], "dataset": None, "model": None, "pred_len": None,
+                           "seed": None,
                            "fields": {}, "global_step": line.get("global_step"), "total_steps": line.get("total_steps"),
                            "test": None, "test_data_units": None, "best_val_loss": line.get("best_val_loss"),
                            "goodput": None, **({"problem": line["problem"]} if "problem" in line else {})}
@@ -56,7 +58,8 @@ def row(job: Store, name: str) -> dict[str, Any]:
             spec = None
         if isinstance(spec, dict):
             data, train = spec.get("data") or {}, spec.get("train") or {}
-            out.update(dataset=_dataset(data), pred_len=data.get("pred_len"), seed=train.get("seed"))
+            out.update(dataset=_dataset(data), model=model_variant(spec.get("model")), pred_len=data.get("pred_len"),
+                       seed=train.get("seed"))
         swept = read_json(job, SWEEP_FIELDS)
         if isinstance(swept, dict) and isinstance(swept.get("fields"), dict):
             out["fields"] = swept["fields"]
@@ -77,7 +80,7 @@ def row(job: Store, name: str) -> dict[str, Any]:
 
 def rows(root: Store) -> list[dict[str, Any]]:
     got = [row(root.child(name), name) for name in job_names(root)]
-    return sorted(got, key=lambda r: (str(r["dataset"]), r["pred_len"] or 0, str(sorted(r["fields"].items())),
+    return sorted(got, key=lambda r: (str(r["dataset"]), str(r["model"]), r["pred_len"] or 0, str(sorted(r["fields"].items())),
                                       r["seed"] if isinstance(r["seed"], int) else 0, r["name"]))
 
 
@@ -91,14 +94,14 @@ def by_horizon(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in table:
         if r["test"] and r["test"].get("mse") is not None:
-            others = tuple(sorted((k, str(v)) for k, v in r["fields"].items() if k not in ("train.seed", "data.pred_len")))
-            groups[(r["dataset"], r["pred_len"], others)].append(r)
+            others = tuple(sorted((k, str(v)) for k, v in r["fields"].items() if k not in ("train.seed", "data.pred_len", "model.ablation")))
+            groups[(r["dataset"], r["model"], r["pred_len"], others)].append(r)
     out = []
-    for (dataset, pred_len, others), members in sorted(groups.items(), key=lambda kv: (str(kv[0][0]), kv[0][1] or 0,
-                                                                                        kv[0][2])):
+    for (dataset, model, pred_len, others), members in sorted(
+            groups.items(), key=lambda kv: (str(kv[0][0]), str(kv[0][1]), kv[0][2] or 0, kv[0][3])):
         mse = [m["test"]["mse"] for m in members]
         mae = [m["test"]["mae"] for m in members]
-        out.append({"dataset": dataset, "pred_len": pred_len, "fields": dict(others), "jobs": len(members),
+        out.append({"dataset": dataset, "model": model, "pred_len": pred_len, "fields": dict(others), "jobs": len(members),
                     "mse": statistics.fmean(mse), "mse_spread": _spread(mse),
                     "mae": statistics.fmean(mae), "mae_spread": _spread(mae)})
     return out
@@ -108,10 +111,10 @@ def by_dataset(horizons: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per dataset (and fields other than horizon and seed): the average over its horizons."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for h in horizons:
-        groups[(h["dataset"], tuple(sorted(h["fields"].items())))].append(h)
-    return [{"dataset": d, "fields": dict(f), "horizons": [h["pred_len"] for h in hs],
+        groups[(h["dataset"], h["model"], tuple(sorted(h["fields"].items())))].append(h)
+    return [{"dataset": d, "model": m, "fields": dict(f), "horizons": [h["pred_len"] for h in hs],
              "mse": statistics.fmean(h["mse"] for h in hs), "mae": statistics.fmean(h["mae"] for h in hs)}
-            for (d, f), hs in sorted(groups.items(), key=lambda kv: (str(kv[0][0]), kv[0][1]))]
+            for (d, m, f), hs in sorted(groups.items(), key=lambda kv: (str(kv[0][0]), str(kv[0][1]), kv[0][2]))]
 
 
 # ----------------------------------------------------------------------------- formats
@@ -134,32 +137,35 @@ def _fields(f: dict) -> str:
 
 
 def markdown(table: list[dict[str, Any]]) -> str:
-    lines = ["| job | dataset | horizon | seed | fields | phase | test MSE | test MAE | MSE (data units) | "
+    lines = ["| job | dataset | model | horizon | seed | fields | phase | test MSE | test MAE | MSE (data units) | "
              "MAE (data units) | best val loss | goodput |",
-             "| --- | --- | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| --- | --- | --- | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in table:
         t, u = r["test"] or {}, r["test_data_units"] or {}
-        lines.append(f"| {r['name']} | {r['dataset'] or '-'} | {r['pred_len'] or '-'} | "
+        lines.append(f"| {r['name']} | {r['dataset'] or '-'} | {r['model'] or '-'} | {r['pred_len'] or '-'} | "
                      f"{r['seed'] if r['seed'] is not None else '-'} | {_fields(r['fields'])} | {_phase(r)} | "
                      f"{_num(t.get('mse'))} | {_num(t.get('mae'))} | {_num(u.get('mse'))} | {_num(u.get('mae'))} | "
                      f"{_num(r['best_val_loss'], 6)} | {_share(r['goodput'])} |")
     horizons = by_horizon(table)
     if horizons:
         lines += ["", "Mean (and spread: sample standard deviation) over the completed jobs of each horizon:", "",
-                  "| dataset | horizon | fields | jobs | test MSE | test MAE |", "| --- | ---: | --- | ---: | ---: | ---: |"]
+                  "| dataset | model | horizon | fields | jobs | test MSE | test MAE |",
+                  "| --- | --- | ---: | --- | ---: | ---: | ---: |"]
         for h in horizons:
             mse = _num(h["mse"]) + (f" ± {_num(h['mse_spread'])}" if h["mse_spread"] is not None else "")
             mae = _num(h["mae"]) + (f" ± {_num(h['mae_spread'])}" if h["mae_spread"] is not None else "")
-            lines.append(f"| {h['dataset']} | {h['pred_len']} | {_fields(h['fields'])} | {h['jobs']} | {mse} | {mae} |")
-        lines += ["", "Average over horizons:", "", "| dataset | fields | horizons | test MSE | test MAE |",
-                  "| --- | --- | --- | ---: | ---: |"]
+            lines.append(f"| {h['dataset']} | {h['model']} | {h['pred_len']} | {_fields(h['fields'])} | {h['jobs']} | "
+                         f"{mse} | {mae} |")
+        lines += ["", "Average over horizons:", "", "| dataset | model | fields | horizons | test MSE | test MAE |",
+                  "| --- | --- | --- | --- | ---: | ---: |"]
         for d in by_dataset(horizons):
-            lines.append(f"| {d['dataset']} | {_fields(d['fields'])} | {', '.join(str(h) for h in d['horizons'])} | "
+            lines.append(f"| {d['dataset']} | {d['model']} | {_fields(d['fields'])} | "
+                         f"{', '.join(str(h) for h in d['horizons'])} | "
                          f"{_num(d['mse'])} | {_num(d['mae'])} |")
     return "\n".join(lines) + "\n"
 
 
-CSV_COLUMNS = ["name", "dataset", "pred_len", "seed", "fields", "phase", "global_step", "total_steps", "test_mse",
+CSV_COLUMNS = ["name", "dataset", "model", "pred_len", "seed", "fields", "phase", "global_step", "total_steps", "test_mse",
                "test_mae", "test_mse_data_units", "test_mae_data_units", "best_val_loss", "goodput"]
 
 
@@ -169,7 +175,7 @@ def as_csv(table: list[dict[str, Any]]) -> str:
     w.writerow(CSV_COLUMNS)
     for r in table:
         t, u = r["test"] or {}, r["test_data_units"] or {}
-        w.writerow([r["name"], r["dataset"], r["pred_len"], r["seed"], _fields(r["fields"]) if r["fields"] else "",
+        w.writerow([r["name"], r["dataset"], r["model"], r["pred_len"], r["seed"], _fields(r["fields"]) if r["fields"] else "",
                     r["phase"], r["global_step"], r["total_steps"], t.get("mse"), t.get("mae"), u.get("mse"),
                     u.get("mae"), r["best_val_loss"], r["goodput"]])
     return buf.getvalue()

@@ -10,11 +10,13 @@ import json
 import time
 from typing import Any
 
+import yaml
 from rich.console import Console
 from rich.table import Table
 
 from timellm_job.jobs.messages import duration, first_line
 from timellm_job.jobs.protocol import Heartbeat
+from timellm_job.jobs.spec import model_variant
 from timellm_job.jobs.status import JobStatus, LeaseInfo, describe_plan, effective_phase, goodput
 from timellm_job.orchestrator.jobstate import checkpoint_infos, fold_results, load_status, read_status
 from timellm_job.storage import Store, list_checkpoints
@@ -65,10 +67,20 @@ def collect(job: Store, name: str, verify_hashes: bool = False, spec_hash: str |
     goodput(status, gone_at if gone_at is not None else time.time())
     doc = status.to_json_dict()
     doc["backbone_cache"] = summaries(job, BACKBONE)
+    doc["model"] = stored_variant(job)
     for a in doc["attempts"]:
         a.setdefault("exit_code", None)
         a.setdefault("signal", None)
     return doc
+
+
+def stored_variant(job: Store) -> str | None:
+    """Time-LLM or its LLM-free variant, from the job's stored spec (None: none stored, or unreadable)."""
+    try:
+        spec = yaml.safe_load(job.read_bytes(SPEC))
+    except (FileNotFoundError, ValueError, yaml.YAMLError):
+        return None
+    return model_variant(spec.get("model")) if isinstance(spec, dict) else None
 
 
 def job_names(root: Store) -> list[str]:
@@ -178,8 +190,14 @@ def render(doc: dict[str, Any], console: Console | None = None) -> None:
     if notice:
         head.add_row("preemption notice", f"[red]{notice['problem']}[/red]" if notice.get("problem") else
                      f"watching {notice['provider']} metadata")
+    if doc.get("model"):
+        head.add_row("model", doc["model"])
     plan = doc.get("memory_plan")
     head.add_row("memory plan", describe_plan(plan) if plan else "-")
+    resumed = [a for a in attempts if a.get("resume_exactness")]
+    if resumed:  # the newest resume: does the run continue bit for bit?
+        exact = resumed[-1]["resume_exactness"]
+        head.add_row("resume", exact if exact == "bit for bit" else f"[yellow]{exact}[/yellow]")
     good = doc.get("goodput")
     if good:
         parts = good["parts"]
@@ -202,7 +220,8 @@ def render(doc: dict[str, Any], console: Console | None = None) -> None:
                                       "gone" if doc["phase"] == "interrupted" else "running"))
             t.add_row(str(a["number"]), time.strftime("%H:%M:%S", time.localtime(a["started_at"])), str(a.get("pid")),
                       (a.get("backbone_source") or "-").split(":", 1)[0], _short_plan(a.get("memory_plan")),
-                      f"{rf['id']}" if rf else "-", f"{a.get('start_step', '-')}→{a.get('end_step', '-')}",
+                      (f"{rf['id']}" + ("" if a.get("resume_exactness") in (None, "bit for bit")
+                                         else " (up to float order)")) if rf else "-", f"{a.get('start_step', '-')}→{a.get('end_step', '-')}",
                       f"{a['goodput']['share'] * 100:.0f}%" if (a.get("goodput") or {}).get("share") is not None else "-", ex,
                       (a.get("reason") or "") + (f" [skipped {len(a['skipped_checkpoints'])} bad]"
                                                   if a.get("skipped_checkpoints") else ""))

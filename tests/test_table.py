@@ -18,9 +18,10 @@ from timellm_job.storage import open_store
 
 
 def _job(root, tmp_path, name: str, pred_len: int, seed: int, mse: float | None, phase: str = "completed",
-         fields: dict | None = None) -> None:
+         fields: dict | None = None, ablation: str = "none") -> None:
     """A job folder as submit leaves it: the stored spec, state.json, and results when it completed."""
-    spec = load_spec(quick_spec(tmp_path, name=name, data={"pred_len": pred_len}, train={"seed": seed}))
+    spec = load_spec(quick_spec(tmp_path, name=name, data={"pred_len": pred_len}, train={"seed": seed},
+                                model={"ablation": ablation}))
     job = root.child(name)
     job.create("job.yaml", redacted_yaml(spec).encode())
     job.create("state.json", json.dumps({"name": name, "phase": phase, "global_step": 5, "total_steps": 20,
@@ -65,12 +66,25 @@ def test_one_row_per_job_with_the_contracts_fields_and_nothing_written(root):
 def test_means_over_seeds_per_horizon_and_the_average_over_horizons(root):
     md = run(root, "table", "--root", str(root / "root")).stdout
     mse, mae = statistics.stdev([0.40, 0.44]), statistics.stdev([0.20, 0.22])
-    assert f"| etth1-700 | 96 | - | 2 | 0.4200 ± {mse:.4f} | 0.2100 ± {mae:.4f} |" in md, md
-    assert "| etth1-700 | 192 | - | 1 | 0.5000 | 0.2500 |" in md, md  # the unfinished seed left out, and counted so
-    assert "| etth1-700 | - | 96, 192 | 0.4600 | 0.2300 |" in md, md  # the average over the two horizons
+    assert f"| etth1-700 | Time-LLM | 96 | - | 2 | 0.4200 ± {mse:.4f} | 0.2100 ± {mae:.4f} |" in md, md
+    assert "| etth1-700 | Time-LLM | 192 | - | 1 | 0.5000 | 0.2500 |" in md, md  # the unfinished seed left out
+    assert "| etth1-700 | Time-LLM | - | 96, 192 | 0.4600 | 0.2300 |" in md, md  # the average over the two horizons
     assert "| interrupted 5/20 | - | - |" in md, md  # no lease holds it: its runtime is gone
     table = list(csv.reader(io.StringIO(run(root, "table", "--root", str(root / "root"), "--format", "csv").stdout)))
-    assert table[0][:6] == ["name", "dataset", "pred_len", "seed", "fields", "phase"] and len(table) == 6
+    assert table[0][:7] == ["name", "dataset", "model", "pred_len", "seed", "fields", "phase"] and len(table) == 6
+
+
+def test_an_llm_free_variant_is_its_own_row_group_never_pooled_with_time_llm(root):
+    store = open_store(str(root / "root"))
+    _job(store, root, "h96-s1-attn", 96, 1, 0.30, ablation="attention",
+         fields={"data.pred_len": 96, "train.seed": 1, "model.ablation": "attention"})
+    _job(store, root, "h96-s2-attn", 96, 2, 0.32, ablation="attention")  # not a sweep's: its spec says it
+    md = run(root, "table", "--root", str(root / "root")).stdout
+    spread = statistics.stdev([0.30, 0.32])
+    assert f"| etth1-700 | LLM-free: attention | 96 | - | 2 | 0.3100 ± {spread:.4f} |" in md, md
+    assert "| etth1-700 | Time-LLM | 96 | - | 2 | 0.4200" in md, md  # as before: the variant stays apart
+    rows = {r["name"]: r for r in json.loads(run(root, "table", "--root", str(root / "root"), "--format", "json").stdout)}
+    assert rows["h96-s2-attn"]["model"] == "LLM-free: attention" and rows["h96-s1"]["model"] == "Time-LLM"
 
 
 @pytest.mark.slow

@@ -52,6 +52,9 @@ def main(argv=None) -> int:
     except SpecError as err:
         log.error("%s", err)
         return ExitCode.BAD_INPUT
+    from timellm_job.trainer import determinism
+
+    determinism.environment(spec.train.deterministic)  # before torch is imported: before CUDA starts
     from timellm_job.trainer.backbone import BackboneError, HubUnreachable
     from timellm_job.trainer.data import DataError
 

@@ -23,7 +23,7 @@ from timellm_job.storage import Store, list_checkpoints, load_newest
 from timellm_job.storage.checkpoints import Loaded, load
 from timellm_job.storage.lease import Fence
 from timellm_job.storage.manifest import Manifest
-from timellm_job.trainer import checkpoint_state, distributed
+from timellm_job.trainer import checkpoint_state, determinism, distributed
 from timellm_job.trainer.components import DOWNLOAD_LIMIT_S, Identity, Parts, TrainingState
 from timellm_job.trainer.memory import MemoryPlan
 from timellm_job.trainer.saver import CheckpointSaver
@@ -38,6 +38,7 @@ class Resumed:
 
     manifest: Manifest | None
     skipped: list[str] = field(default_factory=list)
+    exactness: str | None = None  # how it continues: trainer.determinism.exactness (None: from the start)
 
     def to_heartbeat(self) -> dict | None:
         return {"id": self.manifest.id, "step": self.manifest.step} if self.manifest else None
@@ -82,7 +83,10 @@ class Checkpointing:
             p = state.progress
             log.info("resumed from checkpoint %s (step %d, epoch %d, batch %d)", loaded.manifest.id,
                      loaded.manifest.step, p.epoch, p.batch)
-        return Resumed(loaded.manifest, skipped)
+        exactness = determinism.exactness(loaded.manifest.metadata.get("platform"), self.parts.platform)
+        if self.world.main and exactness != determinism.BIT_FOR_BIT:
+            log.warning("resuming %s: the checkpoint was trained on another platform", exactness)
+        return Resumed(loaded.manifest, skipped, exactness)
 
     def save(self, state: TrainingState, kind: str, plan: MemoryPlan | None, wait: bool = False) -> None:
         p = state.progress
@@ -96,7 +100,7 @@ class Checkpointing:
                                                 rng, extra)
                 meta = {"epoch": p.epoch, "batch": p.batch, "best_val": p.best_val, "attempt": self.attempt,
                         "data_sha256": self.identity.data_sha256, "scaling": self.parts.scaling,
-                        "memory_plan": plan.to_json() if plan else None}
+                        "memory_plan": plan.to_json() if plan else None, "platform": self.parts.platform}
                 if kind == "best":
                     meta["val_loss"] = p.best_val
                 self.saver.submit(snap, p.global_step, kind, p.order(), meta, wait=wait)

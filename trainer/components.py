@@ -24,7 +24,7 @@ from timellm_job.jobs import JobSpec, job_hashes, spec_hash
 from timellm_job.jobs.protocol import TrainerActivity as Activity
 from timellm_job.storage import Store
 from timellm_job.storage.data_digest import DataUnreadable, data_sha256
-from timellm_job.trainer import distributed, memory
+from timellm_job.trainer import determinism, distributed, memory
 from timellm_job.trainer.backbone import Backbone, default_device, hub_cache_bytes, load_backbone
 from timellm_job.trainer.backbone_cache import load_cached, prefetch
 from timellm_job.trainer.checkpoint_state import Progress
@@ -65,7 +65,8 @@ class Parts:
     steps_per_epoch: int
     total_steps: int
     scaling: dict[str, Any]  # the data's scaler, for results.json and exports
-    backbone: Backbone
+    backbone: Backbone | None  # None: an LLM-free variant (model.ablation)
+    platform: dict[str, Any]  # what decides the kernels (trainer.determinism), in every checkpoint
 
 
 def build_parts(spec: JobSpec, world: distributed.World, job: Store, heartbeat: HeartbeatWriter,
@@ -73,11 +74,12 @@ def build_parts(spec: JobSpec, world: distributed.World, job: Store, heartbeat: 
     device = distributed.init(world, default_device(spec.train.device))
     card = memory.card_of(device)
     compute_dtype = memory.compute_dtype(spec.model.compute_dtype, card)
+    llm = spec.model.ablation == "none"  # the LLM-free variants build no backbone
     # the cached backbone is read and verified while the rest starts (imports, data)
-    fetching = prefetch(spec.model, device, job) if spec.run.backbone_cache else None
+    fetching = prefetch(spec.model, device, job) if spec.run.backbone_cache and llm else None
     stop.device = device
     torch.manual_seed(spec.train.seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    determinism.apply(spec.train.deterministic, device)
     heartbeat.beat(force=True, activity=Activity.LOADING, host=socket.gethostname(), attempt=attempt)
     splits = load_splits(spec.data, data_options(spec))
     steps_per_epoch = len(splits.train) // spec.train.batch_size
@@ -88,7 +90,7 @@ def build_parts(spec: JobSpec, world: distributed.World, job: Store, heartbeat: 
     scaling = {"columns": splits.columns, "mean": sc.mean.tolist(), "std": sc.std.tolist(),
                "target": spec.data.target, "features": spec.data.features}
     backbone = None
-    for turn in ([0, 1] if world.distributed else [0]):  # rank 0 first: it alone writes the cache
+    for turn in ([0, 1] if world.distributed and llm else [0] if llm else []):  # rank 0 first: it alone writes the cache
         if (turn == 0) == world.main:
             pretrained = spec.model.backbone.pretrained
             measure = functools.partial(_download_bytes, pretrained) \
@@ -97,9 +99,9 @@ def build_parts(spec: JobSpec, world: distributed.World, job: Store, heartbeat: 
                 backbone = load_cached(spec.model, device, job, fetching) if spec.run.backbone_cache \
                     else load_backbone(spec.model, device)
         distributed.barrier(world)
-    heartbeat.beat(force=True, backbone_source=backbone.source)
+    heartbeat.beat(force=True, backbone_source=backbone.source if backbone else f"none: model.ablation {spec.model.ablation}")
     return Parts(device, card, compute_dtype, splits, steps_per_epoch, steps_per_epoch * spec.train.epochs,
-                 scaling, backbone)
+                 scaling, backbone, determinism.platform(spec.train.deterministic, device))
 
 
 def _download_bytes(repo: str) -> dict:

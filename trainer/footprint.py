@@ -75,5 +75,6 @@ def footprint(spec, dims: BackboneDims, compute_bytes: int) -> Footprint:
     per_layer = 2 * dims.hidden * dims.hidden + 2 * dims.hidden * kv \
         + (3 if dims.gated_mlp else 2) * dims.hidden * dims.intermediate
     weight_bytes = QUANTIZED_BYTES.get(spec.model.quantization, compute_bytes)
-    backbone = int(layers * per_layer * weight_bytes + dims.vocab * dims.hidden * compute_bytes)
+    backbone = int(layers * per_layer * weight_bytes + dims.vocab * dims.hidden * compute_bytes) \
+        if spec.model.ablation == "none" else 0  # the LLM-free variants hold no backbone
     return Footprint(total, max(parts, key=parts.get), total * FP32 * 4, total * FP32 * 3, backbone)

@@ -95,6 +95,7 @@ class Trainer:
                             + (f" (skipped {len(skipped)} that did not verify)" if skipped else ""), p.global_step)
         self.report.mark("resumed")
         self.report.beat(force=True, activity=Activity.TRAINING, resumed_from=resumed.to_heartbeat(), skipped=skipped,
+                         resume_exactness=resumed.exactness,
                          step=p.global_step, start_step=p.global_step, epoch=p.epoch, total_steps=self.parts.total_steps)
 
     def plan_memory(self) -> None:

@@ -40,7 +40,8 @@ def plan_memory(spec: JobSpec, world: distributed.World, parts: Parts, state: Tr
         plan = memory.decide(spec, parts.card, parts.compute_dtype, checkpointing,
                              spec.train.batch_size // world.size, previous_plan, probe)
     plan = distributed.broadcast(world, plan)
-    set_gradient_checkpointing(parts.backbone.model, plan.gradient_checkpointing)
+    if parts.backbone is not None:
+        set_gradient_checkpointing(parts.backbone.model, plan.gradient_checkpointing)
     if world.main:
         log.info("memory plan: %s", plan.describe())
     heartbeat.beat(force=True, memory_plan=plan.to_json())
@@ -50,7 +51,8 @@ def plan_memory(spec: JobSpec, world: distributed.World, parts: Parts, state: Tr
 def probe_peak(spec: JobSpec, parts: Parts, state: TrainingState, micro: int, checkpointing: bool) -> int:
     """Peak GPU memory of one forward + backward at ``micro`` samples (plus the optimizer's
     moments, when they do not exist yet); leaves no trace in the training state."""
-    set_gradient_checkpointing(parts.backbone.model, checkpointing)
+    if parts.backbone is not None:
+        set_gradient_checkpointing(parts.backbone.model, checkpointing)
     _, (x, y, _) = next(iter(train_batches(parts.splits.train, micro, spec.train.seed, 0, 0)))
     params = list(state.model.trainable_state().values())
     with memory.no_trace(parts.device):

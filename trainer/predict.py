@@ -67,7 +67,7 @@ def load_exported(url: str, device: str = "auto", storage_options: dict | None =
         raise ValueError(f"{store.url_of('model.safetensors')}: sha256 does not match config.json")
     model_spec, data_spec = ModelSpec.model_validate(config["model"]), DataSpec.model_validate(config["data"])
     device = default_device(device)
-    backbone = load_backbone(model_spec, device)
+    backbone = load_backbone(model_spec, device) if model_spec.ablation == "none" else None
     model = TimeLLM(model_spec, data_spec, backbone).to(device)
     load_trainable(model, tensors_from(data))
     return Forecaster(model, config, device)

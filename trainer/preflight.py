@@ -56,7 +56,7 @@ def preflight(spec: JobSpec, estimate: dict | None = None) -> list[str]:
     except DataError as err:
         problems.append(str(err))
     pretrained = spec.model.backbone.pretrained
-    if pretrained and not os.path.isdir(pretrained):
+    if pretrained and not os.path.isdir(pretrained) and spec.model.ablation == "none":
         found, config = hub_config(pretrained, spec.model.backbone.revision)
         problems += found
     if device is not None:

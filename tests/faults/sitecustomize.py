@@ -22,6 +22,8 @@ product's modules as they are imported. Nothing in the product reads these varia
   of one id differ, as they do on a GPU, where a scribble into another's checkpoint shows.
 - ``TIMELLM_TEST_CLOCK_OFFSET_S``: this process's wall clock (time.time) runs that many seconds
   ahead (negative: behind); its monotonic clock is untouched: a host whose clock is off.
+- ``TIMELLM_TEST_PLATFORM``: a JSON object over what trainer.determinism.platform reports (a
+  card model, a version): this process trains "on another platform" than the next one.
 - The test-only fsspec filesystems ``faulty://`` and ``faultymem://`` (tests/faults/faultyfs.py)
   are registered in every process, with the faults of ``TIMELLM_TEST_FAULT_PLAN``.
 """
@@ -126,7 +128,15 @@ def _patch_bnb(module) -> None:
     module.quantize_4bit = no_cpu
 
 
-PATCHES = {"bitsandbytes.functional": _patch_bnb, "timellm_job.trainer.loop": _patch_loop, "timellm_job.trainer.model.timellm": _patch_model,
+def _patch_determinism(module) -> None:
+    override = json.loads(os.environ.get("TIMELLM_TEST_PLATFORM") or "{}")
+    if not override:
+        return
+    real = module.platform
+    module.platform = lambda setting, device: {**real(setting, device), **override}
+
+
+PATCHES = {"timellm_job.trainer.determinism": _patch_determinism, "bitsandbytes.functional": _patch_bnb, "timellm_job.trainer.loop": _patch_loop, "timellm_job.trainer.model.timellm": _patch_model,
            "timellm_job.storage.store": _patch_store, "timellm_job.trainer.checkpoint_state": _patch_state}
 
 

@@ -3,6 +3,8 @@
 Shapes: x [B, T=seq_len, N] -> forecast [B, H=pred_len, N]. Only the reprogramming parts are
 trainable (patch embedding, mapping layer, reprogramming layer, output projection);
 :meth:`TimeLLM.trainable_state` is what checkpoints hold; the backbone is never saved.
+With ``model.ablation`` (trainer.model.ablation) there is no backbone: the patch embeddings go
+through the layer that stands in the LLM's place (or none) to the output projection.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import torch
 from torch import nn
 
 from timellm_job.trainer.backbone import Backbone
+from timellm_job.trainer.model.ablation import mixing_layer, mixing_parameters
 from timellm_job.trainer.model.head import FlattenHead
 from timellm_job.trainer.model.normalize import denormalize, normalize
 from timellm_job.trainer.model.patching import PatchEmbedding, num_patches
@@ -25,6 +28,9 @@ def trainable_parameters(model_spec, data_spec, vocab: int, d_llm: int) -> dict[
     m = model_spec
     keys = m.d_ff * m.n_heads  # the reprogramming layer's queries/keys/values (d_keys = d_ff)
     patches = num_patches(data_spec.seq_len, m.patch_len, m.stride)
+    if m.ablation != "none":
+        return {"model.d_model": m.patch_len * m.d_model * 3 + mixing_parameters(m.ablation, m.d_model),
+                "data.pred_len": m.d_model * patches * data_spec.pred_len + data_spec.pred_len}
     return {"model.d_model": m.patch_len * m.d_model * 3 + m.d_model * keys + keys,
             "model.num_tokens": vocab * m.num_tokens + m.num_tokens,
             "model.d_ff": 2 * (d_llm * keys + keys) + keys * d_llm + d_llm,
@@ -32,15 +38,20 @@ def trainable_parameters(model_spec, data_spec, vocab: int, d_llm: int) -> dict[
 
 
 class TimeLLM(nn.Module):
-    def __init__(self, model_spec, data_spec, backbone: Backbone):
+    def __init__(self, model_spec, data_spec, backbone: Backbone | None):
         super().__init__()
         m = model_spec
         self.seq_len, self.pred_len, self.d_ff = data_spec.seq_len, data_spec.pred_len, m.d_ff
         self.description = description_for(data_spec.kind, m.description)
         self.n_patches = num_patches(data_spec.seq_len, m.patch_len, m.stride)
         self.backbone = backbone  # not a submodule: frozen, never saved, never optimized
-        vocab = backbone.word_embeddings.shape[0]
+        self.ablation = m.ablation
         self.patch_embedding = PatchEmbedding(m.d_model, m.patch_len, m.stride, m.dropout)
+        if self.ablation != "none":
+            self.mixing = mixing_layer(m.ablation, m.d_model, m.n_heads, m.dropout)
+            self.output_projection = FlattenHead(m.d_model * self.n_patches, data_spec.pred_len, m.dropout)
+            return
+        vocab = backbone.word_embeddings.shape[0]
         self.mapping_layer = nn.Linear(vocab, m.num_tokens)
         self.reprogramming_layer = ReprogrammingLayer(m.d_model, m.n_heads, m.d_ff, backbone.width, m.dropout)
         self.output_projection = FlattenHead(m.d_ff * self.n_patches, data_spec.pred_len, m.dropout)
@@ -63,6 +74,8 @@ class TimeLLM(nn.Module):
         b, t, n = x.shape
         x_norm, mean, std = normalize(x)                                   # [B, T, N]
         series = x_norm.permute(0, 2, 1).reshape(b * n, t)                 # channel independence: [B*N, T]
+        if self.ablation != "none":
+            return denormalize(self._without_llm(series, b, n), mean, std)
         ids, mask = self.tokenize_prompts(series)
         device = x.device
         llm = self.backbone.model
@@ -79,3 +92,11 @@ class TimeLLM(nn.Module):
         features = features.reshape(b, n, self.n_patches, self.d_ff).permute(0, 1, 3, 2)  # [B, N, d_ff, P]
         forecast = self.output_projection(features).permute(0, 2, 1)       # [B, H, N]
         return denormalize(forecast, mean, std)
+
+    def _without_llm(self, series: torch.Tensor, b: int, n: int) -> torch.Tensor:
+        """The ablation's forecast, normalized: [B*N, T] -> [B, H, N]."""
+        patches = self.patch_embedding(series)                             # [B*N, P, d_model]
+        if self.mixing is not None:
+            patches = self.mixing(patches)
+        features = patches.reshape(b, n, self.n_patches, -1)              # [B, N, P, d_model]
+        return self.output_projection(features).permute(0, 2, 1)           # [B, H, N]
