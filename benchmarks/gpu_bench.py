@@ -55,6 +55,7 @@ from benchmarks.common import with_faults
 from timellm_job.jobs.spec import parse_spec
 from timellm_job.storage import load_newest
 from timellm_job.trainer import checkpoint_state, memory
+from timellm_job.trainer.components import per_process_batch
 from timellm_job.trainer.data import train_batches
 from timellm_job.trainer.grad_checkpointing import set_gradient_checkpointing
 from timellm_job.trainer.loop import Trainer
@@ -137,7 +138,7 @@ def batches(trainer: Trainer, n: int) -> list:
 
 
 def put_plan(trainer: Trainer, micro: int, checkpointing: bool) -> None:
-    trainer.plan = memory.MemoryPlan(micro, checkpointing, trainer.parts.compute_dtype, (trainer.spec.train.batch_size // trainer.world.size),
+    trainer.plan = memory.MemoryPlan(micro, checkpointing, trainer.parts.compute_dtype, per_process_batch(trainer.spec, trainer.world),
                                      trainer.parts.card.name, trainer.parts.card.total_bytes, how="bench")
     set_gradient_checkpointing(trainer.parts.backbone.model, checkpointing)
 
@@ -177,7 +178,7 @@ def plan_under_cap(trainer: Trainer, size: Size, cap_gib: float | None) -> dict:
     checkpointing = memory.checkpointing("auto", card)
     start = time.perf_counter()
     try:
-        plan = memory.decide(trainer.spec, card, trainer.parts.compute_dtype, checkpointing, (trainer.spec.train.batch_size // trainer.world.size),
+        plan = memory.decide(trainer.spec, card, trainer.parts.compute_dtype, checkpointing, per_process_batch(trainer.spec, trainer.world),
                              None, functools.partial(probe_peak, trainer.spec, trainer.parts, trainer.state) if card.gpu else None)
     except memory.OutOfPlans as exc:
         set_cap(trainer.parts.device, None)

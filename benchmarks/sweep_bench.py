@@ -16,7 +16,9 @@ steps) over ``train.seed`` 1..``--jobs``, each case under a root of its own:
 - ``two at once, chaos``: ``--max-parallel 2`` with slowed steps (tests/faults) and random
   events until the sweep ends: a running trainer SIGKILLed (its submit restarts it) or a running
   submit sent SIGTERM (a preemption: it commits a preempt checkpoint and exits 143; the sweep runs
-  it again). At most two preemptions per job (the sweep reruns a job three times).
+  it again). At most two preemptions per job (the sweep reruns a job three times); a trainer is
+  killed only once its heartbeat shows a step taken since it started (three kills of a trainer
+  still starting, at one step, are a crash loop, which the product fails as it should).
 
 Every job of every finished case is checked bit for bit against its solo run (the final and best
 checkpoints' hashes and the results). Prints the machine and the median wall time of each case,
@@ -91,21 +93,32 @@ def _run(sweep: Path, root: Path, parallel: int, env: dict[str, str], cap_s: flo
     if killer:
         killer.join()
     wall = time.perf_counter() - t
-    completed = sum(1 for state in root.glob("*/state.json") if json.loads(state.read_text()).get("phase") == "completed")
+    ends = {}
+    for state in sorted(root.glob("*/state.json")):
+        doc = json.loads(state.read_text())
+        ends[state.parent.name] = {"phase": doc.get("phase"), "reason": doc.get("reason"),
+                                   "attempts": len(doc.get("attempts") or [])}
+    completed = sum(1 for end in ends.values() if end["phase"] == "completed")
     return {"wall_s": round(wall, 2), "exit": proc.returncode, "finished": finished, "jobs_completed": completed,
+            "jobs": ends,
             "events": events, "output_tail": out.splitlines()[-14:]}
 
 
 def _processes(root: Path) -> tuple[list[psutil.Process], list[psutil.Process]]:
-    """The sweep's running submits (their specs lie in the sweep's work folder) and their trainers."""
+    """The sweep's running submits (their specs lie in the sweep's work folder), and those of their
+    trainers that have taken a step since they started (a kill gated on observed progress: three
+    kills of trainers still starting, at one step, are a crash loop, which fails the job)."""
     submits = [p for p in psutil.process_iter(["cmdline"])
                if "timellm_job.orchestrator.cli" in (p.info.get("cmdline") or []) and "submit" in p.info["cmdline"]
                and "/sweeps/bench/" in p.info["cmdline"][-1] and str(root.name) in p.info["cmdline"][-1]]
     trainers = []
     for submit in submits:
         try:
-            trainers += [c for c in submit.children(recursive=True) if is_trainer(c.cmdline())]
-        except psutil.NoSuchProcess:
+            job = Path(submit.cmdline()[-1]).stem
+            beat = json.loads((root / job / "state.json").read_text()).get("heartbeat") or {}
+            trainers += [c for c in submit.children(recursive=True) if is_trainer(c.cmdline())
+                         and beat.get("pid") == c.pid and (beat.get("step") or 0) > (beat.get("start_step") or 0)]
+        except (psutil.NoSuchProcess, OSError, ValueError):
             continue
     return submits, trainers
 
@@ -152,35 +165,48 @@ def main() -> None:
     parser.add_argument("--cap", type=float, default=4.0, help="torch's-threads case: times the sequential median")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results-sweep.json"))
+    parser.add_argument("--only", choices=["sequential", "divided", "threads", "chaos"], action="append",
+                        help="run only these cases (repeatable); the others are kept from --out as they are "
+                             "(the solo runs are made again, unrecorded, when 'sequential' is not among them)")
     args = parser.parse_args()
+    only = set(args.only or ["sequential", "divided", "threads", "chaos"])
+    kept = json.loads(Path(args.out).read_text()) if args.only and Path(args.out).exists() else {}
     names = _names(args.jobs)
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory(prefix="sweep-bench-") as tmp_dir:
         tmp = Path(tmp_dir)
         sweep = _sweep(tmp, args.jobs)
-        cases: dict[str, list[dict]] = {}
+        cases: dict[str, list[dict]] = dict(kept.get("cases") or {})
         solo: dict[str, dict] = {}
 
-        def case(label: str, parallel: int, extra: dict | None = None, runs: int = args.runs, **kw) -> None:
+        def case(label: str, parallel: int, extra: dict | None = None, runs: int = args.runs,
+                 record: bool = True, **kw) -> None:
+            if record:
+                cases[label] = []
             for i in range(runs):
                 root = tmp / f"{label.replace(' ', '-').replace(',', '')}-{i}"
                 res = _run(sweep, root, parallel, _env(tmp / f"work-{root.name}", extra), **kw)
                 if label == "one after another" and i == 0:
                     solo.update({n: final_state(root / n) for n in names})
                 res["bit_identical"] = _identical(root, names, solo) if res["finished"] else None
-                cases.setdefault(label, []).append(res)
+                if record:
+                    cases[label].append(res)
                 print(f"{label} (run {i + 1}): {res['wall_s']:.1f} s, exit {res['exit']}, "
                       f"{'finished' if res['finished'] else 'NOT finished'}, {res['jobs_completed']} jobs completed"
                       + (f", bit-identical {sum(res['bit_identical'].values())}/{len(names)}"
                          if res["bit_identical"] else "")
                       + (f", {len(res['events'])} events" if res["events"] else ""), flush=True)
 
-        case("one after another", 1)
-        case("two at once, divided", 2)
+        case("one after another", 1, runs=args.runs if "sequential" in only else 1, record="sequential" in only)
+        if "divided" in only:
+            case("two at once, divided", 2)
         sequential = statistics.median(r["wall_s"] for r in cases["one after another"])
-        case("two at once, torch's threads", 2, {"OMP_NUM_THREADS": str(cores)}, runs=1, cap_s=args.cap * sequential)
-        case("two at once, chaos", 2, SLOW, runs=1, chaos=random.Random(args.seed))
+        if "threads" in only:
+            case("two at once, torch's threads", 2, {"OMP_NUM_THREADS": str(cores)}, runs=1,
+                 cap_s=args.cap * sequential)
+        if "chaos" in only:
+            case("two at once, chaos", 2, SLOW, runs=1, chaos=random.Random(args.seed))
     summary = {label: {"median_wall_s": statistics.median(r["wall_s"] for r in runs),
                        "runs": len(runs), "all_finished": all(r["finished"] for r in runs),
                        # None: a run did not finish, so there is nothing to compare
@@ -188,7 +214,9 @@ def main() -> None:
                        if all(r["finished"] for r in runs) else None}
                for label, runs in cases.items()}
     result = {"benchmark": "sweep_bench", "machine": machine(), "jobs": args.jobs, "runs": args.runs,
-              "started": started, "summary": summary, "cases": cases}
+              "started": kept.get("started", started), "summary": summary, "cases": cases,
+              # the cases run again later with --only, and when
+              "rerun": {**(kept.get("rerun") or {}), **({c: started for c in only} if args.only else {})}}
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(machine())
     for label, s in summary.items():

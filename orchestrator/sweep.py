@@ -2,7 +2,9 @@
 
 We do not build a scheduler: each job is an ordinary ``submit`` of its own spec (its own folder,
 lease, spec and restarts), safe to run anywhere; the engine only decides where and when. This
-module is the ``local`` engine: up to ``--max-parallel`` jobs at once on this machine.
+module is the ``local`` engine (up to ``--max-parallel`` jobs at once on this machine) and what
+every engine shares: which exits are run again, the job's ``sweep.json``, the closing table.
+The ``ray`` and ``skypilot`` engines are orchestrator/sweep_ray.py and sweep_sky.py.
 
 Invariants:
 - Running a sweep again trains nothing that completed (its ``submit`` says so and exits 0) and

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from tests.cli import SLOW, run, start, state, trainer_pids, wait_for_checkpoint, wait_until
+from tests.cli import SLOW, run, running_trainer, start, state, wait_for_checkpoint
 from tests.jobfiles import final_state, quick_spec, solo_run
 from timellm_job.jobs import SpecError, load_spec, spec_hash
 from timellm_job.trainer.model import TimeLLM
@@ -62,7 +62,7 @@ def test_a_killed_variant_resumes_bit_for_bit_and_exports_predicts_and_shows_as_
     job = tmp_path / "root" / "quick"
     proc = start(tmp_path, "submit", str(spec), **SLOW)
     wait_for_checkpoint(job, "step", proc)
-    os.kill(wait_until(lambda: next(iter(trainer_pids()), None), "the trainer", alive=[proc]), signal.SIGKILL)
+    os.kill(running_trainer(job, submit=proc)["pid"], signal.SIGKILL)  # this job's trainer, not another test's
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out
     doc = state(job)

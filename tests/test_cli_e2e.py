@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from tests.cli import (
     SLOW,
@@ -63,7 +64,9 @@ def test_random_trainer_kills_are_restarted_and_end_bit_identical(reference, tmp
 def test_sigterm_preempts_with_a_verified_checkpoint_and_resumes_bit_identical(reference, tmp_path, target):
     spec = quick_spec(tmp_path)
     job = job_dir(spec)
-    proc = start(tmp_path, "submit", str(spec), **SLOW)
+    # the VM that shuts down is another machine than the one that resumes: another card, another torch
+    other = {"TIMELLM_TEST_PLATFORM": json.dumps({"torch": "2.12.0", "card": "Tesla T4"})} if target == "group" else {}
+    proc = start(tmp_path, "submit", str(spec), **SLOW, **other)
     attempt = running_trainer(job)
     wait_for_step(job, 12)
     if target == "submit":
@@ -75,7 +78,12 @@ def test_sigterm_preempts_with_a_verified_checkpoint_and_resumes_bit_identical(r
     assert proc.returncode == 143, out
     doc = resume_after_preemption(tmp_path, spec, job)
     assert doc["attempts"][-1]["backbone_source"].startswith("local-cache:")  # not built again
-    assert final_state(job) == reference
+    # issue 26: every checkpoint records its platform, and a resume says what it promises
+    assert doc["attempts"][-1]["resume_exactness"] == ("bit for bit" if target == "submit" else
+                                                       f"up to float order (card Tesla T4 -> None; torch 2.12.0 -> "
+                                                       f"{torch.__version__})")
+    assert doc["attempts"][-1]["resume_exactness"] in run(tmp_path, "status", str(spec), COLUMNS="300").stdout
+    assert final_state(job) == reference  # on a CPU the math is the same: only the promise differs
 
 
 def test_two_submits_at_once_one_exits_3(tmp_path):

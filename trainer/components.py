@@ -7,7 +7,9 @@ Invariants:
 - ``fresh_state`` seeds exactly as any first start does: a retrain from nothing computes what
   the first run computed, whatever was built (or drawn) before it.
 - Under torchrun rank 0 builds the backbone first (it alone writes the cache); the other ranks
-  read what it wrote.
+  read what it wrote. An LLM-free variant (``model.ablation``) builds none.
+- ``train.deterministic`` is applied (trainer.determinism) before the first kernel runs, and the
+  platform that decides the kernels is part of the parts, for every checkpoint.
 """
 
 from __future__ import annotations
@@ -90,7 +92,8 @@ def build_parts(spec: JobSpec, world: distributed.World, job: Store, heartbeat: 
     scaling = {"columns": splits.columns, "mean": sc.mean.tolist(), "std": sc.std.tolist(),
                "target": spec.data.target, "features": spec.data.features}
     backbone = None
-    for turn in ([0, 1] if world.distributed and llm else [0] if llm else []):  # rank 0 first: it alone writes the cache
+    turns = ([0, 1] if world.distributed else [0]) if llm else []  # rank 0 first: it alone writes the cache
+    for turn in turns:
         if (turn == 0) == world.main:
             pretrained = spec.model.backbone.pretrained
             measure = functools.partial(_download_bytes, pretrained) \
@@ -99,9 +102,15 @@ def build_parts(spec: JobSpec, world: distributed.World, job: Store, heartbeat: 
                 backbone = load_cached(spec.model, device, job, fetching) if spec.run.backbone_cache \
                     else load_backbone(spec.model, device)
         distributed.barrier(world)
-    heartbeat.beat(force=True, backbone_source=backbone.source if backbone else f"none: model.ablation {spec.model.ablation}")
+    source = backbone.source if backbone else f"none: model.ablation {spec.model.ablation}"
+    heartbeat.beat(force=True, backbone_source=source)
     return Parts(device, card, compute_dtype, splits, steps_per_epoch, steps_per_epoch * spec.train.epochs,
                  scaling, backbone, determinism.platform(spec.train.deterministic, device))
+
+
+def per_process_batch(spec: JobSpec, world: distributed.World) -> int:
+    """The samples each process trains on of a batch (``train.batch_size`` is the global batch)."""
+    return spec.train.batch_size // world.size
 
 
 def _download_bytes(repo: str) -> dict:

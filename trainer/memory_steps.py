@@ -20,7 +20,7 @@ from timellm_job.jobs.protocol import ExitCode
 from timellm_job.jobs.protocol import TrainerActivity as Activity
 from timellm_job.trainer import distributed, memory
 from timellm_job.trainer.backbone import default_device
-from timellm_job.trainer.components import Parts, TrainingState
+from timellm_job.trainer.components import Parts, TrainingState, per_process_batch
 from timellm_job.trainer.data import train_batches
 from timellm_job.trainer.evaluation import target
 from timellm_job.trainer.grad_checkpointing import set_gradient_checkpointing
@@ -38,7 +38,7 @@ def plan_memory(spec: JobSpec, world: distributed.World, parts: Parts, state: Tr
             if parts.card.gpu else None
         checkpointing = memory.checkpointing(spec.train.gradient_checkpointing, parts.card)
         plan = memory.decide(spec, parts.card, parts.compute_dtype, checkpointing,
-                             spec.train.batch_size // world.size, previous_plan, probe)
+                             per_process_batch(spec, world), previous_plan, probe)
     plan = distributed.broadcast(world, plan)
     if parts.backbone is not None:
         set_gradient_checkpointing(parts.backbone.model, plan.gradient_checkpointing)
