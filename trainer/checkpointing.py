@@ -85,7 +85,7 @@ class Checkpointing:
                      loaded.manifest.step, p.epoch, p.batch)
         exactness = determinism.exactness(loaded.manifest.metadata.get("platform"), self.parts.platform)
         if self.world.main and exactness != determinism.BIT_FOR_BIT:
-            log.warning("resuming %s: the checkpoint was trained on another platform", exactness)
+            log.warning("resuming %s, not bit for bit", exactness)
         return Resumed(loaded.manifest, skipped, exactness)
 
     def save(self, state: TrainingState, kind: str, plan: MemoryPlan | None, wait: bool = False) -> None:
