@@ -52,7 +52,7 @@ import pandas as pd
 import torch
 
 from benchmarks.common import with_faults
-from timellm_job.jobs.spec import parse_spec
+from timellm_job.jobs.spec_files import parse_spec
 from timellm_job.storage import load_newest
 from timellm_job.trainer import checkpoint_state, memory
 from timellm_job.trainer.components import per_process_batch
@@ -345,7 +345,7 @@ def oom_through_the_cli(size: Size, folder: Path, csv: Path, device: str) -> dic
                     train={"micro_batch_size": size.batch, "gradient_checkpointing": False},
                     run={"backbone_cache": True, "max_restarts": 5})
     path = folder / "oom.yaml"
-    from timellm_job.jobs.spec import spec_to_yaml
+    from timellm_job.jobs.spec_files import spec_to_yaml
 
     path.write_text(spec_to_yaml(spec))
     env = {"TIMELLM_JOB_BACKBONE_CACHE": str(folder / "backbones")}

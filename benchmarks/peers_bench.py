@@ -166,7 +166,7 @@ def _run_timellm(root: Path, global_step: int) -> float:
     first step (a test-only switch) and leaves its start-up marks in its heartbeat."""
     spec = root / "spec.yaml"
     from timellm_job.jobs import load_spec
-    from timellm_job.jobs.spec import spec_to_yaml
+    from timellm_job.jobs.spec_files import spec_to_yaml
 
     spec.write_text(spec_to_yaml(load_spec(TINY, root=str(root), sets=_sets(FULL_EPOCH))))
     beat = root / "heartbeat.json"

@@ -34,7 +34,8 @@ from typing import Any
 
 import yaml
 
-from timellm_job.jobs.spec import JobSpec, SpecError, parse_spec, safe_load_no_aliases, safe_name
+from timellm_job.jobs.spec import JobSpec, SpecError, safe_name
+from timellm_job.jobs.spec_files import parse_spec, safe_load_no_aliases
 
 NAME_LIMIT = 128
 DERIVED = ("name",)  # the sweep names its jobs

@@ -7,7 +7,6 @@ written); 3 another live orchestrator holds the job; 143/130 stopped by SIGTERM/
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import os
@@ -188,7 +187,7 @@ def import_cmd(spec: str, source: str, root: str | None, sets: tuple[str, ...], 
     except InputError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(ExitCode.BAD_INPUT)
-    from timellm_job.jobs.spec import spec_to_yaml
+    from timellm_job.jobs.spec_files import spec_to_yaml
     from timellm_job.storage.private import private_copy
 
     with private_copy("job.yaml", spec_to_yaml(job_spec).encode()) as resolved:  # no option in an argv
@@ -219,7 +218,7 @@ def list_cmd(root: str, as_json: bool) -> None:
         render_list(rows)
 
 
-@main.command(short_help="Every point of a grid as an ordinary job (local engine).")
+@main.command(short_help="Every point of a grid as an ordinary job, here, on Ray or on SkyPilot.")
 @click.argument("sweep_file", metavar="SWEEP.yaml", type=click.Path(dir_okay=False))
 @click.option("--root", help=ROOT_HELP + " (default: the base job's storage.root)")
 @click.option("--on", "engine", type=click.Choice(["local", "ray", "skypilot"]), default="local", show_default=True,
@@ -231,41 +230,9 @@ def sweep(sweep_file: str, root: str | None, engine: str, max_parallel: int) -> 
     """Expand SWEEP.yaml (a base job and a grid of dotted fields) into ordinary jobs under one
     root and run them: running it again trains nothing that completed. Exit 0 when every job
     completed, 1 when any did not (the table says which), 2 for a bad sweep file."""
-    from timellm_job.jobs.sweep import load_sweep
-    from timellm_job.orchestrator.submit import log_to_terminal, workdir_root
+    from timellm_job.orchestrator.sweep_engines import run_sweep
 
-    try:
-        plan = load_sweep(sweep_file, root=root)
-    except SpecError as err:
-        click.echo(f"error: {sweep_file}:\n{err}", err=True)
-        sys.exit(ExitCode.BAD_INPUT)
-    if engine == "ray" and importlib.util.find_spec("ray") is None:
-        click.echo("error: --on ray: Ray is not installed here: pip install 'timellm-job[ray]'", err=True)
-        sys.exit(ExitCode.BAD_INPUT)
-    log_to_terminal()
-    if engine == "ray":
-        from timellm_job.orchestrator.sweep_ray import RayEngine
-
-        sys.exit(RayEngine(plan, max_parallel).run())
-    if engine == "skypilot":
-        sys.exit(_sweep_on_skypilot(plan, sweep_file))
-    from timellm_job.orchestrator.sweep import LocalEngine
-
-    sys.exit(LocalEngine(plan, workdir_root() / "sweeps" / plan.name, max_parallel or 1).run())
-
-
-def _sweep_on_skypilot(plan, sweep_file: str) -> int:
-    from timellm_job.orchestrator.submit import InputError
-    from timellm_job.orchestrator.sweep_sky import SkyPilotEngine, SkyPilotError
-
-    try:
-        return SkyPilotEngine(plan).run()
-    except InputError as err:
-        click.echo(f"error: {sweep_file}: {err}", err=True)
-        return ExitCode.BAD_INPUT
-    except SkyPilotError as err:
-        click.echo(f"error: {err}", err=True)
-        return ExitCode.FAILED
+    sys.exit(run_sweep(sweep_file, root, engine, max_parallel))
 
 
 @main.command("table", short_help="Every job under a root as the paper lays out its results.")

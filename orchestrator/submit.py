@@ -28,7 +28,7 @@ from timellm_job.jobs import JobSpec, Phase, SpecError, load_spec, training_fiel
 from timellm_job.jobs.identity import diff_fields, without_new_defaults
 from timellm_job.jobs.messages import log_to_stderr
 from timellm_job.jobs.protocol import TRAINER_MODULE, ExitCode
-from timellm_job.jobs.spec import spec_to_yaml
+from timellm_job.jobs.spec_files import spec_to_yaml
 from timellm_job.orchestrator.identity import Identity, identify
 from timellm_job.orchestrator.jobstate import JobState
 from timellm_job.orchestrator.notice import NoticeWatcher

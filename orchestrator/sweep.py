@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from timellm_job.jobs.protocol import ExitCode
-from timellm_job.jobs.spec import spec_to_yaml
+from timellm_job.jobs.spec_files import spec_to_yaml
 from timellm_job.jobs.sweep import Point, Sweep
 from timellm_job.orchestrator.results_table import SWEEP_FIELDS, markdown, row
 from timellm_job.orchestrator.threads import thread_env

@@ -30,7 +30,7 @@ import socket
 import subprocess
 import sys
 
-from timellm_job.jobs.spec import spec_to_yaml
+from timellm_job.jobs.spec_files import spec_to_yaml
 from timellm_job.jobs.sweep import Point, Sweep
 from timellm_job.orchestrator.submit import workdir_root
 from timellm_job.orchestrator.sweep import RERUNS, again, mark, submit_argv, summary

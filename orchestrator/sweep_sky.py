@@ -38,7 +38,7 @@ from typing import Any
 
 import yaml
 
-from timellm_job.jobs.spec import spec_to_yaml
+from timellm_job.jobs.spec_files import spec_to_yaml
 from timellm_job.jobs.sweep import Point, Sweep
 from timellm_job.orchestrator.identity import identify
 from timellm_job.orchestrator.redaction import redacted

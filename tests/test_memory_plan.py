@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from timellm_job.jobs import SpecError, load_spec, spec_hash
-from timellm_job.jobs.spec import DataSpec, ModelSpec, parse_spec
+from timellm_job.jobs.spec import DataSpec, ModelSpec
+from timellm_job.jobs.spec_files import parse_spec
 from timellm_job.trainer import checkpoint_state, memory
 from timellm_job.trainer.backbone import load_backbone
 from timellm_job.trainer.grad_checkpointing import blocks, is_on, set_gradient_checkpointing
