@@ -67,9 +67,18 @@ def again(code: int) -> bool:
     return code in AGAIN or code < 0
 
 
-def submit_argv(spec_path: Path) -> list[str]:
-    """The job's own ``timellm-job submit``, in this Python."""
-    return [sys.executable, "-m", "timellm_job.orchestrator.cli", "submit", str(spec_path)]
+def start_submit(workdir: Path, name: str, spec_yaml: str, env: dict[str, str] | None = None,
+                 before: tuple[str, ...] = ()) -> tuple[subprocess.Popen, Path]:
+    """The job's own ``timellm-job submit`` in this Python, its own session, on the spec written
+    beside its log in ``workdir`` (0600: credentials never in an argv); ``before``: what runs it.
+    The process and the log its output goes to."""
+    spec_path, log_path = workdir / f"{name}.yaml", workdir / f"{name}.log"
+    write_private(spec_path, spec_yaml.encode())
+    with open(log_path, "ab") as out:
+        proc = subprocess.Popen([*before, sys.executable, "-m", "timellm_job.orchestrator.cli", "submit", str(spec_path)],
+                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                start_new_session=True)
+    return proc, log_path
 
 
 def mark(sweep: Sweep, point: Point) -> None:
@@ -119,16 +128,11 @@ class LocalEngine:
         self.stopping = signum
 
     def _start(self, point: Point, slot: int) -> Running:
-        spec_path = self.workdir / f"{point.name}.yaml"
-        write_private(spec_path, spec_to_yaml(point.spec).encode())  # credentials: 0600, never in an argv
         mark(self.sweep, point)
         env = {**os.environ, **thread_env(self.parallel)}
         if self.gpus:
             env["CUDA_VISIBLE_DEVICES"] = str(slot % self.gpus)
-        log_path = self.workdir / f"{point.name}.log"
-        with open(log_path, "ab") as out:
-            proc = subprocess.Popen(submit_argv(spec_path), stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        proc, log_path = start_submit(self.workdir, point.name, spec_to_yaml(point.spec), env)
         self.runs[point.name] += 1
         log.info(f"sweep {self.sweep.name}: job {point.name} started (run {self.runs[point.name]}, "
                  f"slot {slot}{f', GPU {slot % self.gpus}' if self.gpus else ''}; log: {log_path})")

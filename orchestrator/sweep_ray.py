@@ -27,14 +27,12 @@ import logging
 import os
 import signal
 import socket
-import subprocess
 import sys
 
 from timellm_job.jobs.spec_files import spec_to_yaml
 from timellm_job.jobs.sweep import Point, Sweep
 from timellm_job.orchestrator.submit import workdir_root
-from timellm_job.orchestrator.sweep import RERUNS, again, mark, submit_argv, summary
-from timellm_job.storage.private import write_private
+from timellm_job.orchestrator.sweep import RERUNS, again, mark, start_submit, summary
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +65,11 @@ def run_job(sweep_name: str, name: str, spec_yaml: str) -> int:
 
     workdir = workdir_root() / "sweeps" / sweep_name
     workdir.mkdir(parents=True, exist_ok=True)
-    spec_path, log_path = workdir / f"{name}.yaml", workdir / f"{name}.log"
-    write_private(spec_path, spec_yaml.encode())  # credentials: 0600, never in an argv
+    proc, log_path = start_submit(workdir, name, spec_yaml, before=(sys.executable, "-c", DIE_WITH_PARENT,
+                                                                    str(os.getpid())))
     node = ray.get_runtime_context().get_node_id()
     print(f"sweep {sweep_name}: job {name} started on node {node[:12]} ({socket.gethostname()}; log: {log_path})",
           flush=True)
-    with open(log_path, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-c", DIE_WITH_PARENT, str(os.getpid()), *submit_argv(spec_path)],
-                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     try:
         code = proc.wait()
     except KeyboardInterrupt:  # ray.cancel: the sweep is stopping; the job commits a preempt checkpoint

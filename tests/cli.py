@@ -133,6 +133,16 @@ def is_trainer(cmd: list[str]) -> bool:
     return at >= 0 and cmd[at + 1:at + 3] == [TRAINER_MODULE, "run"]
 
 
+def submit_of(spec: str) -> psutil.Process | None:
+    """The running ``submit`` whose spec path ends with ``spec`` (a sweep's job: its spec lies in
+    the sweep's work folder, on whatever node runs it)."""
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = p.info.get("cmdline") or []
+        if "submit" in cmd and cmd[-1].endswith(spec):
+            return p
+    return None
+
+
 def trainer_pids() -> set[int]:
     out = set()
     for p in psutil.process_iter(["cmdline"]):

@@ -9,11 +9,10 @@ import os
 import signal
 from pathlib import Path
 
-import psutil
 import pytest
 import yaml
 
-from tests.cli import REPO, SLOW, run, start, state, wait_for_checkpoint, wait_until
+from tests.cli import REPO, SLOW, run, start, state, submit_of, wait_for_checkpoint, wait_until
 from tests.jobfiles import final_state, quick_spec
 from timellm_job.jobs import SpecError
 from timellm_job.jobs.sweep import load_sweep, parse_sweep
@@ -69,14 +68,6 @@ def test_ray_not_installed_is_refused_before_anything_is_written(tmp_path):
     assert not (tmp_path / "sweep-root").exists()
 
 
-def _submit_of(workdir: Path, job: str) -> psutil.Process | None:
-    spec = str(workdir / f"{job}.yaml")
-    for p in psutil.process_iter(["cmdline"]):
-        if spec in (p.info.get("cmdline") or []):
-            return p
-    return None
-
-
 @pytest.mark.slow
 def test_a_sweeps_job_whose_runtime_died_is_run_again_and_ends_as_its_solo_run(reference, tmp_path):
     root = tmp_path / "sweep-root"
@@ -84,7 +75,7 @@ def test_a_sweeps_job_whose_runtime_died_is_run_again_and_ends_as_its_solo_run(r
     proc = start(tmp_path, "sweep", str(sweep), "--root", str(root), "--max-parallel", "2", **SLOW)
     job, workdir = root / "seeds-seed2021", tmp_path / "work" / "sweeps" / "seeds"
     wait_for_checkpoint(job, "step", proc)
-    submit = wait_until(lambda: _submit_of(workdir, job.name), "the job's submit", alive=[proc])
+    submit = wait_until(lambda: submit_of(str(workdir / f"{job.name}.yaml")), "the job's submit", alive=[proc])
     os.killpg(submit.pid, signal.SIGKILL)  # the whole runtime of that job, as a vanished VM
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out

@@ -11,24 +11,14 @@ from __future__ import annotations
 import subprocess
 import time
 
-import psutil
 import pytest
 import yaml
 
-from tests.cli import REPO, SLOW, argv, env_for, state, wait_for_checkpoint, wait_until
+from tests.cli import REPO, SLOW, argv, env_for, state, submit_of, wait_for_checkpoint, wait_until
 from tests.jobfiles import final_state, quick_spec, solo_run
 from tests.ray_cluster import ray_cluster
 
 pytest.importorskip("ray", reason="the ray extra is not installed: pip install -e '.[ray]'")
-
-
-def _submit_of(job: str) -> psutil.Process | None:
-    """The running ``submit`` of the sweep's job ``job`` (its spec is <workdir>/sweeps/<sweep>/<job>.yaml)."""
-    for p in psutil.process_iter(["cmdline"]):
-        cmd = p.info.get("cmdline") or []
-        if "submit" in cmd and cmd[-1].endswith(f"/{job}.yaml"):
-            return p
-    return None
 
 
 @pytest.mark.slow
@@ -44,12 +34,12 @@ def test_a_node_lost_mid_job_its_job_ends_on_another_node_as_its_solo_run(refere
         try:
             job = root / "rs-seed2021"
             wait_for_checkpoint(job, "step", proc)
-            first = wait_until(lambda: _submit_of(job.name), "the job's submit", alive=[proc])
+            first = wait_until(lambda: submit_of(f"/{job.name}.yaml"), "the job's submit", alive=[proc])
             lost = cluster.node_of(first.pid)
             assert lost in cluster.workers
             killed_at = time.monotonic()
             cluster.kill_node(lost)  # the machine under the job is gone: raylet, Ray worker, submit, trainer
-            rerun = wait_until(lambda: (p := _submit_of(job.name)) and p.pid != first.pid and p,
+            rerun = wait_until(lambda: (p := submit_of(f"/{job.name}.yaml")) and p.pid != first.pid and p,
                                "the job's submit run again by Ray", alive=[proc])
             elsewhere = cluster.node_of(rerun.pid)
             print(f"node {lost} killed; job {job.name} running again on {elsewhere} "
