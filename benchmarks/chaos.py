@@ -85,6 +85,7 @@ class Chaos:
                     "TIMELLM_JOB_WORKDIR": str(self.folder / "work"), "TIMELLM_JOB_LEASE_TTL_S": "6",
                     "TIMELLM_JOB_BACKBONE_CACHE": str(self.folder / "backbones"),
                     "TIMELLM_JOB_HEARTBEAT_INTERVAL_S": "0",
+                    "TIMELLM_JOB_SPARE_AFTER_S": "0",  # a warm spare behind every attempt: restarts claim them
                     "TIMELLM_JOB_TEST_STEP_DELAY_S": str(self.step_delay),
                     "TIMELLM_JOB_TEST_WRITE_DELAY_S": str(self.write_delay)})
         self.submit: subprocess.Popen | None = None
@@ -341,6 +342,7 @@ class Chaos:
                                      "generations": [r["generations"] for r in self.stalled],
                                      "late_commits": self.late_commits(), "resumed_from_late": resumed_late},
                 "attempts": len(attempts), "submits": self.submits, "phase": state.get("phase"),
+                "warm_attempts": sum(1 for a in attempts if a.get("warm_spare")),
                 "requests": sum(p.count for p in self.proxies),
                 "faults_injected": sum(p.failed for p in self.proxies),
                 "corrupted": sorted(self.corrupted), "skipped_corrupted": skipped_corrupt,

@@ -1,12 +1,14 @@
 """The contract between the orchestrator and its trainer subprocess, in one place both import.
 
-Three things cross the process boundary, and only these:
+Four things cross the process boundary, and only these:
 
 - the trainer's **exit code** (:class:`ExitCode`): what it means and what the supervisor does
   with it (:data:`ON_EXIT`); ``submit`` itself ends with the same codes (0, 1, 2, 3, 130, 143);
 - the **heartbeat** (:class:`Heartbeat`): a small JSON document the trainer replaces atomically
   (trainer.reporting) and the orchestrator reads through this model, never as a loose dict;
-- the **environment** the orchestrator sets for the trainer (the ``ENV_*`` names).
+- the **environment** the orchestrator sets for the trainer (the ``ENV_*`` names);
+- a warm spare's **claim** (:class:`SpareClaim`): one line on the spare's standard input that
+  makes it an attempt's trainer (orchestrator.spare writes it, trainer.spare reads it).
 
 Invariants:
 - No decision parses a reason string: what the supervisor acts on is an exit code or a typed
@@ -57,8 +59,23 @@ ON_EXIT: dict[ExitCode, str] = {
 }
 
 # ----------------------------------------------------------------------------- command
-#: the trainer's module: the orchestrator runs ``python -m TRAINER_MODULE run|check|import ...``
+#: the trainer's module: the orchestrator runs ``python -m TRAINER_MODULE run|check|import ...``,
+#: and ``spare`` for a warm spare
 TRAINER_MODULE = "timellm_job.trainer"
+
+
+class SpareClaim(BaseModel):
+    """What makes a warm spare an attempt's trainer: the arguments after ``python -m
+    TRAINER_MODULE`` (``run ...``), the variables only the attempt knows (its heartbeat path),
+    and the attempt's log, which becomes the spare's output. One JSON line."""
+
+    model_config = ConfigDict(extra="forbid")
+    argv: list[str]
+    env: dict[str, str] = Field(default_factory=dict)
+    log: str
+
+    def line(self) -> bytes:
+        return self.model_dump_json().encode() + b"\n"
 
 # ----------------------------------------------------------------------------- environment
 ENV_HEARTBEAT = "TIMELLM_JOB_HEARTBEAT"  # the heartbeat document's local path (rank 0 writes it)

@@ -202,6 +202,8 @@ class RunSpec(_Section):
     crash_loop_limit: int = Field(default=3, ge=2)
     preemption_notice: PreemptionNotice | None = None
     backbone_cache: bool = True
+    # a trainer that has done its imports waits for the next attempt (orchestrator.spare)
+    warm_spare: bool = True
     # a word when a runtime dies: webhooks told of every phase change, and a dead-man's switch
     # (healthchecks.io's convention) pinged while the job runs; secrets, redacted when stored
     notify: list[str] = Field(default_factory=list)

@@ -73,6 +73,7 @@ class Attempt(BaseModel):
     memory_plan: dict[str, Any] | None = None  # the plan the trainer made (trainer.memory), with peak_bytes
     oom: dict[str, Any] | None = None  # the trainer's out-of-memory diagnosis, when it ran out
     first_step_at: float | None = None  # when its first optimizer step ended (start-up before it)
+    warm_spare: bool = False  # its trainer was a warm spare (orchestrator.spare): imports done before it began
     training_s: float | None = None  # time in training steps, as the trainer measured it
     eval_s: float | None = None  # time validating and testing, as the trainer measured it
     goodput: dict[str, Any] | None = None  # where its wall time went (see goodput())

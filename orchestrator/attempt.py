@@ -1,9 +1,9 @@
 """One attempt: a trainer subprocess, its heartbeat, its log, and how it ended.
 
 Invariants:
-- The trainer runs in its own process group (so it can be signalled or killed as a whole) and
-  dies with its orchestrator: PR_SET_PDEATHSIG=SIGKILL on Linux, and the trainer also watches
-  its parent pid (``ENV_PARENT_PID``).
+- The trainer is started as orchestrator.children says (its own process group, dies with its
+  orchestrator), cold, or by claiming a warm spare (orchestrator.spare) that has done its
+  imports; either way the same command and environment.
 - Its exit is seen at once: a thread waits on the child and sets ``exited``.
 - Its stdout and stderr go to a local log file, which the supervisor copies to the job folder.
 - Its heartbeat is read through jobs.protocol.Heartbeat; a missing or torn one reads as None.
@@ -14,46 +14,34 @@ Invariants:
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import psutil
 
-from timellm_job.jobs.protocol import ENV_HEARTBEAT, ENV_PARENT_PID, Heartbeat
+from timellm_job.jobs.protocol import ENV_HEARTBEAT, Heartbeat
+from timellm_job.orchestrator import children
 from timellm_job.orchestrator.oom_evidence import OomWatch
-
-PR_SET_PDEATHSIG = 1
-
-
-def _set_pdeathsig() -> None:  # runs in the child between fork and exec
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:
-        pass
+from timellm_job.orchestrator.spare import Spare
 
 
 class TrainerProcess:
     def __init__(self, argv: list[str], workdir: Path, attempt: int, env: dict[str, str] | None = None,
-                 launcher: bool = False):
+                 launcher: bool = False, spare: Spare | None = None):
+        """``spare``: a warm spare to claim for this attempt (killed if it cannot be: then cold)."""
         self.attempt, self.launcher = attempt, launcher
         self.log_path = workdir / f"attempt-{attempt:03d}.log"
         self.heartbeat_path = workdir / f"heartbeat-{attempt:03d}.json"
         self.heartbeat_path.unlink(missing_ok=True)
-        full_env = {**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # ours is in the terminal; not in the log
-                    **(env or {}), ENV_HEARTBEAT: str(self.heartbeat_path),
-                    ENV_PARENT_PID: str(os.getpid()), "PYTHONUNBUFFERED": "1"}
+        full_env = {**children.attempt_env(env), ENV_HEARTBEAT: str(self.heartbeat_path)}
         self.log = open(self.log_path, "ab")  # noqa: SIM115 - closed in wait()
         self.started_at = time.time()
-        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=full_env, start_new_session=True,
-                                     preexec_fn=_set_pdeathsig if sys.platform.startswith("linux") else None)
+        claimed = spare.claim(argv, full_env, self.log_path) if spare is not None else None
+        self.warm = claimed is not None
+        self.proc = claimed or children.start(argv, self.log, full_env)
         self.pid = self.proc.pid
         self.oom_watch = OomWatch(self.pid)
         self.exited = threading.Event()

@@ -8,6 +8,8 @@ Invariants:
   VM) as long as the file's content is the one the job trained on, and a changed content is
   refused naming ``data.path``. A completed job is reported, not retrained (exit 0).
 - The lease is held from before the first write until the end; a live holder means exit 3.
+- The first attempt's warm spare (orchestrator.spare) starts as soon as the spec reads, so its
+  imports overlap the checks; it writes nothing that lasts, and is killed if submit ends first.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,13 +32,16 @@ from timellm_job.jobs.identity import diff_fields, without_new_defaults
 from timellm_job.jobs.messages import log_to_stderr
 from timellm_job.jobs.protocol import TRAINER_MODULE, ExitCode
 from timellm_job.jobs.spec_files import spec_to_yaml
+from timellm_job.orchestrator.children import attempt_env
 from timellm_job.orchestrator.identity import Identity, identify
 from timellm_job.orchestrator.jobstate import JobState
 from timellm_job.orchestrator.notice import NoticeWatcher
 from timellm_job.orchestrator.notify import Notifier
 from timellm_job.orchestrator.progress_view import ProgressView
 from timellm_job.orchestrator.redaction import redacted_yaml
+from timellm_job.orchestrator.spare import Spare, spare_argv
 from timellm_job.orchestrator.supervisor import Supervisor
+from timellm_job.orchestrator.threads import thread_env
 from timellm_job.storage import StorageError, Store, Unreachable, job_store, list_checkpoints
 from timellm_job.storage import lease as leases
 from timellm_job.storage.commit_strategy import strategy_for
@@ -242,10 +248,16 @@ def adopt(job: Store, spec: JobSpec) -> None:
     state.flush()
 
 
-def prepare(spec_path: str, root: str | None, sets: tuple[str, ...], allow_low_space: bool = False) -> Prepared:
-    """Validate without writing: raises InputError (exit 2) naming what is wrong."""
+def prepare(spec_path: str, root: str | None, sets: tuple[str, ...], allow_low_space: bool = False,
+            on_spec: Callable[[JobSpec], None] = lambda spec: None) -> Prepared:
+    """Validate without writing: raises InputError (exit 2) naming what is wrong. ``on_spec``
+    is called once the spec reads, before the checks that take time."""
     try:
         spec = load_spec(spec_path, root=root, sets=sets)
+    except SpecError as err:
+        raise InputError(str(err)) from None
+    on_spec(spec)
+    try:
         job = job_store(spec.storage.root, spec.name, spec.storage.options)
     except SpecError as err:
         raise InputError(str(err)) from None
@@ -264,8 +276,24 @@ def prepare(spec_path: str, root: str | None, sets: tuple[str, ...], allow_low_s
 
 def submit(spec_path: str, root: str | None, sets: tuple[str, ...], allow_low_space: bool = False) -> int:
     log_to_terminal()
+    spares: list[Spare] = []
+
+    def start_spare(spec: JobSpec) -> None:
+        argv = spare_argv(spec)
+        if argv is not None:
+            spares.append(Spare(argv, attempt_env(thread_env(spec.train.nproc))))
+
     try:
-        prep = prepare(spec_path, root, sets, allow_low_space)
+        return _submit(spec_path, root, sets, allow_low_space, start_spare, spares)
+    finally:
+        for spare in spares:  # one the supervisor did not claim (it discards its own)
+            spare.discard()
+
+
+def _submit(spec_path: str, root: str | None, sets: tuple[str, ...], allow_low_space: bool,
+            start_spare: Callable[[JobSpec], None], spares: list[Spare]) -> int:
+    try:
+        prep = prepare(spec_path, root, sets, allow_low_space, start_spare)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return ExitCode.BAD_INPUT
@@ -323,7 +351,7 @@ def submit(spec_path: str, root: str | None, sets: tuple[str, ...], allow_low_sp
         state.on_change = notifier.changed if notifier is not None else None
         supervisor = Supervisor(spec, job, state, lease, lease_ttl_s(),
                                 lambda n, hint: trainer_argv(spec, local_spec, n, hint, lease),
-                                prep.workdir, view.update)
+                                prep.workdir, view.update, spare=spares.pop() if spares else None)
         watcher = None
         if spec.run.preemption_notice is not None:
             n = spec.run.preemption_notice

@@ -20,6 +20,11 @@ disk under state.json) is reported once and the trainer runs on, watched as befo
 tick tries again. An error outside the ticks stops the trainer as on SIGTERM (it commits a
 preempt checkpoint), closes its attempt with the error as its reason, and the job fails (exit 1).
 
+A warm spare (orchestrator.spare) is kept for the next attempt once the running one has trained
+``spare_after_s()``: a restart claims it and skips the trainer's imports. Supervision starts none
+while stopping, stops starting them after three have died unclaimed, and kills the one left
+when it ends.
+
 The restart budget (``run.max_restarts``) counts the restarts of this submit: a job
 resubmitted after a week gets its budget again; preemptions and vanished runtimes end a submit
 and never count.
@@ -40,10 +45,12 @@ from timellm_job.jobs import JobSpec, Phase
 from timellm_job.jobs.messages import first_line
 from timellm_job.jobs.protocol import ExitCode
 from timellm_job.jobs.status import describe_plan
+from timellm_job.orchestrator import children
 from timellm_job.orchestrator.attempt import TrainerProcess
 from timellm_job.orchestrator.jobstate import JobState
 from timellm_job.orchestrator.outcome import ExitClass, Outcome, Stopping, classify
 from timellm_job.orchestrator.policy import End, History, Restart, decide, stopped
+from timellm_job.orchestrator.spare import Spare, spare_after_s, spare_argv
 from timellm_job.orchestrator.threads import thread_env
 from timellm_job.storage import StorageError, Store, list_checkpoints
 from timellm_job.storage import lease as leases
@@ -55,6 +62,7 @@ log = logging.getLogger(__name__)
 
 TICK_S = 1.0
 STOP_POLL_S = 3.0
+SPARE_DEATHS = 3  # spares that died unclaimed before supervision starts no more
 LOG_UPLOAD_S = 10.0  # what the trainer's log gained is copied to the job folder this often
 
 
@@ -75,7 +83,8 @@ class StopRequest:
 class Supervisor:
     def __init__(self, spec: JobSpec, job: Store, state: JobState, lease: leases.Lease, lease_ttl_s: float,
                  trainer_argv: Callable[[int, dict | None], list[str]], workdir: Path,
-                 on_progress: Callable[[dict | None], None] = lambda beat: None):
+                 on_progress: Callable[[dict | None], None] = lambda beat: None, spare: Spare | None = None):
+        """``spare``: one started for the first attempt (submit's), which supervision now owns."""
         self.spec, self.job, self.state, self.lease = spec, job, state, lease
         self.lease_ttl_s, self.renew_every = lease_ttl_s, lease_ttl_s / 3
         self.trainer_argv, self.workdir, self.on_progress = trainer_argv, workdir, on_progress
@@ -90,6 +99,7 @@ class Supervisor:
         self.resume_recorded = 0  # the attempt whose resume point (and skipped checkpoints) state.json holds
         self.stop_polled = time.time()
         self.tick_failing: str | None = None  # the error the last tick failed with (said once)
+        self.spare, self.spare_argv, self.spare_deaths = spare, spare_argv(spec), 0
 
     # ------------------------------------------------------------------ signals
     def install_signals(self) -> None:
@@ -139,16 +149,42 @@ class Supervisor:
     def _start(self) -> TrainerProcess:
         attempt = len(self.state.status.attempts) + 1
         hint = self.state.memory_hint()
+        spare, self.spare = self.spare, None
         proc = TrainerProcess(self.trainer_argv(attempt, hint), self.workdir, attempt,
-                              env=thread_env(self.spec.train.nproc), launcher=self.spec.train.nproc > 1)
+                              env=thread_env(self.spec.train.nproc), launcher=self.spec.train.nproc > 1, spare=spare)
         self.proc = proc
-        self.state.begin_attempt(proc.pid, socket.gethostname(), proc.started_at)
+        self.state.begin_attempt(proc.pid, socket.gethostname(), proc.started_at).warm_spare = proc.warm
         self.state.flush()
-        log.info(f"attempt {attempt}: trainer pid {proc.pid} started (log: {proc.log_path})")
+        log.info(f"attempt {attempt}: trainer pid {proc.pid} started{' (a warm spare)' if proc.warm else ''} "
+                 f"(log: {proc.log_path})")
         threading.Thread(target=lambda: (proc.exited.wait(), self.wake.set()), daemon=True).start()
         if self.stop is not None:  # a signal arrived while starting
             proc.signal_group(self.stop.signum)
         return proc
+
+    def _keep_spare(self, proc: TrainerProcess) -> None:
+        """A spare for the next attempt, once this one has trained ``spare_after_s()``."""
+        if self.spare is not None:
+            if self.spare.alive():
+                return
+            self.spare_deaths += 1
+            log.warning(f"warning: the warm spare (pid {self.spare.pid}) died unclaimed "
+                        f"(exit {self.spare.proc.returncode})"
+                        + ("; starting no more: restarts start cold" if self.spare_deaths >= SPARE_DEATHS else ""))
+            self.spare.discard()
+            self.spare = None
+        if self.spare_argv is None or self.stop is not None or self.spare_deaths >= SPARE_DEATHS:
+            return
+        beat = proc.heartbeat()
+        trained = beat is not None and beat.step is not None and beat.start_step is not None \
+            and beat.step > beat.start_step
+        if trained and time.time() - proc.started_at >= spare_after_s():
+            self.spare = Spare(self.spare_argv, children.attempt_env(thread_env(self.spec.train.nproc)))
+
+    def discard_spare(self) -> None:
+        if self.spare is not None:
+            self.spare.discard()
+            self.spare = None
 
     def _upload_log(self, proc: TrainerProcess) -> None:
         if self.log_uploader is None or self.log_uploader.attempt != proc.attempt:
@@ -189,6 +225,7 @@ class Supervisor:
         self._renew_lease_if_due()
         self._fold(proc)
         self._stop_requested()
+        self._keep_spare(proc)
         if self.stop is not None and now >= self.stop.deadline:
             self.stop.grace_over = True
             proc.signal_group(signal.SIGKILL)
@@ -282,6 +319,12 @@ class Supervisor:
     def run(self) -> int:
         """Supervise until the job ends; returns submit's exit code."""
         self.install_signals()
+        try:
+            return self._run()
+        finally:
+            self.discard_spare()
+
+    def _run(self) -> int:
         try:
             return self._loop()
         except leases.LeaseLost as lost:  # fenced: the newer holder's state and files stay untouched

@@ -128,9 +128,11 @@ def wait_for_step(job: Path, step: int, timeout: float = PATIENCE_S) -> None:
 
 
 def is_trainer(cmd: list[str]) -> bool:
-    """Whether a command line is a trainer's (``python [-u] -m timellm_job.trainer run ...``)."""
+    """Whether a command line is a trainer's (``python [-u] -m timellm_job.trainer run ...``), or
+    a warm spare's (``... spare ...``: once claimed it is its attempt's trainer; the heartbeat's
+    pid tells which)."""
     at = cmd.index("-m") if "-m" in cmd else -1
-    return at >= 0 and cmd[at + 1:at + 3] == [TRAINER_MODULE, "run"]
+    return at >= 0 and cmd[at + 1:at + 3] in ([TRAINER_MODULE, "run"], [TRAINER_MODULE, "spare"])
 
 
 def submit_of(spec: str) -> psutil.Process | None:
@@ -141,15 +143,6 @@ def submit_of(spec: str) -> psutil.Process | None:
         if "submit" in cmd and cmd[-1].endswith(spec):
             return p
     return None
-
-
-def trainer_pids() -> set[int]:
-    out = set()
-    for p in psutil.process_iter(["cmdline"]):
-        cmd = p.info.get("cmdline") or []
-        if is_trainer(cmd):
-            out.add(p.pid)
-    return out
 
 
 def resume_after_preemption(tmp: Path, spec: Path, job: Path) -> dict:

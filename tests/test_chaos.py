@@ -3,7 +3,7 @@ emulator behind a proxy that fails a share of requests (503s and dropped connect
 of the trainer (some inside a checkpoint write, which is slowed for that), 2 kills of the whole
 process group with a resubmit, a SIGTERM, a SIGSTOP hang, a flipped byte in the newest
 checkpoint, a second submit while the job's runtime is alive and a runtime whose storage path
-stalls until its lease expires. The job must end bit-identical to an uninterrupted run, no
+stalls until its lease expires; a warm spare waits behind every attempt, and restarts claim them. The job must end bit-identical to an uninterrupted run, no
 attempt may resume from the corrupted checkpoint's bytes (its id may hold a new, whole checkpoint
 once it was set apart and committed again), the second submit exits 3 writing nothing,
 and the stalled runtime, once its path flows again, is fenced and exits 3."""
@@ -39,6 +39,8 @@ def test_chaos_ends_bit_identical_and_never_loads_a_corrupted_checkpoint(tmp_pat
     assert summary["kills_in_a_write"] >= 1, summary
     assert summary["faults_injected"] >= 20, summary
     assert summary["sigterm_exits"] == [143], summary
+    # a warm spare waits behind every attempt: besides each submit's first, restarts claimed them
+    assert summary["warm_attempts"] > summary["submits"], summary
     assert summary["steps_lost"]["sigterm"] == [0], summary  # a preempt checkpoint of the step reached
     # a kill loses what the newest committed checkpoint does not hold: at most the steps since
     # the previous save plus those trained while the newest one was still being written; one save

@@ -1,4 +1,4 @@
-"""``python -m timellm_job.trainer run|check JOB.yaml [--root URL] [--set k=v ...]``
+"""``python -m timellm_job.trainer run|check|import JOB.yaml [--root URL] [--set k=v ...]``, or ``spare``
 
 import: commit an upstream Time-LLM checkpoint as the job's (exit 2 when it does not fit).
 run: train the job (resuming from its newest verified checkpoint); exit 0 done, 2 bad input,
@@ -7,6 +7,7 @@ check: the pre-flight checks that need torch or the data (device, data length, b
 what fits in memory); exits 0 when all is well, printing the job's estimated footprint as one
 JSON line on standard output (trainer.footprint; ``{}`` when it cannot be sized), else one line
 per problem on standard error and exit 2.
+spare: a warm spare (trainer.spare): imports, then waits to be claimed as some attempt's ``run``.
 """
 
 from __future__ import annotations
@@ -45,6 +46,11 @@ def _args(argv):
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["spare"]:
+        from timellm_job.trainer import spare
+
+        return spare.main(argv[1:], main)
     a = _args(argv)
     log_to_stderr()  # the trainer's messages, as lines, to its log
     try:
