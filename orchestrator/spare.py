@@ -22,6 +22,7 @@ Invariants:
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -32,6 +33,8 @@ import time
 from timellm_job.jobs import JobSpec
 from timellm_job.jobs.protocol import ENV_HEARTBEAT, TRAINER_MODULE, SpareClaim
 from timellm_job.orchestrator import children
+
+log = logging.getLogger(__name__)
 
 SPARE_AFTER_S = 30.0  # an attempt trains this long before the next spare starts
 
@@ -50,6 +53,15 @@ def spare_argv(spec: JobSpec) -> list[str] | None:
     if spec.model.ablation == "none":  # an LLM-free variant builds no backbone
         argv += ["--preload", backbone.random.family if backbone.random is not None else backbone.pretrained]
     return argv
+
+
+def start_spare(argv: list[str], env: dict[str, str]) -> Spare | None:
+    """A spare started now; None (said once, as a warning) when no process can be started."""
+    try:
+        return Spare(argv, env)
+    except OSError as exc:  # no memory for a process, no temporary folder: the attempt starts cold
+        log.warning(f"warning: could not start a warm spare ({exc}); the next attempt starts cold")
+        return None
 
 
 class Spare:

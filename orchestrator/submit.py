@@ -39,7 +39,7 @@ from timellm_job.orchestrator.notice import NoticeWatcher
 from timellm_job.orchestrator.notify import Notifier
 from timellm_job.orchestrator.progress_view import ProgressView
 from timellm_job.orchestrator.redaction import redacted_yaml
-from timellm_job.orchestrator.spare import Spare, spare_argv
+from timellm_job.orchestrator.spare import Spare, spare_argv, start_spare
 from timellm_job.orchestrator.supervisor import Supervisor
 from timellm_job.orchestrator.threads import thread_env
 from timellm_job.storage import StorageError, Store, Unreachable, job_store, list_checkpoints
@@ -278,22 +278,23 @@ def submit(spec_path: str, root: str | None, sets: tuple[str, ...], allow_low_sp
     log_to_terminal()
     spares: list[Spare] = []
 
-    def start_spare(spec: JobSpec) -> None:
+    def early_spare(spec: JobSpec) -> None:
         argv = spare_argv(spec)
-        if argv is not None:
-            spares.append(Spare(argv, attempt_env(thread_env(spec.train.nproc))))
+        spare = start_spare(argv, attempt_env(thread_env(spec.train.nproc))) if argv is not None else None
+        if spare is not None:
+            spares.append(spare)
 
     try:
-        return _submit(spec_path, root, sets, allow_low_space, start_spare, spares)
+        return _submit(spec_path, root, sets, allow_low_space, early_spare, spares)
     finally:
         for spare in spares:  # one the supervisor did not claim (it discards its own)
             spare.discard()
 
 
 def _submit(spec_path: str, root: str | None, sets: tuple[str, ...], allow_low_space: bool,
-            start_spare: Callable[[JobSpec], None], spares: list[Spare]) -> int:
+            early_spare: Callable[[JobSpec], None], spares: list[Spare]) -> int:
     try:
-        prep = prepare(spec_path, root, sets, allow_low_space, start_spare)
+        prep = prepare(spec_path, root, sets, allow_low_space, early_spare)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return ExitCode.BAD_INPUT

@@ -50,7 +50,7 @@ from timellm_job.orchestrator.attempt import TrainerProcess
 from timellm_job.orchestrator.jobstate import JobState
 from timellm_job.orchestrator.outcome import ExitClass, Outcome, Stopping, classify
 from timellm_job.orchestrator.policy import End, History, Restart, decide, stopped
-from timellm_job.orchestrator.spare import Spare, spare_after_s, spare_argv
+from timellm_job.orchestrator.spare import Spare, spare_after_s, spare_argv, start_spare
 from timellm_job.orchestrator.threads import thread_env
 from timellm_job.storage import StorageError, Store, list_checkpoints
 from timellm_job.storage import lease as leases
@@ -167,19 +167,21 @@ class Supervisor:
         if self.spare is not None:
             if self.spare.alive():
                 return
-            self.spare_deaths += 1
-            log.warning(f"warning: the warm spare (pid {self.spare.pid}) died unclaimed "
-                        f"(exit {self.spare.proc.returncode})"
-                        + ("; starting no more: restarts start cold" if self.spare_deaths >= SPARE_DEATHS else ""))
-            self.spare.discard()
-            self.spare = None
+            if self.stop is None:  # stopping, every process may get the signal: not worth a word
+                self.spare_deaths += 1
+                log.warning(f"warning: the warm spare (pid {self.spare.pid}) died unclaimed "
+                            f"(exit {self.spare.proc.returncode})"
+                            + ("; starting no more: restarts start cold" if self.spare_deaths >= SPARE_DEATHS else ""))
+            self.discard_spare()
         if self.spare_argv is None or self.stop is not None or self.spare_deaths >= SPARE_DEATHS:
             return
         beat = proc.heartbeat()
         trained = beat is not None and beat.step is not None and beat.start_step is not None \
             and beat.step > beat.start_step
         if trained and time.time() - proc.started_at >= spare_after_s():
-            self.spare = Spare(self.spare_argv, children.attempt_env(thread_env(self.spec.train.nproc)))
+            self.spare = start_spare(self.spare_argv, children.attempt_env(thread_env(self.spec.train.nproc)))
+            if self.spare is None:
+                self.spare_deaths = SPARE_DEATHS  # it would fail again: no more tries
 
     def discard_spare(self) -> None:
         if self.spare is not None:

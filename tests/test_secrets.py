@@ -62,7 +62,9 @@ def test_a_planted_secret_reaches_no_stored_file_and_no_argv(s3_server, tmp_path
         time.sleep(0.05)
     out = proc.stdout.read()
     assert proc.returncode == 0, out
-    assert any("trainer check" in a for a in seen_argv) and any("trainer run" in a for a in seen_argv)
+    # the pre-flight, and the trainer: a warm spare's command line (its attempt's arguments come
+    # on its standard input, the same as a cold trainer's argv, which holds no option either)
+    assert any("trainer check" in a for a in seen_argv) and any("trainer spare" in a for a in seen_argv)
     assert not [a for a in seen_argv if planted in a or nested in a]
     assert planted not in out and nested not in out
     from timellm_job.storage import open_store
