@@ -1,11 +1,12 @@
 """Warm spares: trainer processes that do their imports before their attempt begins.
 
-Most of a trainer's start-up is imports (torch, the loop, transformers' model classes: 3.3 s of
-the 3.7 s before the tiny job's first step on 2 cores). A spare (trainer.spare) does them ahead
-and waits; the attempt that claims it begins at building its model. ``submit`` starts one as
-soon as the spec reads, so its imports overlap the pre-flight check and the lease, for the first
-attempt; the supervisor starts the next once an attempt has trained ``spare_after_s()`` (30 s),
-so that a restart finds one ready. A short job never pays for a spare it does not use.
+Most of a trainer's start-up is imports (torch, the loop, transformers' model classes): on 2
+cores the tiny job's restarted trainer took 3.7 s to its first step cold, 0.2 s from a spare
+(benchmarks/startup_bench.py). A spare (trainer.spare) does them ahead and waits; the attempt
+that claims it begins at building its model. ``submit`` starts one as soon as the spec reads,
+so its imports overlap the pre-flight check and the lease, for the first attempt; the
+supervisor starts the next once an attempt has trained ``spare_after_s()`` (30 s), so that a
+restart finds one ready: an attempt shorter than that pays for no spare it does not use.
 
 Invariants:
 - A spare is claimed only by an attempt whose command (interpreter, module) and environment
@@ -14,8 +15,8 @@ Invariants:
   own ``main`` with the attempt's arguments: it trains bit for bit as a cold start.
 - Until claimed it writes nothing that lasts: its output goes to an unlinked temporary file,
   which it copies to the attempt's log when claimed (trainer.spare).
-- It dies with its orchestrator (children.start), and one not claimed is killed when
-  supervision ends (:meth:`Spare.discard`).
+- It dies with its orchestrator (children.start), and one not claimed is killed when the
+  submit ends (:class:`Spares`, which owns it from submit's start to its end).
 - At most one at a time; none under torchrun (``train.nproc`` > 1) or with
   ``run.warm_spare: false``.
 """
@@ -33,6 +34,7 @@ import time
 from timellm_job.jobs import JobSpec
 from timellm_job.jobs.protocol import ENV_HEARTBEAT, TRAINER_MODULE, SpareClaim
 from timellm_job.orchestrator import children
+from timellm_job.orchestrator.threads import thread_env
 
 log = logging.getLogger(__name__)
 
@@ -53,15 +55,6 @@ def spare_argv(spec: JobSpec) -> list[str] | None:
     if spec.model.ablation == "none":  # an LLM-free variant builds no backbone
         argv += ["--preload", backbone.random.family if backbone.random is not None else backbone.pretrained]
     return argv
-
-
-def start_spare(argv: list[str], env: dict[str, str]) -> Spare | None:
-    """A spare started now; None (said once, as a warning) when no process can be started."""
-    try:
-        return Spare(argv, env)
-    except OSError as exc:  # no memory for a process, no temporary folder: the attempt starts cold
-        log.warning(f"warning: could not start a warm spare ({exc}); the next attempt starts cold")
-        return None
 
 
 class Spare:
@@ -115,3 +108,55 @@ class Spare:
                 f.close()
             except OSError:
                 pass
+
+
+class Spares:
+    """A submit's warm spare, from its start to its end: started when due, taken by the next
+    attempt, killed when the submit ends. After ``DEATHS`` spares died unclaimed (or one could
+    not be started) it starts no more: attempts start cold."""
+
+    DEATHS = 3
+
+    def __init__(self):
+        self.argv: list[str] | None = None  # none until a spec says what a spare is
+        self.nproc = 1
+        self.spare: Spare | None = None
+        self.deaths = 0
+
+    def configure(self, spec: JobSpec) -> Spares:
+        self.argv, self.nproc = spare_argv(spec), spec.train.nproc
+        return self
+
+    def start(self) -> None:
+        """One now, unless the job has none or one waits already."""
+        if self.argv is None or self.spare is not None or self.deaths >= self.DEATHS:
+            return
+        try:
+            self.spare = Spare(self.argv, children.attempt_env(thread_env(self.nproc)))
+        except OSError as exc:  # no memory for a process, no temporary folder: attempts start cold
+            log.warning(f"warning: could not start a warm spare ({exc}); attempts start cold")
+            self.deaths = self.DEATHS
+
+    def take(self) -> Spare | None:
+        """The spare, for the attempt starting now (it claims it, or kills it)."""
+        spare, self.spare = self.spare, None
+        return spare
+
+    def watch(self, trained_s: float | None, stopping: bool) -> None:
+        """While an attempt runs (each tick): replace a spare that died; start one once the
+        attempt has trained ``spare_after_s()`` (``trained_s``: since it started, once it has
+        taken a step; None before). None while stopping."""
+        if self.spare is not None and not self.spare.alive():
+            if not stopping:  # stopping, every process may get the signal: not worth a word
+                self.deaths += 1
+                log.warning(f"warning: the warm spare (pid {self.spare.pid}) died unclaimed (exit "
+                            f"{self.spare.proc.returncode})"
+                            + ("; starting no more: restarts start cold" if self.deaths >= self.DEATHS else ""))
+            self.discard()
+        if not stopping and trained_s is not None and trained_s >= spare_after_s():
+            self.start()
+
+    def discard(self) -> None:
+        if self.spare is not None:
+            self.spare.discard()
+            self.spare = None

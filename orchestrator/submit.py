@@ -32,16 +32,14 @@ from timellm_job.jobs.identity import diff_fields, without_new_defaults
 from timellm_job.jobs.messages import log_to_stderr
 from timellm_job.jobs.protocol import TRAINER_MODULE, ExitCode
 from timellm_job.jobs.spec_files import spec_to_yaml
-from timellm_job.orchestrator.children import attempt_env
 from timellm_job.orchestrator.identity import Identity, identify
 from timellm_job.orchestrator.jobstate import JobState
 from timellm_job.orchestrator.notice import NoticeWatcher
 from timellm_job.orchestrator.notify import Notifier
 from timellm_job.orchestrator.progress_view import ProgressView
 from timellm_job.orchestrator.redaction import redacted_yaml
-from timellm_job.orchestrator.spare import Spare, spare_argv, start_spare
+from timellm_job.orchestrator.spare import Spares
 from timellm_job.orchestrator.supervisor import Supervisor
-from timellm_job.orchestrator.threads import thread_env
 from timellm_job.storage import StorageError, Store, Unreachable, job_store, list_checkpoints
 from timellm_job.storage import lease as leases
 from timellm_job.storage.commit_strategy import strategy_for
@@ -276,25 +274,16 @@ def prepare(spec_path: str, root: str | None, sets: tuple[str, ...], allow_low_s
 
 def submit(spec_path: str, root: str | None, sets: tuple[str, ...], allow_low_space: bool = False) -> int:
     log_to_terminal()
-    spares: list[Spare] = []
-
-    def early_spare(spec: JobSpec) -> None:
-        argv = spare_argv(spec)
-        spare = start_spare(argv, attempt_env(thread_env(spec.train.nproc))) if argv is not None else None
-        if spare is not None:
-            spares.append(spare)
-
+    spares = Spares()
     try:
-        return _submit(spec_path, root, sets, allow_low_space, early_spare, spares)
+        return _submit(spec_path, root, sets, allow_low_space, spares)
     finally:
-        for spare in spares:  # one the supervisor did not claim (it discards its own)
-            spare.discard()
+        spares.discard()  # one no attempt claimed
 
 
-def _submit(spec_path: str, root: str | None, sets: tuple[str, ...], allow_low_space: bool,
-            early_spare: Callable[[JobSpec], None], spares: list[Spare]) -> int:
+def _submit(spec_path: str, root: str | None, sets: tuple[str, ...], allow_low_space: bool, spares: Spares) -> int:
     try:
-        prep = prepare(spec_path, root, sets, allow_low_space, early_spare)
+        prep = prepare(spec_path, root, sets, allow_low_space, lambda spec: spares.configure(spec).start())
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return ExitCode.BAD_INPUT
@@ -352,7 +341,7 @@ def _submit(spec_path: str, root: str | None, sets: tuple[str, ...], allow_low_s
         state.on_change = notifier.changed if notifier is not None else None
         supervisor = Supervisor(spec, job, state, lease, lease_ttl_s(),
                                 lambda n, hint: trainer_argv(spec, local_spec, n, hint, lease),
-                                prep.workdir, view.update, spare=spares.pop() if spares else None)
+                                prep.workdir, view.update, spares)
         watcher = None
         if spec.run.preemption_notice is not None:
             n = spec.run.preemption_notice

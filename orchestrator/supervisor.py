@@ -20,10 +20,8 @@ disk under state.json) is reported once and the trainer runs on, watched as befo
 tick tries again. An error outside the ticks stops the trainer as on SIGTERM (it commits a
 preempt checkpoint), closes its attempt with the error as its reason, and the job fails (exit 1).
 
-A warm spare (orchestrator.spare) is kept for the next attempt once the running one has trained
-``spare_after_s()``: a restart claims it and skips the trainer's imports. Supervision starts none
-while stopping, stops starting them after three have died unclaimed, and kills the one left
-when it ends.
+A warm spare (orchestrator.spare.Spares) is kept for the next attempt once the running one has
+trained ``spare_after_s()``: a restart claims it and skips the trainer's imports.
 
 The restart budget (``run.max_restarts``) counts the restarts of this submit: a job
 resubmitted after a week gets its budget again; preemptions and vanished runtimes end a submit
@@ -45,12 +43,11 @@ from timellm_job.jobs import JobSpec, Phase
 from timellm_job.jobs.messages import first_line
 from timellm_job.jobs.protocol import ExitCode
 from timellm_job.jobs.status import describe_plan
-from timellm_job.orchestrator import children
 from timellm_job.orchestrator.attempt import TrainerProcess
 from timellm_job.orchestrator.jobstate import JobState
 from timellm_job.orchestrator.outcome import ExitClass, Outcome, Stopping, classify
 from timellm_job.orchestrator.policy import End, History, Restart, decide, stopped
-from timellm_job.orchestrator.spare import Spare, spare_after_s, spare_argv, start_spare
+from timellm_job.orchestrator.spare import Spares
 from timellm_job.orchestrator.threads import thread_env
 from timellm_job.storage import StorageError, Store, list_checkpoints
 from timellm_job.storage import lease as leases
@@ -62,7 +59,6 @@ log = logging.getLogger(__name__)
 
 TICK_S = 1.0
 STOP_POLL_S = 3.0
-SPARE_DEATHS = 3  # spares that died unclaimed before supervision starts no more
 LOG_UPLOAD_S = 10.0  # what the trainer's log gained is copied to the job folder this often
 
 
@@ -83,8 +79,8 @@ class StopRequest:
 class Supervisor:
     def __init__(self, spec: JobSpec, job: Store, state: JobState, lease: leases.Lease, lease_ttl_s: float,
                  trainer_argv: Callable[[int, dict | None], list[str]], workdir: Path,
-                 on_progress: Callable[[dict | None], None] = lambda beat: None, spare: Spare | None = None):
-        """``spare``: one started for the first attempt (submit's), which supervision now owns."""
+                 on_progress: Callable[[dict | None], None] = lambda beat: None, spares: Spares | None = None):
+        """``spares``: the submit's warm spares (one may wait already, for the first attempt)."""
         self.spec, self.job, self.state, self.lease = spec, job, state, lease
         self.lease_ttl_s, self.renew_every = lease_ttl_s, lease_ttl_s / 3
         self.trainer_argv, self.workdir, self.on_progress = trainer_argv, workdir, on_progress
@@ -99,7 +95,7 @@ class Supervisor:
         self.resume_recorded = 0  # the attempt whose resume point (and skipped checkpoints) state.json holds
         self.stop_polled = time.time()
         self.tick_failing: str | None = None  # the error the last tick failed with (said once)
-        self.spare, self.spare_argv, self.spare_deaths = spare, spare_argv(spec), 0
+        self.spares = (spares or Spares()).configure(spec)
 
     # ------------------------------------------------------------------ signals
     def install_signals(self) -> None:
@@ -149,9 +145,8 @@ class Supervisor:
     def _start(self) -> TrainerProcess:
         attempt = len(self.state.status.attempts) + 1
         hint = self.state.memory_hint()
-        spare, self.spare = self.spare, None
-        proc = TrainerProcess(self.trainer_argv(attempt, hint), self.workdir, attempt,
-                              env=thread_env(self.spec.train.nproc), launcher=self.spec.train.nproc > 1, spare=spare)
+        proc = TrainerProcess(self.trainer_argv(attempt, hint), self.workdir, attempt, env=thread_env(self.spec.train.nproc),
+                              launcher=self.spec.train.nproc > 1, spare=self.spares.take())
         self.proc = proc
         self.state.begin_attempt(proc.pid, socket.gethostname(), proc.started_at).warm_spare = proc.warm
         self.state.flush()
@@ -163,30 +158,10 @@ class Supervisor:
         return proc
 
     def _keep_spare(self, proc: TrainerProcess) -> None:
-        """A spare for the next attempt, once this one has trained ``spare_after_s()``."""
-        if self.spare is not None:
-            if self.spare.alive():
-                return
-            if self.stop is None:  # stopping, every process may get the signal: not worth a word
-                self.spare_deaths += 1
-                log.warning(f"warning: the warm spare (pid {self.spare.pid}) died unclaimed "
-                            f"(exit {self.spare.proc.returncode})"
-                            + ("; starting no more: restarts start cold" if self.spare_deaths >= SPARE_DEATHS else ""))
-            self.discard_spare()
-        if self.spare_argv is None or self.stop is not None or self.spare_deaths >= SPARE_DEATHS:
-            return
         beat = proc.heartbeat()
         trained = beat is not None and beat.step is not None and beat.start_step is not None \
             and beat.step > beat.start_step
-        if trained and time.time() - proc.started_at >= spare_after_s():
-            self.spare = start_spare(self.spare_argv, children.attempt_env(thread_env(self.spec.train.nproc)))
-            if self.spare is None:
-                self.spare_deaths = SPARE_DEATHS  # it would fail again: no more tries
-
-    def discard_spare(self) -> None:
-        if self.spare is not None:
-            self.spare.discard()
-            self.spare = None
+        self.spares.watch(time.time() - proc.started_at if trained else None, self.stop is not None)
 
     def _upload_log(self, proc: TrainerProcess) -> None:
         if self.log_uploader is None or self.log_uploader.attempt != proc.attempt:
@@ -324,7 +299,7 @@ class Supervisor:
         try:
             return self._run()
         finally:
-            self.discard_spare()
+            self.spares.discard()
 
     def _run(self) -> int:
         try:

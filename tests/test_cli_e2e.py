@@ -31,7 +31,9 @@ pytestmark = pytest.mark.slow
 
 
 def test_random_trainer_kills_are_restarted_and_end_bit_identical(reference, tmp_path):
-    spec = quick_spec(tmp_path)
+    """Every trainer starts cold here (``run.warm_spare: false``): tests/test_spare.py and the
+    chaos run prove the same of restarts that claim warm spares."""
+    spec = quick_spec(tmp_path, run={"warm_spare": False})
     job = job_dir(spec)
     proc = start(tmp_path, "submit", str(spec), **SLOW)
     rng = random.Random(7)
@@ -56,6 +58,7 @@ def test_random_trainer_kills_are_restarted_and_end_bit_identical(reference, tmp
     # every kill that landed on a running trainer cost one restart (a kill can race the last exit)
     assert doc["phase"] == "completed" and doc["restarts"] == len(doc["attempts"]) - 1 >= 2
     assert all("SIGKILL" in (a["reason"] or "") for a in doc["attempts"][:-1])
+    assert not any(a["warm_spare"] for a in doc["attempts"])
     assert all(a["resumed_from"] is not None for a in doc["attempts"][1:] if a["start_step"])
     assert final_state(job) == reference
 

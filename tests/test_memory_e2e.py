@@ -38,7 +38,8 @@ def test_random_kills_with_micro_batches_checkpointing_and_fp16_end_bit_identica
     reference = train_once(tmp_path / "reference", **sections)
     spec = quick_spec(tmp_path, **sections)
     job = job_dir(spec)
-    proc = start(tmp_path, "submit", str(spec), **SLOW)
+    # a warm spare behind every attempt: the restarts claim them (trained bit for bit all the same)
+    proc = start(tmp_path, "submit", str(spec), **SLOW, TIMELLM_JOB_SPARE_AFTER_S="0")
     rng = random.Random(11)
     killed = 0
     for _ in range(3):
@@ -60,6 +61,7 @@ def test_random_kills_with_micro_batches_checkpointing_and_fp16_end_bit_identica
     assert all((p["micro_batch_size"], p["gradient_checkpointing"], p["compute_dtype"]) == (4, True, "fp16")
                for p in plans), plans
     assert doc["memory_plan"]["micro_batch_size"] == 4
+    assert sum(a["warm_spare"] for a in doc["attempts"]) >= 2  # the first, and at least one restart
     assert final_state(job) == reference
 
 

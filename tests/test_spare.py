@@ -1,6 +1,7 @@
 """Warm spares (orchestrator.spare, trainer.spare): a trainer that did its imports before its
 attempt began. A restart that claims one trains bit for bit as a cold start; a spare that cannot
-be claimed, or dies, is killed and the attempt starts cold; none outlives its submit."""
+be claimed, or dies, is killed and the attempt starts cold; none outlives its submit. Cold
+starts under random kills: tests/test_cli_e2e.py (``run.warm_spare: false``)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from tests.jobfiles import final_state, job_dir, quick_spec
 from timellm_job.jobs import load_spec
 from timellm_job.jobs.protocol import ENV_HEARTBEAT, TRAINER_MODULE
 from timellm_job.orchestrator.children import attempt_env
-from timellm_job.orchestrator.spare import Spare, spare_argv
+from timellm_job.orchestrator.spare import Spare, Spares, spare_argv
 from timellm_job.trainer.spare import model_class_name
 
 
@@ -73,6 +74,35 @@ def test_a_dead_spare_is_not_claimed(tmp_path):
     spare.proc.wait(10)
     env = {**attempt_env(), ENV_HEARTBEAT: str(tmp_path / "hb.json")}
     assert spare.claim([sys.executable, "-m", TRAINER_MODULE, "run", "job.yaml"], env, tmp_path / "a.log") is None
+
+
+def test_spares_start_once_an_attempt_has_trained_and_stop_after_three_deaths(tmp_path, monkeypatch, caplog):
+    spares = Spares().configure(_spec(tmp_path))
+    spares.watch(None, stopping=False)  # no step taken yet
+    spares.watch(29.0, stopping=False)  # trained, but not 30 s
+    assert spares.spare is None
+    spares.watch(30.0, stopping=True)  # stopping: none
+    assert spares.spare is None
+    seen = []
+    for _ in range(3):
+        spares.watch(30.0, stopping=False)
+        assert spares.spare is not None and spares.spare.alive()
+        seen.append(spares.spare.pid)
+        os.killpg(spares.spare.pid, signal.SIGKILL)
+        spares.spare.proc.wait(10)
+    spares.watch(30.0, stopping=False)  # the third death: no more
+    assert spares.spare is None and spares.deaths == 3 and len(set(seen)) == 3
+    assert "starting no more: restarts start cold" in caplog.text
+    monkeypatch.setenv("TIMELLM_JOB_SPARE_AFTER_S", "0")
+    fresh = Spares().configure(_spec(tmp_path))
+    fresh.watch(0.0, stopping=False)
+    spare = fresh.take()
+    assert spare is not None and fresh.spare is None
+    spare.discard()
+    assert not spare.alive()
+    off = Spares().configure(_spec(tmp_path, "run.warm_spare=false"))
+    off.start()
+    assert off.spare is None
 
 
 def test_a_claimed_spare_runs_the_trainer_with_the_claim_and_keeps_what_its_imports_printed(tmp_path):
@@ -159,20 +189,3 @@ def test_a_restart_claims_the_warm_spare_and_ends_bit_identical(reference, tmp_p
     assert "(a warm spare)" in out and f"the warm spare (pid {spare.pid}) died unclaimed" in out
     assert final_state(job) == reference
     assert not psutil.pid_exists(third.pid)  # the unclaimed one is killed when supervision ends
-
-
-@pytest.mark.slow
-def test_with_warm_spare_off_every_attempt_starts_cold(tmp_path):
-    spec = quick_spec(tmp_path, run={"warm_spare": False}, train={"epochs": 1})
-    job = job_dir(spec)
-    proc = start(tmp_path, "submit", str(spec), TIMELLM_JOB_SPARE_AFTER_S="0")
-    spares: set[int] = set()
-    while proc.poll() is None:  # watched to the end: no spare at any time
-        spares |= {p.pid for p in _spares_of(proc, set())}
-        try:
-            proc.wait(0.2)
-        except subprocess.TimeoutExpired:
-            pass
-    assert proc.returncode == 0, proc.stdout.read()
-    assert not spares
-    assert [a["warm_spare"] for a in state(job)["attempts"]] == [False]
