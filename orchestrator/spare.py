@@ -5,7 +5,7 @@ cores the tiny job's restarted trainer took 3.7 s to its first step cold, 0.2 s 
 (benchmarks/startup_bench.py). A spare (trainer.spare) does them ahead and waits; the attempt
 that claims it begins at building its model. ``submit`` starts one as soon as the spec reads,
 so its imports overlap the pre-flight check and the lease, for the first attempt; the
-supervisor starts the next once an attempt has trained ``spare_after_s()`` (30 s), so that a
+supervisor starts the next once an attempt has trained ``spare_after_s()`` (2 minutes), so that a
 restart finds one ready: an attempt shorter than that pays for no spare it does not use.
 
 Invariants:
@@ -38,11 +38,13 @@ from timellm_job.orchestrator.threads import thread_env
 
 log = logging.getLogger(__name__)
 
-SPARE_AFTER_S = 30.0  # an attempt trains this long before the next spare starts
+# an attempt trains this long before the next spare starts: an attempt that dies sooner is more
+# likely a job that cannot start (a crash loop) than a preemption, and a short job pays for none
+SPARE_AFTER_S = 120.0
 
 
 def spare_after_s() -> float:
-    """``TIMELLM_JOB_SPARE_AFTER_S`` or 30 s: how long an attempt trains before a spare starts."""
+    """``TIMELLM_JOB_SPARE_AFTER_S`` or 120 s: how long an attempt trains before a spare starts."""
     return float(os.environ.get("TIMELLM_JOB_SPARE_AFTER_S", SPARE_AFTER_S))
 
 

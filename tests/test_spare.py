@@ -79,18 +79,18 @@ def test_a_dead_spare_is_not_claimed(tmp_path):
 def test_spares_start_once_an_attempt_has_trained_and_stop_after_three_deaths(tmp_path, monkeypatch, caplog):
     spares = Spares().configure(_spec(tmp_path))
     spares.watch(None, stopping=False)  # no step taken yet
-    spares.watch(29.0, stopping=False)  # trained, but not 30 s
+    spares.watch(119.0, stopping=False)  # trained, but not 2 minutes
     assert spares.spare is None
-    spares.watch(30.0, stopping=True)  # stopping: none
+    spares.watch(120.0, stopping=True)  # stopping: none
     assert spares.spare is None
     seen = []
     for _ in range(3):
-        spares.watch(30.0, stopping=False)
+        spares.watch(120.0, stopping=False)
         assert spares.spare is not None and spares.spare.alive()
         seen.append(spares.spare.pid)
         os.killpg(spares.spare.pid, signal.SIGKILL)
         spares.spare.proc.wait(10)
-    spares.watch(30.0, stopping=False)  # the third death: no more
+    spares.watch(120.0, stopping=False)  # the third death: no more
     assert spares.spare is None and spares.deaths == 3 and len(set(seen)) == 3
     assert "starting no more: restarts start cold" in caplog.text
     monkeypatch.setenv("TIMELLM_JOB_SPARE_AFTER_S", "0")
