@@ -218,7 +218,8 @@ def render(doc: dict[str, Any], console: Console | None = None) -> None:
             ex = a.get("signal") or (str(a["exit_code"]) if a.get("exit_code") is not None else
                                      ("-" if a.get("ended_at") is not None else
                                       "gone" if doc["phase"] == "interrupted" else "running"))
-            t.add_row(str(a["number"]), time.strftime("%H:%M:%S", time.localtime(a["started_at"])), str(a.get("pid")),
+            t.add_row(str(a["number"]), time.strftime("%H:%M:%S", time.localtime(a["started_at"])),
+                      f"{a.get('pid')}{' warm' if a.get('warm_spare') else ''}",
                       (a.get("backbone_source") or "-").split(":", 1)[0], _short_plan(a.get("memory_plan")),
                       (f"{rf['id']}" + ("" if a.get("resume_exactness") in (None, "bit for bit")
                                          else " (up to float order)")) if rf else "-", f"{a.get('start_step', '-')}→{a.get('end_step', '-')}",

@@ -14,7 +14,7 @@ import sys
 import psutil
 import pytest
 
-from tests.cli import SLOW, running_trainer, start, state, wait_for_new_ground, wait_until
+from tests.cli import SLOW, run, running_trainer, start, state, wait_for_new_ground, wait_until
 from tests.jobfiles import final_state, job_dir, quick_spec
 from timellm_job.jobs import load_spec
 from timellm_job.jobs.protocol import ENV_HEARTBEAT, TRAINER_MODULE
@@ -187,5 +187,7 @@ def test_a_restart_claims_the_warm_spare_and_ends_bit_identical(reference, tmp_p
     doc = state(job)
     assert [a["warm_spare"] for a in doc["attempts"]] == [True, True], doc["attempts"]
     assert "(a warm spare)" in out and f"the warm spare (pid {spare.pid}) died unclaimed" in out
+    shown = run(tmp_path, "status", str(spec)).stdout
+    assert shown.count("warm") == 2, shown  # beside each attempt's pid
     assert final_state(job) == reference
     assert not psutil.pid_exists(third.pid)  # the unclaimed one is killed when supervision ends
