@@ -105,8 +105,9 @@ def parse_spec(raw: Any, base_dir: Path, root: str | None = None, sets: tuple[st
     return spec
 
 
-def load_spec(path: str | Path, root: str | None = None, sets: tuple[str, ...] = ()) -> JobSpec:
-    """Read and validate a job.yaml; raises :class:`SpecError` naming each bad field."""
+def read_yaml(path: str | Path) -> Any:
+    """A YAML file (a job spec, a sweep) as data, without aliases; raises :class:`SpecError` in
+    one line: no such file, cannot read, or not valid YAML with the line and column."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -115,12 +116,16 @@ def load_spec(path: str | Path, root: str | None = None, sets: tuple[str, ...] =
     except (OSError, UnicodeDecodeError) as exc:
         raise SpecError([f"{path}: cannot read: {exc}"]) from None
     try:
-        raw = safe_load_no_aliases(text)
+        return safe_load_no_aliases(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         raise SpecError([f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}"]) from None
-    return parse_spec(raw, path.resolve().parent, root=root, sets=sets)
+
+
+def load_spec(path: str | Path, root: str | None = None, sets: tuple[str, ...] = ()) -> JobSpec:
+    """Read and validate a job.yaml; raises :class:`SpecError` naming each bad field."""
+    return parse_spec(read_yaml(path), Path(path).resolve().parent, root=root, sets=sets)
 
 
 class _NoAliasLoader(yaml.SafeLoader):

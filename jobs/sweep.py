@@ -32,10 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from timellm_job.jobs.spec import JobSpec, SpecError, safe_name
-from timellm_job.jobs.spec_files import parse_spec, safe_load_no_aliases
+from timellm_job.jobs.spec_files import parse_spec, read_yaml
 
 NAME_LIMIT = 128
 DERIVED = ("name",)  # the sweep names its jobs
@@ -107,12 +105,9 @@ def parse_sweep(raw: Any, base_dir: Path, root: str | None = None) -> Sweep:
     if isinstance(base, str):
         path = (base_dir / base).resolve() if not Path(base).is_absolute() else Path(base)
         try:
-            base_raw, base_folder = safe_load_no_aliases(path.read_text()), path.parent
-        except (OSError, UnicodeDecodeError) as exc:
-            problems.append(f"base: cannot read {path}: {exc}")
-            base_raw, base_folder = None, base_dir
-        except yaml.YAMLError as exc:
-            problems.append(f"base: {path} is not YAML: {str(exc).splitlines()[0]}")
+            base_raw, base_folder = read_yaml(path), path.parent
+        except SpecError as err:
+            problems += [f"base: {problem}" for problem in err.problems]
             base_raw, base_folder = None, base_dir
     elif isinstance(base, dict):
         base_raw, base_folder = base, base_dir
@@ -152,11 +147,4 @@ def parse_sweep(raw: Any, base_dir: Path, root: str | None = None) -> Sweep:
 
 
 def load_sweep(path: str | Path, root: str | None = None) -> Sweep:
-    path = Path(path)
-    try:
-        raw = safe_load_no_aliases(path.read_text())
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SpecError([f"{path}: cannot read: {exc}"]) from None
-    except yaml.YAMLError as exc:
-        raise SpecError([f"{path}: not YAML: {str(exc).splitlines()[0]}"]) from None
-    return parse_sweep(raw, path.resolve().parent, root)
+    return parse_sweep(read_yaml(path), Path(path).resolve().parent, root)

@@ -14,7 +14,7 @@ import yaml
 
 from tests.cli import REPO, SLOW, run, start, state, submit_of, wait_for_checkpoint, wait_until
 from tests.jobfiles import final_state, quick_spec
-from timellm_job.jobs import SpecError
+from timellm_job.jobs import SpecError, load_spec
 from timellm_job.jobs.sweep import load_sweep, parse_sweep
 
 NEXT = REPO.parent / "shared" / "spec" / "jobs-next" / "sweep-tiny.yaml"
@@ -46,6 +46,23 @@ def test_names_stay_unique_and_safe_whatever_the_values(tmp_path):
                          "grid": {"data.target": ["OT", "O/T"], "model.dropout": [0.1]}}, tmp_path, str(tmp_path))
     names = [p.name for p in sweep.points]
     assert len(set(names)) == 2 and all("/" not in n for n in names)
+
+
+def test_a_sweep_or_its_base_that_is_not_yaml_is_said_as_a_job_spec_is(tmp_path):
+    """One reader for every YAML file the product takes: the same words and the same position."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(SpecError) as sweep_err:
+        load_sweep(bad)
+    with pytest.raises(SpecError) as spec_err:
+        load_spec(bad)
+    assert str(sweep_err.value) == str(spec_err.value)
+    assert "not valid YAML (line 2, column 1)" in str(spec_err.value)
+    with pytest.raises(SpecError) as base_err:
+        parse_sweep({"name": "s", "base": str(bad), "grid": {"model.dropout": [0.1]}}, tmp_path)
+    assert f"base: {spec_err.value}" in base_err.value.problems
+    with pytest.raises(SpecError, match=r"base: .*missing\.yaml: no such file"):
+        parse_sweep({"name": "s", "base": "missing.yaml", "grid": {"model.dropout": [0.1]}}, tmp_path)
 
 
 @pytest.mark.parametrize("grid,field", [
