@@ -145,6 +145,24 @@ def submit_of(spec: str) -> psutil.Process | None:
     return None
 
 
+def spares_of(submit: subprocess.Popen, but: set[int]) -> list[psutil.Process]:
+    """The warm spares ``submit`` has started (orchestrator.spare), but those in ``but`` (its
+    trainer: a claimed spare keeps its command line)."""
+    try:
+        children = psutil.Process(submit.pid).children()
+    except psutil.Error:
+        return []
+    out = []
+    for p in children:
+        try:
+            cmd = p.cmdline()
+        except psutil.Error:
+            continue
+        if p.pid not in but and cmd[1:4] == ["-m", TRAINER_MODULE, "spare"]:
+            out.append(p)
+    return out
+
+
 def resume_after_preemption(tmp: Path, spec: Path, job: Path) -> dict:
     """After ``submit`` exited 143: the step the attempt reached is committed, verified, exactly
     once: a preempt checkpoint, or (when SIGTERM came at a step that was being saved anyway) that

@@ -1,5 +1,5 @@
-"""The memory plan through ``timellm-job submit``: random kills with every memory feature on,
-an out-of-memory that ``auto`` recovers from and one that fails at once, and a trainer killed
+"""The memory plan through ``timellm-job submit``: random kills with every memory feature on
+(restarts that claim warm spares, one spare killed), an out-of-memory that ``auto`` recovers from and one that fails at once, and a trainer killed
 by the kernel's OOM killer. Out-of-memory is injected by the test-only wrapper tests/faults."""
 
 from __future__ import annotations
@@ -15,7 +15,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli import REPO, argv, env_for, run, running_trainer, start, state, wait_for_new_ground
+from tests.cli import (
+    REPO,
+    argv,
+    env_for,
+    run,
+    running_trainer,
+    spares_of,
+    start,
+    state,
+    wait_for_new_ground,
+    wait_until,
+)
 from tests.jobfiles import final_state, job_dir, quick_spec
 
 pytestmark = pytest.mark.slow
@@ -40,6 +51,10 @@ def test_random_kills_with_micro_batches_checkpointing_and_fp16_end_bit_identica
     job = job_dir(spec)
     # a warm spare behind every attempt: the restarts claim them (trained bit for bit all the same)
     proc = start(tmp_path, "submit", str(spec), **SLOW, TIMELLM_JOB_SPARE_AFTER_S="0")
+    first = running_trainer(job, submit=proc)
+    spare = wait_until(lambda: spares_of(proc, {first["pid"]}), "a warm spare", alive=[proc])[0]
+    spare.kill()  # a spare that dies unclaimed is replaced; the first restart claims the replacement
+    wait_until(lambda: spares_of(proc, {first["pid"], spare.pid}), "the spare's replacement", alive=[proc])
     rng = random.Random(11)
     killed = 0
     for _ in range(3):
@@ -61,7 +76,10 @@ def test_random_kills_with_micro_batches_checkpointing_and_fp16_end_bit_identica
     assert all((p["micro_batch_size"], p["gradient_checkpointing"], p["compute_dtype"]) == (4, True, "fp16")
                for p in plans), plans
     assert doc["memory_plan"]["micro_batch_size"] == 4
-    assert sum(a["warm_spare"] for a in doc["attempts"]) >= 2  # the first, and at least one restart
+    assert [a["warm_spare"] for a in doc["attempts"][:2]] == [True, True]  # submit's spare, the replacement
+    assert f"the warm spare (pid {spare.pid}) died unclaimed" in out and "(a warm spare)" in out
+    shown = run(tmp_path, "status", str(spec)).stdout
+    assert shown.count("warm") == sum(a["warm_spare"] for a in doc["attempts"]), shown  # beside their pids
     assert final_state(job) == reference
 
 

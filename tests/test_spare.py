@@ -1,21 +1,19 @@
 """Warm spares (orchestrator.spare, trainer.spare): a trainer that did its imports before its
 attempt began. A restart that claims one trains bit for bit as a cold start; a spare that cannot
-be claimed, or dies, is killed and the attempt starts cold; none outlives its submit. Cold
-starts under random kills: tests/test_cli_e2e.py (``run.warm_spare: false``)."""
+be claimed, or dies, is killed and the attempt starts cold; none outlives its submit. End to end:
+tests/test_memory_e2e.py (restarts claim spares, a killed spare is replaced), the chaos run
+(a spare behind every attempt), tests/test_cli_e2e.py (cold starts, ``run.warm_spare: false``)."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
-import subprocess
 import sys
 
 import psutil
-import pytest
 
-from tests.cli import SLOW, run, running_trainer, start, state, wait_for_new_ground, wait_until
-from tests.jobfiles import final_state, job_dir, quick_spec
+from tests.jobfiles import quick_spec
 from timellm_job.jobs import load_spec
 from timellm_job.jobs.protocol import ENV_HEARTBEAT, TRAINER_MODULE
 from timellm_job.orchestrator.children import attempt_env
@@ -57,14 +55,14 @@ def _spare(tmp_path) -> Spare:
 
 
 def test_a_spare_is_not_claimed_by_another_environment_or_command_and_is_killed(tmp_path):
-    run = [sys.executable, "-m", TRAINER_MODULE, "run", "job.yaml"]
+    argv = [sys.executable, "-m", TRAINER_MODULE, "run", "job.yaml"]
     spare = _spare(tmp_path)
     env = {**attempt_env({"OMP_NUM_THREADS": "7"}), ENV_HEARTBEAT: str(tmp_path / "hb.json")}
-    assert spare.claim(run, env, tmp_path / "a.log") is None
+    assert spare.claim(argv, env, tmp_path / "a.log") is None
     assert spare.proc.returncode == -signal.SIGKILL and not spare.alive()
     spare = _spare(tmp_path)
     env = {**attempt_env(), ENV_HEARTBEAT: str(tmp_path / "hb.json")}
-    assert spare.claim(["/another/python", *run[1:]], env, tmp_path / "a.log") is None
+    assert spare.claim(["/another/python", *argv[1:]], env, tmp_path / "a.log") is None
     assert not spare.alive()
 
 
@@ -144,50 +142,3 @@ def test_a_bad_input_leaves_no_spare_and_writes_nothing(tmp_path, capsys, monkey
     assert "data.seq_len" in capsys.readouterr().err  # the pre-flight check failed
     assert len(seen) == 1 and not psutil.pid_exists(seen[0])
     assert not (tmp_path / "root").exists() and not (tmp_path / "work").exists()
-
-
-def _spares_of(submit: subprocess.Popen, but: set[int]) -> list[psutil.Process]:
-    try:
-        children = psutil.Process(submit.pid).children()
-    except psutil.Error:
-        return []
-    out = []
-    for p in children:
-        try:
-            cmd = p.cmdline()
-        except psutil.Error:
-            continue
-        if p.pid not in but and cmd[1:4] == ["-m", TRAINER_MODULE, "spare"]:
-            out.append(p)
-    return out
-
-
-@pytest.mark.slow
-def test_a_restart_claims_the_warm_spare_and_ends_bit_identical(reference, tmp_path):
-    """The first attempt is the spare submit started before its checks; once it trains, the
-    next spare waits (``TIMELLM_JOB_SPARE_AFTER_S=0``: at once). That spare is killed: it is
-    replaced. The trainer is killed: the restart is the replacement, and the job ends bit for bit
-    as the uninterrupted reference. No spare outlives the submit."""
-    spec = quick_spec(tmp_path)
-    job = job_dir(spec)
-    proc = start(tmp_path, "submit", str(spec), **SLOW, TIMELLM_JOB_SPARE_AFTER_S="0")
-    first = running_trainer(job, submit=proc)
-    spare = wait_until(lambda: _spares_of(proc, {first["pid"]}), "a warm spare", alive=[proc])[0]
-    spare.kill()
-    second = wait_until(lambda: _spares_of(proc, {first["pid"], spare.pid}), "the spare's replacement",
-                        alive=[proc])[0]
-    wait_for_new_ground(tmp_path, job, 1)
-    os.kill(first["pid"], signal.SIGKILL)
-    restarted = running_trainer(job, after=1, submit=proc)
-    assert restarted is not None and restarted["pid"] == second.pid
-    third = wait_until(lambda: _spares_of(proc, {first["pid"], spare.pid, second.pid}), "the next spare",
-                       alive=[proc])[0]
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out
-    doc = state(job)
-    assert [a["warm_spare"] for a in doc["attempts"]] == [True, True], doc["attempts"]
-    assert "(a warm spare)" in out and f"the warm spare (pid {spare.pid}) died unclaimed" in out
-    shown = run(tmp_path, "status", str(spec)).stdout
-    assert shown.count("warm") == 2, shown  # beside each attempt's pid
-    assert final_state(job) == reference
-    assert not psutil.pid_exists(third.pid)  # the unclaimed one is killed when supervision ends
