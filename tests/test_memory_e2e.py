@@ -1,6 +1,7 @@
 """The memory plan through ``timellm-job submit``: random kills with every memory feature on
-(restarts that claim warm spares, one spare killed), an out-of-memory that ``auto`` recovers from and one that fails at once, and a trainer killed
-by the kernel's OOM killer. Out-of-memory is injected by the test-only wrapper tests/faults."""
+(restarts that claim warm spares, one spare killed), an out-of-memory that ``auto`` recovers
+from and one that fails at once, and a trainer killed by the kernel's OOM killer. Out-of-memory
+is injected by the test-only wrapper tests/faults."""
 
 from __future__ import annotations
 
