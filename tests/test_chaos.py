@@ -4,9 +4,10 @@ of the trainer (some inside a checkpoint write, which is slowed for that), 2 kil
 process group with a resubmit, a SIGTERM, a SIGSTOP hang, a flipped byte in the newest
 checkpoint, a second submit while the job's runtime is alive and a runtime whose storage path
 stalls until its lease expires; a warm spare waits behind every attempt, and restarts claim
-them. The job must end bit-identical to an uninterrupted run, no attempt may resume from the corrupted checkpoint's bytes (its id may hold a new, whole checkpoint
-once it was set apart and committed again), the second submit exits 3 writing nothing,
-and the stalled runtime, once its path flows again, is fenced and exits 3."""
+them. The job must end bit-identical to an uninterrupted run, no attempt may resume from the
+corrupted checkpoint's bytes (its id may hold a new, whole checkpoint once it was set apart and
+committed again), the second submit exits 3 writing nothing, and the stalled runtime, once its
+path flows again, is fenced and exits 3."""
 
 from __future__ import annotations
 
