@@ -33,11 +33,12 @@ from pathlib import Path
 import psutil
 
 from benchmarks.common import TINY_SPEC, machine
-from timellm_job.jobs.protocol import TRAINER_MODULE
+from tests.cli import spares_of, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = Path(__file__).parent / "results-startup.json"
 KILL_AT_STEP = 5
+POLL_S = 0.02
 
 
 def _beat(work: Path, attempt: int) -> dict:
@@ -49,29 +50,17 @@ def _beat(work: Path, attempt: int) -> dict:
     return {}
 
 
-def _wait(what: str, ready, timeout: float = 300.0, alive: subprocess.Popen | None = None):
-    deadline = time.monotonic() + timeout
-    while not (got := ready()):
-        if alive is not None and alive.poll() is not None:
-            raise RuntimeError(f"submit ended (exit {alive.returncode}) before {what}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(0.02)
-    return got
-
-
 def _spare_ready(submit: subprocess.Popen, trainer: int) -> dict | None:
     """A spare of ``submit`` (not its trainer) blocked reading its claim (its imports are done):
     what it costs, its memory and the CPU time its imports took."""
-    try:
-        for p in psutil.Process(submit.pid).children():
-            if p.pid != trainer and p.cmdline()[1:4] == ["-m", TRAINER_MODULE, "spare"] \
-                    and "pipe" in Path(f"/proc/{p.pid}/wchan").read_text():
+    for p in spares_of(submit, {trainer}):
+        try:
+            if "pipe" in Path(f"/proc/{p.pid}/wchan").read_text():
                 mem, cpu = p.memory_full_info(), p.cpu_times()
                 return {"rss_mib": round(mem.rss / 2**20, 1), "uss_mib": round(mem.uss / 2**20, 1),
                         "cpu_s": round(cpu.user + cpu.system, 2)}
-    except (psutil.Error, OSError):
-        pass
+        except (psutil.Error, OSError):
+            pass
     return None
 
 
@@ -84,14 +73,17 @@ def one_run(warm: bool) -> dict:
     started = time.time()
     submit = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        first = _wait("the first step", lambda: (_beat(work, 1).get("startup") or {}).get("first_step"), alive=submit)
-        _wait(f"step {KILL_AT_STEP}", lambda: _beat(work, 1).get("step", 0) >= KILL_AT_STEP, alive=submit)
+        first = wait_until(lambda: (_beat(work, 1).get("startup") or {}).get("first_step"), "the first step",
+                           poll=POLL_S, alive=[submit])
+        wait_until(lambda: _beat(work, 1).get("step", 0) >= KILL_AT_STEP, f"step {KILL_AT_STEP}", poll=POLL_S,
+                   alive=[submit])
         trainer = json.loads((job / "state.json").read_text())["attempts"][-1]["pid"]
-        spare = _wait("a ready spare", lambda: _spare_ready(submit, trainer), alive=submit) if warm else None
+        spare = wait_until(lambda: _spare_ready(submit, trainer), "a ready spare", poll=POLL_S,
+                           alive=[submit]) if warm else None
         killed = time.time()
         os.kill(trainer, signal.SIGKILL)
-        marks = _wait("the restart's first step", lambda: (s := _beat(work, 2).get("startup") or {}).get("first_step")
-                      and s, alive=submit)
+        marks = wait_until(lambda: (s := _beat(work, 2).get("startup") or {}).get("first_step") and s,
+                           "the restart's first step", poll=POLL_S, alive=[submit])
         attempt = [a for a in json.loads((job / "state.json").read_text())["attempts"] if a["number"] == 2][0]
         return {"first_attempt_s": round(first - started, 3),
                 "restart_s": round(marks["first_step"] - killed, 3),

@@ -29,7 +29,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 
 from timellm_job.jobs import JobSpec
 from timellm_job.jobs.protocol import ENV_HEARTBEAT, TRAINER_MODULE, SpareClaim
@@ -66,7 +65,6 @@ class Spare:
         self.argv, self.env = argv, env
         self.output = tempfile.TemporaryFile()  # noqa: SIM115 - unlinked; closed when claimed or discarded
         self.proc = children.start(argv, self.output, env, stdin=subprocess.PIPE)
-        self.started_at = time.time()
 
     @property
     def pid(self) -> int:

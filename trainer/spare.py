@@ -62,8 +62,7 @@ def model_class_name(backbone: str) -> str | None:
 
 def preload(backbone: str | None) -> None:
     """The imports a trainer does before its first step."""
-    import timellm_job.trainer.loop  # noqa: F401 - torch, the model, storage, the loop
-    import timellm_job.trainer.stopping  # noqa: F401
+    import timellm_job.trainer.loop  # noqa: F401 - torch, the model, storage, the loop (its stopping too)
 
     if backbone:
         name = model_class_name(backbone)
