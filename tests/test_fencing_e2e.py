@@ -114,6 +114,10 @@ def test_two_runtimes_on_one_drive_folder_through_two_lagging_mounts(reference, 
         seen = max(m["step"] for m in _committed(job_b).values())
         wait_until(lambda: max(m["step"] for m in _committed(job_a).values()) > seen,
                    "a checkpoint the second mount has not seen", alive=[first])
+        # judged now: once generation 2 trains on the second mount it commits the same steps again,
+        # and the mirror carries those newer manifests (and their retention) over the first mount's
+        unseen = {k for k, m in _committed(job_a).items() if m["lease_generation"] == 1} - set(_committed(job_b))
+        assert unseen, "the first runtime committed nothing the second mount had not seen"
         # the first trainer is held from here until generation 2 reaches its mount, so it cannot
         # finish the job before the takeover however fast it trains (its orchestrator renews on)
         os.kill(attempt["pid"], signal.SIGSTOP)
@@ -130,8 +134,6 @@ def test_two_runtimes_on_one_drive_folder_through_two_lagging_mounts(reference, 
         out, _ = first.communicate(timeout=300)  # fenced once generation 2 reaches its mount
         assert first.returncode == 3 and "fenced" in out, out
         assert _gone(attempt["pid"])
-        unseen = {k for k, m in _committed(job_a).items() if m["lease_generation"] == 1} - set(_committed(job_b))
-        assert unseen, "the first runtime committed nothing the second mount had not seen"
         mirror.resume("a->b")
         out, _ = second.communicate(timeout=600)
         assert second.returncode == 0, out
