@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from pathlib import Path
@@ -74,13 +75,46 @@ def backend(request, tmp_path):
     return f"s3://{servers.S3_BUCKET}/{unique}", servers.s3_options(server)
 
 
+def _once(tmp_path_factory, worker_id: str, name: str, make):
+    """``make(folder)``'s result (JSON), made once per suite: the first test process that needs it
+    makes it under a lock in the folder the test processes share; the others read it there."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base if worker_id == "master" else base.parent
+    result = shared / f"{name}.json"
+    with FileLock(str(shared / f"{name}.lock")):
+        if not result.exists():
+            result.write_text(json.dumps(make(shared / name)))
+        return json.loads(result.read_text())
+
+
 @pytest.fixture(scope="session")
-def reference(tmp_path_factory):
+def reference(tmp_path_factory, worker_id):
     """The quick job trained once, uninterrupted, by the trainer alone: what every
     interrupted run must reproduce bit for bit."""
     from tests.jobfiles import solo_run
 
-    return solo_run(tmp_path_factory.mktemp("reference"))
+    return _once(tmp_path_factory, worker_id, "reference", solo_run)
+
+
+@pytest.fixture(scope="session")
+def completed(tmp_path_factory, worker_id) -> tuple[Path, Path]:
+    """The quick job, trained to completion by ``submit`` once per suite: (its spec, its storage
+    root). Shared by every test that needs a finished job: such a test works on a copy
+    (``tests.jobfiles.copy_of``), never on this one."""
+    from tests.cli import run
+    from tests.jobfiles import quick_spec
+
+    def make(folder: Path) -> list[str]:
+        folder.mkdir()
+        spec = quick_spec(folder)
+        result = run(folder, "submit", str(spec))
+        assert result.returncode == 0, result.stderr
+        return [str(spec), str(folder / "root")]
+
+    spec, root = _once(tmp_path_factory, worker_id, "completed", make)
+    return Path(spec), Path(root)
 
 
 def pytest_collection_modifyitems(config, items):

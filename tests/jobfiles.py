@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import shutil
 from pathlib import Path
 
 import yaml
@@ -43,6 +44,14 @@ def quick_spec(folder: Path, name: str = "quick", **sections) -> Path:
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
+
+
+def copy_of(completed: tuple[Path, Path], folder: Path) -> Path:
+    """A copy of the completed job (the ``completed`` fixture) in ``folder``: its spec there
+    (``quick_spec(folder)``: the same job, its data a copy of the same slice), whose storage root
+    holds a copy of the finished job."""
+    shutil.copytree(completed[1], folder / "root")
+    return quick_spec(folder)
 
 
 def job_dir(spec_path: Path) -> Path:

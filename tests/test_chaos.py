@@ -26,7 +26,7 @@ def test_chaos_ends_bit_identical_and_never_loads_a_corrupted_checkpoint(tmp_pat
     random.Random(5).shuffle(plan)
     (tmp_path / "ref").mkdir()
     expected = chaos.reference(tmp_path / "ref", EPOCHS)
-    run = chaos.Chaos(tmp_path, EPOCHS, seed=5)
+    run = chaos.Chaos(tmp_path, EPOCHS, seed=5, fault_every=40)  # each fault retried costs 1-2 s of backoff
     try:
         run.run(plan)
         got = chaos.final_state(run.store)

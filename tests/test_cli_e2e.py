@@ -25,7 +25,7 @@ from tests.cli import (
     wait_for_step,
     wait_until,
 )
-from tests.jobfiles import final_state, job_dir, quick_spec
+from tests.jobfiles import copy_of, final_state, job_dir, quick_spec
 
 pytestmark = pytest.mark.slow
 
@@ -127,10 +127,9 @@ def test_a_trainer_failing_at_the_same_step_is_a_crash_loop_not_endless(tmp_path
     assert len(doc["attempts"]) == 3
 
 
-def test_completed_job_is_reported_not_retrained_and_exports_predict(reference, tmp_path):
-    spec = quick_spec(tmp_path)
+def test_completed_job_is_reported_not_retrained_and_exports_predict(completed, reference, tmp_path):
+    spec = copy_of(completed, tmp_path)  # trained to completion by submit (the fixture asserts its exit 0)
     job = job_dir(spec)
-    assert run(tmp_path, "submit", str(spec)).returncode == 0
     again = run(tmp_path, "submit", str(spec))
     assert again.returncode == 0 and "completed already" in again.stderr
     assert len(state(job)["attempts"]) == 1
@@ -202,10 +201,9 @@ def test_completed_job_is_reported_not_retrained_and_exports_predict(reference, 
     assert "test mse" in logs.stdout
 
 
-def test_export_of_a_corrupted_best_exits_1_naming_the_file(tmp_path):
-    spec = quick_spec(tmp_path, train={"epochs": 1})
+def test_export_of_a_corrupted_best_exits_1_naming_the_file(completed, tmp_path):
+    spec = copy_of(completed, tmp_path)
     job = job_dir(spec)
-    assert run(tmp_path, "submit", str(spec)).returncode == 0
     best = json.loads(run(tmp_path, "status", str(spec), "--json").stdout)["best"]["checkpoint"]
     target = job / "checkpoints" / best / "model.safetensors"
     data = bytearray(target.read_bytes())
@@ -220,9 +218,8 @@ def test_export_of_a_corrupted_best_exits_1_naming_the_file(tmp_path):
     assert [c["valid"] for c in json.loads(verified.stdout)["checkpoints"] if c["id"] == best] == [False]
 
 
-def test_a_changed_spec_is_refused_on_resume(tmp_path):
-    spec = quick_spec(tmp_path, train={"epochs": 1})
-    assert run(tmp_path, "submit", str(spec)).returncode == 0
+def test_a_changed_spec_is_refused_on_resume(completed, tmp_path):
+    spec = copy_of(completed, tmp_path)
     result = run(tmp_path, "submit", str(spec), "--set", "model.d_model=8", "--set", "train.learning_rate=0.5")
     assert result.returncode == 2
     assert "model.d_model: stored 16, given 8" in result.stderr and "train.learning_rate" in result.stderr

@@ -1,6 +1,7 @@
 """Nothing committed is lost whatever the world does to a job's folder, end to end through the CLI:
 a best that rots, an import of a worse run, a torn state.json, the data moved or changed
-(issue 23, items 1, 2, 9, 10, 11). One job is trained once; each test works on a copy of it."""
+(issue 23, items 1, 2, 9, 10, 11). One job is trained once (the ``completed`` fixture); each test works
+on a copy of it."""
 
 from __future__ import annotations
 
@@ -14,22 +15,11 @@ import pytest
 import torch
 
 from tests.cli import run, state
-from tests.jobfiles import final_state, quick_spec
+from tests.jobfiles import final_state
 from timellm_job.storage import job_store, list_checkpoints
 from timellm_job.storage.layout import SET_APART
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def completed(tmp_path_factory, reference):
-    """The quick job, trained to completion by ``submit``: (its spec, its storage root)."""
-    folder = tmp_path_factory.mktemp("completed")
-    spec = quick_spec(folder)
-    result = run(folder, "submit", str(spec))
-    assert result.returncode == 0, result.stderr
-    assert final_state(folder / "root" / "quick") == reference
-    return spec, folder / "root"
 
 
 def _copy(completed, tmp_path) -> tuple[Path, Path]:
