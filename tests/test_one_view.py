@@ -9,15 +9,14 @@ import json
 import pytest
 
 from tests.cli import run
-from tests.jobfiles import job_dir, quick_spec
+from tests.jobfiles import copy_of, job_dir
 from timellm_job.storage import commit_checkpoint, job_store, list_checkpoints, load
 
 pytestmark = pytest.mark.slow
 
 
-def test_status_and_export_ignore_checkpoints_that_are_not_the_jobs(tmp_path):
-    spec = quick_spec(tmp_path, train={"epochs": 1})
-    assert run(tmp_path, "submit", str(spec)).returncode == 0
+def test_status_and_export_ignore_checkpoints_that_are_not_the_jobs(completed, tmp_path):
+    spec = copy_of(completed, tmp_path)
     job = job_store(str(job_dir(spec).parent), job_dir(spec).name)
     own = list_checkpoints(job).committed
     best = next(m for m in own if m.kind == "best")

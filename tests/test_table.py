@@ -11,7 +11,7 @@ import statistics
 import pytest
 
 from tests.cli import run
-from tests.jobfiles import job_dir, quick_spec
+from tests.jobfiles import copy_of, job_dir, quick_spec
 from timellm_job.jobs import load_spec
 from timellm_job.orchestrator.redaction import redacted_yaml
 from timellm_job.storage import open_store
@@ -88,9 +88,8 @@ def test_an_llm_free_variant_is_its_own_row_group_never_pooled_with_time_llm(roo
 
 
 @pytest.mark.slow
-def test_a_job_submit_completed_is_a_row_with_its_results(tmp_path):
-    spec = quick_spec(tmp_path, train={"epochs": 1})
-    assert run(tmp_path, "submit", str(spec)).returncode == 0
+def test_a_job_submit_completed_is_a_row_with_its_results(completed, tmp_path):
+    spec = copy_of(completed, tmp_path)
     rows = json.loads(run(tmp_path, "table", "--root", str(job_dir(spec).parent), "--format", "json").stdout)
     results = json.loads((job_dir(spec) / "results.json").read_text())
     assert len(rows) == 1 and rows[0]["phase"] == "completed" and rows[0]["pred_len"] == 12
