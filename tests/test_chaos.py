@@ -17,7 +17,7 @@ import pytest
 
 from benchmarks import chaos
 
-pytestmark = [pytest.mark.slow, pytest.mark.long]  # about 3.5 minutes on 2 cores
+pytestmark = [pytest.mark.slow, pytest.mark.long]  # about 2.5 minutes on 2 cores
 EPOCHS = 4
 
 
