@@ -41,7 +41,7 @@ from pathlib import Path
 
 from timellm_job.jobs import JobSpec, Phase
 from timellm_job.jobs.messages import first_line
-from timellm_job.jobs.protocol import ExitCode
+from timellm_job.jobs.protocol import ExitCode, Heartbeat
 from timellm_job.jobs.status import describe_plan
 from timellm_job.orchestrator.attempt import TrainerProcess
 from timellm_job.orchestrator.jobstate import JobState
@@ -157,8 +157,7 @@ class Supervisor:
             proc.signal_group(self.stop.signum)
         return proc
 
-    def _keep_spare(self, proc: TrainerProcess) -> None:
-        beat = proc.heartbeat()
+    def _keep_spare(self, proc: TrainerProcess, beat: Heartbeat | None) -> None:
         trained = beat is not None and beat.step is not None and beat.start_step is not None \
             and beat.step > beat.start_step
         self.spares.watch(time.time() - proc.started_at if trained else None, self.stop is not None)
@@ -200,9 +199,9 @@ class Supervisor:
         """Housekeeping while the trainer runs; returns the hang duration when it hung."""
         now = time.time()
         self._renew_lease_if_due()
-        self._fold(proc)
+        beat = self._fold(proc)
         self._stop_requested()
-        self._keep_spare(proc)
+        self._keep_spare(proc, beat)
         if self.stop is not None and now >= self.stop.deadline:
             self.stop.grace_over = True
             proc.signal_group(signal.SIGKILL)
@@ -270,8 +269,9 @@ class Supervisor:
         return f"; the newest checkpoint is {newest[0].id} (step {newest[0].step})" if newest else \
             "; no checkpoint is committed yet"
 
-    def _fold(self, proc: TrainerProcess) -> None:
-        """The heartbeat into the state; the memory plan said once, when the trainer made it."""
+    def _fold(self, proc: TrainerProcess) -> Heartbeat | None:
+        """The heartbeat into the state (and returned); the memory plan said once, when the
+        trainer made it."""
         beat = proc.heartbeat()
         self.state.fold_heartbeat(beat)
         self.on_progress(beat)
@@ -284,6 +284,7 @@ class Supervisor:
         if plan and self.plan_said != proc.attempt:
             self.plan_said = proc.attempt
             log.info(f"attempt {proc.attempt}: memory plan: {describe_plan(plan)}")
+        return beat
 
     # ------------------------------------------------------------------ the loop
     def _end(self, end: End) -> int:
