@@ -35,6 +35,7 @@ import psutil
 
 from benchmarks.common import with_faults
 from tests import servers
+from tests.cli import heartbeat
 from tests.faulty_proxy import FaultyProxy
 from tests.jobfiles import final_state_of as final_state
 from tests.jobfiles import quick_spec
@@ -121,12 +122,7 @@ class Chaos:
             return {}
 
     def heartbeat(self, attempt: int) -> dict:
-        for path in (self.folder / "work").glob(f"chaos-*/heartbeat-{attempt:03d}.json"):
-            try:
-                return json.loads(path.read_text())
-            except (OSError, ValueError):
-                pass
-        return {}
+        return heartbeat(self.folder / "work", attempt)
 
     @staticmethod
     def reported_resume(attempt: dict, beat: dict) -> dict:

@@ -31,8 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import machine, with_faults
-from benchmarks.trainer_bench import LLAMA3_VOCAB, TINY, step, trainer_for
+from benchmarks.common import TINY_SPEC, machine, with_faults
+from benchmarks.trainer_bench import LLAMA3_VOCAB, step, trainer_for
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -168,7 +168,7 @@ def _run_timellm(root: Path, global_step: int) -> float:
     from timellm_job.jobs import load_spec
     from timellm_job.jobs.spec_files import spec_to_yaml
 
-    spec.write_text(spec_to_yaml(load_spec(TINY, root=str(root), sets=_sets(FULL_EPOCH))))
+    spec.write_text(spec_to_yaml(load_spec(TINY_SPEC, root=str(root), sets=_sets(FULL_EPOCH))))
     beat = root / "heartbeat.json"
     env = with_faults({**os.environ, "TIMELLM_JOB_HEARTBEAT": str(beat),
                        "TIMELLM_JOB_TEST_FAIL_AT_STEP": str(global_step + 1)})
@@ -185,7 +185,7 @@ def resume(runs: int) -> None:
     from timellm_job.jobs import load_spec
     from timellm_job.trainer.data import data_options, load_splits
 
-    spec = load_spec(TINY, sets=_sets(FULL_EPOCH))
+    spec = load_spec(TINY_SPEC, sets=_sets(FULL_EPOCH))
     n_batches = len(load_splits(spec.data, data_options(spec)).train) // spec.train.batch_size
     results: dict[tuple[str, str], list[float]] = {}
     for label in ("first", "last"):
@@ -230,6 +230,7 @@ def _breakdown(attempt: dict, beat: dict) -> dict[str, float]:
 
 
 def recovery(runs: int) -> None:
+    from tests.cli import heartbeat, wait_until
     from tests.jobfiles import quick_spec
 
     rows_fresh: list[dict] = []
@@ -249,27 +250,20 @@ def recovery(runs: int) -> None:
                                     start_new_session=True)
             job = folder / "root" / "recovery"
 
-            def beat(n, work=folder / "work"):
-                for path in work.glob(f"*/heartbeat-{n:03d}.json"):
-                    try:
-                        return json.loads(path.read_text())
-                    except (OSError, ValueError):
-                        pass
-                return {}
-
-            wait_until(lambda: beat(1).get("step", 0) >= 12)
+            work = folder / "work"
+            wait_until(lambda w=work: heartbeat(w, 1).get("step", 0) >= 12, "step 12", poll=0.02)
             killed_at = time.time()
-            os.kill(beat(1)["pid"], signal.SIGKILL)
-            wait_until(lambda: "first_step" in (beat(2).get("startup") or {}))
+            os.kill(heartbeat(work, 1)["pid"], signal.SIGKILL)
+            wait_until(lambda w=work: "first_step" in (heartbeat(w, 2).get("startup") or {}), "the restart's first step", poll=0.02)
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=60)
             attempts = json.loads((job / "state.json").read_text())["attempts"]
-            fresh, restart = _breakdown(attempts[0], beat(1)), _breakdown(attempts[1], beat(2))
+            fresh, restart = _breakdown(attempts[0], heartbeat(work, 1)), _breakdown(attempts[1], heartbeat(work, 2))
             restart = {"detection (kill -> exit seen)": attempts[0]["ended_at"] - killed_at,
                        "backoff (exit seen -> next start)": attempts[1]["started_at"] - attempts[0]["ended_at"],
                        **restart}
-            fresh["total"] = beat(1)["startup"]["first_step"] - attempts[0]["started_at"]
-            restart["total"] = beat(2)["startup"]["first_step"] - killed_at
+            fresh["total"] = heartbeat(work, 1)["startup"]["first_step"] - attempts[0]["started_at"]
+            restart["total"] = heartbeat(work, 2)["startup"]["first_step"] - killed_at
             rows_fresh.append(fresh)
             rows_restart.append(restart)
         finally:
@@ -282,14 +276,6 @@ def recovery(runs: int) -> None:
         f = statistics.median(r[key] for r in rows_fresh) if key in rows_fresh[0] else None
         s = statistics.median(r[key] for r in rows_restart)
         print(f"| {key} | {'' if f is None else f'{f:.2f}'} | {s:.2f} |")
-
-
-def wait_until(cond, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while not cond():
-        if time.time() > deadline:
-            raise TimeoutError("benchmark condition not reached")
-        time.sleep(0.02)
 
 
 def main() -> None:

@@ -33,21 +33,12 @@ from pathlib import Path
 import psutil
 
 from benchmarks.common import TINY_SPEC, machine
-from tests.cli import spares_of, wait_until
+from tests.cli import heartbeat, spares_of, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = Path(__file__).parent / "results-startup.json"
 KILL_AT_STEP = 5
 POLL_S = 0.02
-
-
-def _beat(work: Path, attempt: int) -> dict:
-    for f in work.glob(f"*/heartbeat-{attempt:03d}.json"):
-        try:
-            return json.loads(f.read_text())
-        except (OSError, ValueError):
-            pass
-    return {}
 
 
 def _spare_ready(submit: subprocess.Popen, trainer: int) -> dict | None:
@@ -73,16 +64,16 @@ def one_run(warm: bool) -> dict:
     started = time.time()
     submit = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        first = wait_until(lambda: (_beat(work, 1).get("startup") or {}).get("first_step"), "the first step",
+        first = wait_until(lambda: (heartbeat(work, 1).get("startup") or {}).get("first_step"), "the first step",
                            poll=POLL_S, alive=[submit])
-        wait_until(lambda: _beat(work, 1).get("step", 0) >= KILL_AT_STEP, f"step {KILL_AT_STEP}", poll=POLL_S,
+        wait_until(lambda: heartbeat(work, 1).get("step", 0) >= KILL_AT_STEP, f"step {KILL_AT_STEP}", poll=POLL_S,
                    alive=[submit])
         trainer = json.loads((job / "state.json").read_text())["attempts"][-1]["pid"]
         spare = wait_until(lambda: _spare_ready(submit, trainer), "a ready spare", poll=POLL_S,
                            alive=[submit]) if warm else None
         killed = time.time()
         os.kill(trainer, signal.SIGKILL)
-        marks = wait_until(lambda: (s := _beat(work, 2).get("startup") or {}).get("first_step") and s,
+        marks = wait_until(lambda: (s := heartbeat(work, 2).get("startup") or {}).get("first_step") and s,
                            "the restart's first step", poll=POLL_S, alive=[submit])
         attempt = [a for a in json.loads((job / "state.json").read_text())["attempts"] if a["number"] == 2][0]
         return {"first_attempt_s": round(first - started, 3),

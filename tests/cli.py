@@ -84,18 +84,28 @@ def running_trainer(job: Path, after: int = 0, timeout: float = PATIENCE_S, subm
     return None if found.get("ended") else found
 
 
+def heartbeats(work: Path, attempt: int) -> list[dict]:
+    """The heartbeats of ``attempt`` (their own files, fresher than state.json) of each job whose
+    work folder is under ``work`` (``TIMELLM_JOB_WORKDIR``); one being replaced is left out."""
+    docs = []
+    for path in work.glob(f"*/heartbeat-{attempt:03d}.json"):
+        try:
+            docs.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            pass
+    return docs
+
+
+def heartbeat(work: Path, attempt: int) -> dict:
+    """The heartbeat of ``attempt`` of the one job under ``work``; {} before there is one."""
+    return next(iter(heartbeats(work, attempt)), {})
+
+
 def _wait_for_heartbeat(tmp: Path, attempt: int, reached, timeout: float, what: str) -> None:
-    """Wait until the heartbeat of ``attempt`` (its own file, fresher than state.json) satisfies
-    ``reached``, once the trainer has resumed (its ``start_step`` is known)."""
+    """Wait until the heartbeat of ``attempt`` satisfies ``reached``, once the trainer has
+    resumed (its ``start_step`` is known)."""
     def seen() -> bool:
-        for beat in (tmp / "work").glob(f"*/heartbeat-{attempt:03d}.json"):
-            try:
-                doc = json.loads(beat.read_text())
-            except (OSError, ValueError):
-                continue
-            if "start_step" in doc and reached(doc):
-                return True
-        return False
+        return any("start_step" in doc and reached(doc) for doc in heartbeats(tmp / "work", attempt))
 
     wait_until(seen, f"attempt {attempt} {what}", timeout, poll=0.05)
 
